@@ -1,0 +1,136 @@
+"""agent.toml -> frozen dataclasses. Every key has a default; see README for an example."""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.tomlconfig import ConfigError, Duration, Size, load
+
+DEFAULT_COLLECTOR_URL = "http://127.0.0.1:9480"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    url: str = DEFAULT_COLLECTOR_URL
+    # Backfill lane byte-rate cap; the live lane (newest batch) is never held back by it.
+    max_bytes_per_second: Size = Size(256 * 1024)
+    ca_file: str = ""  # PEM bundle to verify an https collector; system CAs when empty
+    client_cert: str = ""  # optional mutual TLS
+    client_key: str = ""
+    timeout: Duration = Duration(15.0)
+    backoff_initial: Duration = Duration(1.0)
+    backoff_max: Duration = Duration(300.0)
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url {self.url!r} must start with http:// or https://")
+        if self.max_bytes_per_second < 1024:
+            raise ValueError("max_bytes_per_second must be at least 1KiB")
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    max_bytes: Size = Size(512 * 1024 * 1024)
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 64 * 1024:
+            raise ValueError("max_bytes must be at least 64KiB")
+
+
+@dataclass(frozen=True)
+class SummaryConfig:
+    window: Duration = Duration(60.0)
+    # How often a batch is sealed; defaults to the window. Longer batches cost fewer
+    # bytes per sample on the uplink, shorter ones make the collector fresher.
+    flush_interval: Duration | None = None
+
+    @property
+    def flush_every(self) -> float:
+        return float(self.flush_interval or self.window)
+
+
+@dataclass(frozen=True)
+class SystemSourceConfig:
+    enabled: bool = True
+    interval: Duration = Duration(10.0)
+    # Filesystem types that are never reported (pseudo and container filesystems).
+    exclude_fstypes: tuple[str, ...] = (
+        "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs", "devpts",
+        "devtmpfs", "fusectl", "hugetlbfs", "mqueue", "nsfs", "overlay", "proc", "procfs",
+        "pstore", "rpc_pipefs", "securityfs", "selinuxfs", "squashfs", "sysfs", "tracefs",
+    )
+
+
+@dataclass(frozen=True)
+class ScrapeSourceConfig:
+    name: str = ""
+    url: str = ""
+    interval: Duration = Duration(10.0)
+    timeout: Duration = Duration(5.0)
+    allow: tuple[str, ...] = ()  # regexes over metric names; empty allows all
+    deny: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"name {self.name!r} must be a short identifier (it becomes job=...)")
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url {self.url!r} must start with http:// or https://")
+        for pattern in self.allow + self.deny:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {pattern!r} is not a valid regex: {exc}") from None
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    system: SystemSourceConfig = field(default_factory=SystemSourceConfig)
+    scrape: tuple[ScrapeSourceConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.scrape]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"scrape source names must be unique: {', '.join(dupes)}")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    site: str = "default"
+    node: str = field(default_factory=socket.gethostname)
+    state_dir: str = "/var/lib/waystation-agent"
+    log_level: str = "info"
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    summary: SummaryConfig = field(default_factory=SummaryConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("site", "node"):
+            if not _NAME.match(getattr(self, key)):
+                raise ValueError(f"{key} {getattr(self, key)!r} must match {_NAME.pattern}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError("log_level must be debug, info, warning or error")
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def key_path(self) -> Path:
+        return self.state_path / "node.key"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.state_path / "spool.db"
+
+
+def load_agent_config(path: Path | None) -> AgentConfig:
+    return load(AgentConfig, path)
+
+
+__all__ = ["AgentConfig", "ConfigError", "load_agent_config"]

@@ -1,0 +1,699 @@
+"""Wire v1: the signed batch format shared by the agent and the collector.
+
+docs/wire.md is the normative description; this module is its reference
+implementation. Everything here is pure: bytes in, bytes or dataclasses out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import struct
+from array import array
+from dataclasses import dataclass, field
+from enum import IntEnum
+from itertools import accumulate
+from typing import Any
+
+import zstandard
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+MAGIC = b"WSB1"
+WIRE_VERSION = 1
+SIGNATURE_LEN = 64
+HASH_LEN = 32
+KEY_ID_LEN = 8
+ZERO_HASH = bytes(HASH_LEN)
+
+# magic, version, kind, codec, flags, seq, prev_hash, created_wall_ms, created_mono_ns,
+# window_start_ms, window_end_ms, series_count, sample_count, raw_len, payload_len, key_id
+_FIXED = struct.Struct("<4sBBBBQ32sqQqqIIII8s")
+FIXED_HEADER_LEN = _FIXED.size
+MAX_NAME_LEN = 255  # site and node names are one length byte each
+
+FLAG_SEALED = 0x01  # reserved: payload sealed to the collector's key (not produced by v1 agents)
+KNOWN_FLAGS = FLAG_SEALED
+
+
+class Kind(IntEnum):
+    DATA = 0
+    DROP_RECEIPT = 1
+    KEY_ROTATION = 2
+
+
+class Codec(IntEnum):
+    NONE = 0
+    ZSTD = 1
+
+
+class MetricType(IntEnum):
+    GAUGE = 0
+    COUNTER = 1
+    UNTYPED = 2
+    INFO = 3
+
+
+class ValueMode(IntEnum):
+    CONST = 0
+    SCALED_DELTA = 1
+    FLOAT64 = 2
+
+
+class WireError(ValueError):
+    """A batch that cannot be accepted; `reason` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Series:
+    """One time series in a batch: identity plus its points, oldest first."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    mtype: MetricType
+    timestamps_ms: tuple[int, ...]
+    values: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    kind: Kind
+    codec: Codec
+    flags: int
+    seq: int
+    prev_hash: bytes
+    created_wall_ms: int
+    created_mono_ns: int
+    window_start_ms: int
+    window_end_ms: int
+    series_count: int
+    sample_count: int
+    raw_len: int
+    payload_len: int
+    key_id: bytes
+    site: str
+    node: str
+    header_len: int = 0
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A parsed but not yet verified batch: header, still-compressed payload, signature."""
+
+    header: Header
+    payload: bytes
+    signature: bytes
+    signed_part: bytes
+    raw: bytes = field(repr=False)
+
+    @property
+    def hash(self) -> bytes:
+        return batch_hash(self.raw)
+
+
+@dataclass(frozen=True)
+class DropReceipt:
+    """The spool evicted these seq ranges before they were delivered."""
+
+    ranges: tuple[tuple[int, int], ...]
+    t0_ms: int
+    t1_ms: int
+    batches: int
+    samples: int
+    bytes: int
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ranges": [list(r) for r in self.ranges],
+            "t0_ms": self.t0_ms,
+            "t1_ms": self.t1_ms,
+            "batches": self.batches,
+            "samples": self.samples,
+            "bytes": self.bytes,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class KeyRotation:
+    """Announces the node's next key; signed by the old key, proven by the new one."""
+
+    new_public_key: bytes
+    proof: bytes  # new key's signature over rotation_proof_message(...)
+
+
+def key_id(public_key: bytes) -> bytes:
+    """The 8-byte id of an Ed25519 public key: the head of its SHA-256."""
+    return hashlib.sha256(public_key).digest()[:KEY_ID_LEN]
+
+
+def batch_hash(frame: bytes) -> bytes:
+    """The chain hash of a batch: SHA-256 over the whole frame, signature included."""
+    return hashlib.sha256(frame).digest()
+
+
+def rotation_proof_message(site: str, node: str, old_key_id: bytes, new_public_key: bytes) -> bytes:
+    return b"waystation-key-rotation\0" + site.encode() + b"\0" + node.encode() + b"\0" + old_key_id + new_public_key
+
+
+# ---------------------------------------------------------------- payload: data
+
+
+def _width_for(values: list[int]) -> int:
+    lo = min(values)
+    hi = max(values)
+    for width, code in ((1, "b"), (2, "h"), (4, "i")):
+        limit = 1 << (8 * width - 1)
+        if -limit <= lo and hi < limit:
+            return width
+    return 8
+
+
+_ARRAY_CODE = {1: "b", 2: "h", 4: "i", 8: "q"}
+
+
+def _pack_ints(out: io.BytesIO, values: list[int]) -> None:
+    width = _width_for(values) if values else 1
+    out.write(bytes((width,)))
+    arr = array(_ARRAY_CODE[width], values)
+    if arr.itemsize != width:  # platforms where 'i' is not 4 bytes
+        raise WireError("platform", "unsupported integer width")
+    out.write(arr.tobytes() if _LITTLE else _swapped(arr))
+
+
+def _swapped(arr: array[int]) -> bytes:
+    copy = array(arr.typecode, arr)
+    copy.byteswap()
+    return copy.tobytes()
+
+
+_LITTLE = struct.pack("=H", 1) == struct.pack("<H", 1)
+
+
+def _scaled(values: tuple[float, ...]) -> tuple[int, list[int]] | None:
+    """Find the smallest decimal scale k making every value an exact integer/10^k."""
+    for k in range(0, 10):
+        factor = 10**k
+        ints: list[int] = []
+        for v in values:
+            if not math.isfinite(v):
+                return None
+            scaled = round(v * factor)
+            if abs(scaled) >= 1 << 62 or (scaled / factor if k else float(scaled)) != v:
+                break
+            ints.append(scaled)
+        else:
+            return k, ints
+    return None
+
+
+def _encode_values(out: io.BytesIO, values: tuple[float, ...]) -> None:
+    first = values[0]
+    if all(v == first or (v != v and first != first) for v in values) and not (
+        first == 0.0 and any(math.copysign(1.0, v) < 0 for v in values)
+    ):
+        out.write(struct.pack("<Bd", ValueMode.CONST, first))
+        return
+    scaled = _scaled(values)
+    if scaled is not None:
+        k, ints = scaled
+        out.write(struct.pack("<BBq", ValueMode.SCALED_DELTA, k, ints[0]))
+        _pack_ints(out, [b - a for a, b in zip(ints, ints[1:], strict=False)])
+        return
+    out.write(bytes((ValueMode.FLOAT64,)))
+    out.write(struct.pack(f"<{len(values)}d", *values))
+
+
+def encode_series(series: list[Series]) -> bytes:
+    """Encode series into the uncompressed data payload (columnar, see docs/wire.md)."""
+    strings: dict[str, int] = {}
+
+    def intern(s: str) -> int:
+        idx = strings.get(s)
+        if idx is None:
+            idx = strings[s] = len(strings)
+        return idx
+
+    columns: dict[tuple[int, ...], int] = {}
+    meta = io.BytesIO()
+    vals = io.BytesIO()
+    for s in series:
+        n = len(s.timestamps_ms)
+        if n == 0 or n != len(s.values):
+            raise WireError("schema", f"series {s.name!r} has {n} timestamps, {len(s.values)} values")
+        col = columns.get(s.timestamps_ms)
+        if col is None:
+            col = columns[s.timestamps_ms] = len(columns)
+        meta.write(struct.pack("<IBHI", intern(s.name), s.mtype, len(s.labels), col))
+        for k, v in s.labels:
+            meta.write(struct.pack("<II", intern(k), intern(v)))
+        _encode_values(vals, s.values)
+
+    out = io.BytesIO()
+    encoded = [s.encode("utf-8") for s in strings]
+    out.write(struct.pack("<I", len(encoded)))
+    out.write(struct.pack(f"<{len(encoded)}I", *(len(e) for e in encoded)))
+    out.write(b"".join(encoded))
+    out.write(struct.pack("<I", len(columns)))
+    for ts in columns:
+        out.write(struct.pack("<Iq", len(ts), ts[0]))
+        if len(ts) > 1:
+            deltas = [b - a for a, b in zip(ts, ts[1:], strict=False)]
+            out.write(struct.pack("<q", deltas[0]))
+            _pack_ints(out, [b - a for a, b in zip(deltas, deltas[1:], strict=False)])
+    out.write(struct.pack("<I", len(series)))
+    out.write(meta.getvalue())
+    out.write(vals.getvalue())
+    return out.getvalue()
+
+
+class _Reader:
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: bytes) -> None:
+        self.buf = memoryview(buf)
+        self.pos = 0
+
+    def take(self, n: int) -> memoryview:
+        end = self.pos + n
+        if n < 0 or end > len(self.buf):
+            raise WireError("malformed", f"payload truncated at byte {self.pos} (wanted {n} more)")
+        view = self.buf[self.pos : end]
+        self.pos = end
+        return view
+
+    def unpack(self, st: struct.Struct) -> tuple[Any, ...]:
+        return st.unpack(self.take(st.size))
+
+    def ints(self, count: int) -> list[int]:
+        width = self.take(1)[0]
+        code = _ARRAY_CODE.get(width)
+        if code is None:
+            raise WireError("malformed", f"bad integer width {width}")
+        arr = array(code)
+        arr.frombytes(self.take(width * count))
+        if not _LITTLE:
+            arr.byteswap()
+        return arr.tolist()
+
+
+_U32 = struct.Struct("<I")
+_COL_HEAD = struct.Struct("<Iq")
+_Q = struct.Struct("<q")
+_SERIES_HEAD = struct.Struct("<IBHI")
+_LABEL = struct.Struct("<II")
+_CONST = struct.Struct("<d")
+_SCALED_HEAD = struct.Struct("<Bq")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Schema and cardinality limits the decoder enforces (collector input is hostile)."""
+
+    max_series: int = 200_000
+    max_samples: int = 5_000_000
+    max_labels: int = 64
+    max_string_len: int = 4096
+
+
+def decode_series(raw: bytes, limits: Limits = Limits()) -> list[Series]:
+    """Decode an uncompressed data payload; raises WireError naming what was wrong."""
+    r = _Reader(raw)
+    (n_strings,) = r.unpack(_U32)
+    if n_strings > limits.max_series * (2 * limits.max_labels + 1):
+        raise WireError("limit", f"{n_strings} strings in payload")
+    lengths = array("I")
+    lengths.frombytes(r.take(4 * n_strings))
+    if not _LITTLE:
+        lengths.byteswap()
+    blob = bytes(r.take(sum(lengths)))
+    strings: list[str] = []
+    pos = 0
+    try:
+        for ln in lengths:
+            if ln > limits.max_string_len:
+                raise WireError("limit", f"string of {ln} bytes exceeds {limits.max_string_len}")
+            strings.append(blob[pos : pos + ln].decode("utf-8"))
+            pos += ln
+    except UnicodeDecodeError as exc:
+        raise WireError("malformed", f"string {len(strings)} is not UTF-8") from exc
+
+    (n_cols,) = r.unpack(_U32)
+    if n_cols > limits.max_series:
+        raise WireError("limit", f"{n_cols} timestamp columns")
+    cols: list[tuple[int, ...]] = []
+    total_points = 0
+    for _ in range(n_cols):
+        n, first = r.unpack(_COL_HEAD)
+        total_points += n
+        if n == 0 or total_points > limits.max_samples:
+            raise WireError("limit", f"timestamp column of {n} points (total {total_points})")
+        if n == 1:
+            cols.append((first,))
+            continue
+        (d0,) = r.unpack(_Q)
+        dods = r.ints(n - 2)
+        deltas = accumulate(dods, initial=d0)
+        cols.append(tuple(accumulate(deltas, initial=first)))
+
+    (n_series,) = r.unpack(_U32)
+    if n_series > limits.max_series:
+        raise WireError("limit", f"{n_series} series exceeds {limits.max_series}")
+    heads: list[tuple[int, int, tuple[tuple[str, str], ...], int]] = []
+    n_str = len(strings)
+    try:
+        for _ in range(n_series):
+            name_i, mtype, n_labels, col = r.unpack(_SERIES_HEAD)
+            if n_labels > limits.max_labels:
+                raise WireError("limit", f"series with {n_labels} labels exceeds {limits.max_labels}")
+            labels = tuple(
+                (strings[k], strings[v])
+                for k, v in _LABEL.iter_unpack(r.take(_LABEL.size * n_labels))
+            )
+            if name_i >= n_str or col >= n_cols:
+                raise IndexError
+            heads.append((name_i, mtype, labels, col))
+    except IndexError as exc:
+        raise WireError("malformed", "series refers to a missing string or column") from exc
+
+    series: list[Series] = []
+    samples = 0
+    for name_i, mtype, labels, col in heads:
+        ts = cols[col]
+        n = len(ts)
+        samples += n
+        if samples > limits.max_samples:
+            raise WireError("limit", f"more than {limits.max_samples} samples")
+        mode = r.take(1)[0]
+        values: tuple[float, ...]
+        if mode == ValueMode.CONST:
+            (v,) = r.unpack(_CONST)
+            values = (v,) * n
+        elif mode == ValueMode.SCALED_DELTA:
+            k, first = r.unpack(_SCALED_HEAD)
+            if k > 9:
+                raise WireError("malformed", f"decimal scale {k} out of range")
+            ints = accumulate(r.ints(n - 1), initial=first)
+            if k:
+                factor = 10**k
+                values = tuple(i / factor for i in ints)
+            else:
+                values = tuple(map(float, ints))
+        elif mode == ValueMode.FLOAT64:
+            arr = array("d")
+            arr.frombytes(r.take(8 * n))
+            if not _LITTLE:
+                arr.byteswap()
+            values = tuple(arr)
+        else:
+            raise WireError("malformed", f"unknown value mode {mode}")
+        try:
+            mt = MetricType(mtype)
+        except ValueError as exc:
+            raise WireError("malformed", f"unknown metric type {mtype}") from exc
+        series.append(Series(strings[name_i], labels, mt, ts, values))
+    if r.pos != len(raw):
+        raise WireError("malformed", f"{len(raw) - r.pos} trailing bytes after series")
+    return series
+
+
+# ---------------------------------------------------------------- frame
+
+
+def _build(
+    *,
+    signing_key: SigningKey,
+    kind: Kind,
+    raw: bytes,
+    site: str,
+    node: str,
+    seq: int,
+    prev_hash: bytes,
+    created_wall_ms: int,
+    created_mono_ns: int,
+    window_start_ms: int,
+    window_end_ms: int,
+    series_count: int,
+    sample_count: int,
+    codec: Codec,
+    zstd_level: int,
+) -> bytes:
+    if seq < 1:
+        raise ValueError("seq starts at 1")
+    if len(prev_hash) != HASH_LEN:
+        raise ValueError("prev_hash must be 32 bytes")
+    site_b = site.encode("utf-8")
+    node_b = node.encode("utf-8")
+    if not 0 < len(site_b) <= MAX_NAME_LEN or not 0 < len(node_b) <= MAX_NAME_LEN:
+        raise ValueError("site and node must be 1..255 bytes of UTF-8")
+    payload = zstandard.ZstdCompressor(level=zstd_level).compress(raw) if codec == Codec.ZSTD else raw
+    head = _FIXED.pack(
+        MAGIC,
+        WIRE_VERSION,
+        kind,
+        codec,
+        0,
+        seq,
+        prev_hash,
+        created_wall_ms,
+        created_mono_ns,
+        window_start_ms,
+        window_end_ms,
+        series_count,
+        sample_count,
+        len(raw),
+        len(payload),
+        key_id(bytes(signing_key.verify_key)),
+    )
+    signed = b"".join((head, bytes((len(site_b),)), site_b, bytes((len(node_b),)), node_b, payload))
+    return signed + signing_key.sign(signed).signature
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """Who seals the next batch and where it sits in the chain."""
+
+    signing_key: SigningKey
+    site: str
+    node: str
+    seq: int
+    prev_hash: bytes
+    created_wall_ms: int
+    created_mono_ns: int
+    zstd_level: int = 19
+
+
+def encode_data_batch(ctx: BatchContext, series: list[Series]) -> bytes:
+    raw = encode_series(series)
+    starts = [s.timestamps_ms[0] for s in series]
+    ends = [s.timestamps_ms[-1] for s in series]
+    return _build(
+        signing_key=ctx.signing_key,
+        kind=Kind.DATA,
+        raw=raw,
+        site=ctx.site,
+        node=ctx.node,
+        seq=ctx.seq,
+        prev_hash=ctx.prev_hash,
+        created_wall_ms=ctx.created_wall_ms,
+        created_mono_ns=ctx.created_mono_ns,
+        window_start_ms=min(starts, default=ctx.created_wall_ms),
+        window_end_ms=max(ends, default=ctx.created_wall_ms),
+        series_count=len(series),
+        sample_count=sum(len(s.timestamps_ms) for s in series),
+        codec=Codec.ZSTD,
+        zstd_level=ctx.zstd_level,
+    )
+
+
+def encode_drop_receipt(ctx: BatchContext, receipt: DropReceipt) -> bytes:
+    raw = json.dumps(receipt.to_json(), sort_keys=True, separators=(",", ":")).encode()
+    return _build(
+        signing_key=ctx.signing_key,
+        kind=Kind.DROP_RECEIPT,
+        raw=raw,
+        site=ctx.site,
+        node=ctx.node,
+        seq=ctx.seq,
+        prev_hash=ctx.prev_hash,
+        created_wall_ms=ctx.created_wall_ms,
+        created_mono_ns=ctx.created_mono_ns,
+        window_start_ms=receipt.t0_ms,
+        window_end_ms=receipt.t1_ms,
+        series_count=0,
+        sample_count=0,
+        codec=Codec.NONE,
+        zstd_level=0,
+    )
+
+
+def encode_key_rotation(ctx: BatchContext, new_key: SigningKey) -> bytes:
+    new_pub = bytes(new_key.verify_key)
+    old_id = key_id(bytes(ctx.signing_key.verify_key))
+    proof = new_key.sign(rotation_proof_message(ctx.site, ctx.node, old_id, new_pub)).signature
+    raw = json.dumps({"new_public_key": new_pub.hex(), "proof": proof.hex()}, sort_keys=True).encode()
+    return _build(
+        signing_key=ctx.signing_key,
+        kind=Kind.KEY_ROTATION,
+        raw=raw,
+        site=ctx.site,
+        node=ctx.node,
+        seq=ctx.seq,
+        prev_hash=ctx.prev_hash,
+        created_wall_ms=ctx.created_wall_ms,
+        created_mono_ns=ctx.created_mono_ns,
+        window_start_ms=ctx.created_wall_ms,
+        window_end_ms=ctx.created_wall_ms,
+        series_count=0,
+        sample_count=0,
+        codec=Codec.NONE,
+        zstd_level=0,
+    )
+
+
+def parse_frame(raw: bytes) -> Frame:
+    """Split a batch into header, payload and signature; checks structure only."""
+    if len(raw) < FIXED_HEADER_LEN + 2 + SIGNATURE_LEN:
+        raise WireError("malformed", f"batch of {len(raw)} bytes is shorter than any valid batch")
+    fields = _FIXED.unpack_from(raw, 0)
+    magic, version, kind, codec, flags, seq = fields[:6]
+    if magic != MAGIC:
+        raise WireError("malformed", "bad magic (not a Waystation batch)")
+    if version != WIRE_VERSION:
+        raise WireError("unsupported_version", f"wire version {version}, this side speaks {WIRE_VERSION}")
+    pos = FIXED_HEADER_LEN
+    site_len = raw[pos]
+    site_b = raw[pos + 1 : pos + 1 + site_len]
+    pos += 1 + site_len
+    if pos >= len(raw):
+        raise WireError("malformed", "header truncated in site name")
+    node_len = raw[pos]
+    node_b = raw[pos + 1 : pos + 1 + node_len]
+    pos += 1 + node_len
+    payload_len = fields[14]
+    if pos + payload_len + SIGNATURE_LEN != len(raw):
+        raise WireError(
+            "malformed",
+            f"length mismatch: header says {payload_len}-byte payload, batch has "
+            f"{len(raw) - pos - SIGNATURE_LEN}",
+        )
+    try:
+        site = site_b.decode("utf-8")
+        node = node_b.decode("utf-8")
+        kind_e = Kind(kind)
+        codec_e = Codec(codec)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WireError("malformed", f"bad header field: {exc}") from exc
+    if not site or not node:
+        raise WireError("malformed", "empty site or node")
+    if flags & ~KNOWN_FLAGS:
+        raise WireError("malformed", f"unknown flags 0x{flags:02x}")
+    if flags & FLAG_SEALED:
+        raise WireError("unsupported", "sealed payloads are not supported by this collector")
+    if seq < 1:
+        raise WireError("malformed", "seq 0 is never used")
+    header = Header(
+        version,
+        kind_e,
+        codec_e,
+        flags,
+        seq,
+        fields[6],
+        fields[7],
+        fields[8],
+        fields[9],
+        fields[10],
+        fields[11],
+        fields[12],
+        fields[13],
+        payload_len,
+        fields[15],
+        site,
+        node,
+        pos,
+    )
+    sig_at = len(raw) - SIGNATURE_LEN
+    return Frame(header, raw[pos:sig_at], raw[sig_at:], raw[:sig_at], raw)
+
+
+def verify_signature(frame: Frame, public_key: bytes) -> None:
+    try:
+        VerifyKey(public_key).verify(frame.signed_part, frame.signature)
+    except BadSignatureError as exc:
+        raise WireError("bad_signature", "signature does not verify with the node's key") from exc
+
+
+def decompress_payload(frame: Frame, max_raw_bytes: int) -> bytes:
+    """Return the raw payload, never producing more than max_raw_bytes (zstd bombs cost nothing)."""
+    h = frame.header
+    if h.raw_len > max_raw_bytes:
+        raise WireError("too_large", f"declared payload of {h.raw_len} bytes exceeds {max_raw_bytes}")
+    if h.codec == Codec.NONE:
+        if h.raw_len != len(frame.payload):
+            raise WireError("malformed", "uncompressed payload length differs from header")
+        return frame.payload
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(frame.payload, read_across_frames=False)
+        out = reader.read(h.raw_len + 1)
+    except zstandard.ZstdError as exc:
+        raise WireError("malformed", f"payload is not valid zstd: {exc}") from exc
+    if len(out) != h.raw_len:
+        raise WireError("malformed", f"payload decompresses to {len(out)}+ bytes, header says {h.raw_len}")
+    return out
+
+
+def decode_drop_receipt(raw: bytes) -> DropReceipt:
+    try:
+        obj = json.loads(raw)
+        ranges = tuple((int(a), int(b)) for a, b in obj["ranges"])
+        receipt = DropReceipt(
+            ranges,
+            int(obj["t0_ms"]),
+            int(obj["t1_ms"]),
+            int(obj["batches"]),
+            int(obj["samples"]),
+            int(obj["bytes"]),
+            str(obj["reason"]),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WireError("malformed", f"drop receipt is not valid: {exc}") from exc
+    if any(a < 1 or b < a for a, b in ranges) or len(ranges) > 100_000:
+        raise WireError("malformed", "drop receipt has an invalid seq range")
+    return receipt
+
+
+def decode_key_rotation(frame: Frame, raw: bytes) -> KeyRotation:
+    try:
+        obj = json.loads(raw)
+        new_pub = bytes.fromhex(obj["new_public_key"])
+        proof = bytes.fromhex(obj["proof"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WireError("malformed", f"key rotation is not valid: {exc}") from exc
+    if len(new_pub) != 32:
+        raise WireError("malformed", "new public key must be 32 bytes")
+    h = frame.header
+    try:
+        VerifyKey(new_pub).verify(rotation_proof_message(h.site, h.node, h.key_id, new_pub), proof)
+    except BadSignatureError as exc:
+        raise WireError("bad_signature", "new key's proof of possession does not verify") from exc
+    return KeyRotation(new_pub, proof)
+
+
+def check_counts(frame: Frame, series: list[Series]) -> None:
+    h = frame.header
+    samples = sum(len(s.timestamps_ms) for s in series)
+    if h.series_count != len(series) or h.sample_count != samples:
+        raise WireError(
+            "schema",
+            f"header counts {h.series_count} series/{h.sample_count} samples, "
+            f"payload has {len(series)}/{samples}",
+        )

@@ -134,7 +134,7 @@ def build(cls: type[T], table: dict[str, Any], file: str = "<config>", prefix: s
     for key, value in table.items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
             valid = ", ".join(sorted(fields))
             raise ConfigError(file, prefix + key, f"unknown key{hint}; valid keys here: {valid}")
         kwargs[key] = _convert(file, prefix + key, hints[key], value)

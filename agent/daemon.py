@@ -1,0 +1,215 @@
+"""`waystation-agent run`: wires sources -> runner -> summarizer -> spool -> uplink together.
+
+The main thread seals a batch every flush interval. If the spool cannot be written
+(full disk, unwritable state_dir) the agent keeps sampling, holds what it can in
+memory (bounded), reports the problem in its log, its metrics and `status`, and
+retries every flush; it never exits for that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from nacl.signing import SigningKey
+
+from agent import wire
+from agent.config import AgentConfig
+from agent.runner import Runner, Scheduled
+from agent.sources.base import Source, SourceEnv
+from agent.spool import Spool
+from agent.summarize import Summarizer
+from agent.uplink import Uplink, UplinkStats
+
+log = logging.getLogger("waystation.agent")
+
+# Samples held in memory while the spool cannot be written; beyond this the oldest go.
+MAX_HELD_SAMPLES = 2_000_000
+
+
+def build_sources(config: AgentConfig, env: SourceEnv) -> list[Scheduled]:
+    """Instantiate every enabled source; a source's library is imported only when enabled."""
+    scheduled: list[Scheduled] = []
+    if config.sources.system.enabled:
+        from agent.sources.system import System
+
+        scheduled.append(Scheduled(System(config.sources.system, env), config.sources.system.interval))
+    if config.sources.scrape:
+        from agent.sources.scrape import Scrape
+
+        for sc in config.sources.scrape:
+            scheduled.append(Scheduled(Scrape(sc, env), sc.interval))
+    return scheduled
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, key: SigningKey, env: SourceEnv | None = None) -> None:
+        self.config = config
+        self.key = key
+        self.summarizer = Summarizer(float(config.summary.window))
+        sources: list[Scheduled] = build_sources(config, env or SourceEnv())
+        self.runner = Runner(sources, self.summarizer.add)
+        self.uplink_stats = UplinkStats()
+        self.uplink = Uplink(config.uplink, config.spool_path, self.uplink_stats)
+        self.spool: Spool | None = None
+        self.held: list[wire.Series] = []
+        self.held_dropped_samples = 0
+        self.write_errors = 0
+        self.last_write_error: str | None = None
+        self.stop_event = threading.Event()
+
+    def _open_spool(self) -> Spool | None:
+        if self.spool is None:
+            try:
+                self.config.state_path.mkdir(parents=True, exist_ok=True)
+                self.spool = Spool(self.config.spool_path)
+                recovered = self.spool.recover_claims()
+                if recovered:
+                    log.info("recovered %d batches claimed before a restart", recovered)
+            except (sqlite3.Error, OSError) as exc:
+                self._write_failed(f"cannot open spool {self.config.spool_path}: {exc}")
+                self.spool = None
+        return self.spool
+
+    def _write_failed(self, message: str) -> None:
+        self.write_errors += 1
+        if message != self.last_write_error:
+            log.error("%s (sampling continues; holding data in memory)", message)
+        self.last_write_error = message
+
+    def store(self, series: list[wire.Series]) -> None:
+        """Seal everything held plus `series` into one batch; on failure keep holding it."""
+        self.held.extend(series)
+        if not self.held:
+            return
+        spool = self._open_spool()
+        if spool is None:
+            self._bound_held()
+            return
+        try:
+            spool.append_data(
+                self.key, self.config.site, self.config.node, self.held, self.config.spool.max_bytes
+            )
+        except (sqlite3.Error, OSError) as exc:
+            self._write_failed(f"cannot write spool {self.config.spool_path}: {exc}")
+            self._bound_held()
+            return
+        if self.last_write_error is not None:
+            log.info("spool writable again; %d held series sealed", len(self.held))
+            self.last_write_error = None
+        self.held = []
+        self.uplink.notify()
+
+    def _bound_held(self) -> None:
+        total = sum(len(s.values) for s in self.held)
+        while total > MAX_HELD_SAMPLES and self.held:
+            gone = self.held.pop(0)
+            total -= len(gone.values)
+            self.held_dropped_samples += len(gone.values)
+
+    def self_metrics(self, now_ms: int) -> list[wire.Series]:
+        """The agent's own health, sent in every batch (the collector reads the backlog from it)."""
+        out: list[tuple[str, tuple[tuple[str, str], ...], wire.MetricType, float]] = []
+        g, c = wire.MetricType.GAUGE, wire.MetricType.COUNTER
+        for (source, stage), n in sorted(self.runner.error_counts().items()):
+            out.append(("waystation_source_errors_total", (("source", source), ("stage", stage)), c, n))
+        for item in self.runner.scheduled:
+            up = 0.0 if item.source.name in self.runner.disabled else 1.0
+            out.append(("waystation_agent_source_enabled", (("source", item.source.name),), g, up))
+        if self.spool is not None:
+            try:
+                st = self.spool.stats()
+            except sqlite3.Error:
+                st = None
+            if st is not None:
+                out += [
+                    ("waystation_agent_spool_pending_batches", (), g, st.pending_batches),
+                    ("waystation_agent_spool_pending_bytes", (), g, st.pending_bytes),
+                    ("waystation_agent_spool_rejected_batches", (), g, st.rejected_batches),
+                    ("waystation_agent_spool_dropped_batches_total", (), c,
+                     st.counters["dropped_batches"]),
+                    ("waystation_agent_spool_dropped_samples_total", (), c,
+                     st.counters["dropped_samples"]),
+                    ("waystation_agent_batches_sealed_total", (), c, st.counters["produced_batches"]),
+                ]
+                if st.oldest_unsent_ms is not None:
+                    out.append(("waystation_agent_spool_oldest_unsent_timestamp_seconds", (), g,
+                                st.oldest_unsent_ms / 1000))
+        us = self.uplink_stats
+        with us.lock:
+            out += [
+                ("waystation_agent_uplink_sent_bytes_total", (), c, us.sent_bytes),
+                ("waystation_agent_uplink_sent_batches_total", (), c, us.sent_batches),
+                ("waystation_agent_uplink_acked_batches_total", (), c, us.acked_batches),
+                ("waystation_agent_uplink_rejected_batches_total", (), c, us.rejected_batches),
+                ("waystation_agent_uplink_failures_total", (), c, us.failures),
+                ("waystation_agent_uplink_backoff_seconds", (), g, us.backoff_s),
+            ]
+            if us.last_ack_wall:
+                out.append(("waystation_agent_uplink_last_ack_timestamp_seconds", (), g,
+                            round(us.last_ack_wall, 3)))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        out += [
+            ("waystation_agent_spool_write_errors_total", (), c, self.write_errors),
+            ("waystation_agent_held_dropped_samples_total", (), c, self.held_dropped_samples),
+            ("waystation_agent_cpu_seconds_total", (), c, round(usage.ru_utime + usage.ru_stime, 3)),
+            ("waystation_agent_resident_memory_bytes", (), g, _rss_bytes()),
+        ]
+        return [wire.Series(n, labels, t, (now_ms,), (float(v),)) for n, labels, t, v in out]
+
+    def flush(self, now_ms: int, final: bool = False) -> None:
+        series = self.summarizer.flush_all() if final else self.summarizer.flush(now_ms)
+        self.store(series + self.self_metrics(now_ms))
+
+    def run(self) -> None:
+        log.info(
+            "agent %s/%s: state in %s, sending to %s",
+            self.config.site, self.config.node, self.config.state_dir, self.config.uplink.url,
+        )
+        self._open_spool()
+        self.runner.start()
+        self.uplink.start()
+        every = self.config.summary.flush_every
+        # A short grace after each boundary lets a source tick that fired on it land first.
+        grace = min(1.0, every / 10)
+        next_flush = (time.time() // every + 1) * every
+        try:
+            while not self.stop_event.wait(max(0.0, next_flush + grace - time.time())):
+                self.flush(int(next_flush * 1000))
+                next_flush += every
+                while next_flush <= time.time():
+                    next_flush += every
+        finally:
+            self.runner.stop()
+            self.flush(int(time.time() * 1000), final=True)
+            self.uplink.stop()
+            if self.spool is not None:
+                self.spool.close()
+
+
+def _rss_bytes() -> float:
+    try:
+        with open(f"/proc/{os.getpid()}/statm", "rb") as fh:
+            return float(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def state_dir_problem(path: Path) -> str | None:
+    """Why the agent could not write its state dir right now, if it could not."""
+    if not path.exists():
+        return f"{path} does not exist"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable by uid {os.getuid()}"
+    st = os.statvfs(path)
+    if st.f_bavail * st.f_frsize < 1024 * 1024:
+        return f"{path} is on a full filesystem ({st.f_bavail * st.f_frsize} bytes free)"
+    return None
+
+
+__all__ = ["Agent", "Source", "build_sources", "state_dir_problem"]

@@ -1,0 +1,325 @@
+"""The on-disk store-and-forward queue: sealed batches wait here until the collector acks them.
+
+One SQLite file in WAL mode. A batch's seq and chain position are allocated in the
+same transaction that stores it, so a crash mid-write leaves neither a gap nor a
+reused seq. Rows move pending -> inflight (claimed by one uplink lane) -> deleted on
+ack; a lane that fails releases its claim, and claims left by a killed process are
+recovered at open. When the byte quota is full the oldest unsent batches are evicted
+and a signed drop receipt is appended in the same transaction.
+
+Who calls what: the agent's main loop calls `append`; the uplink lanes call
+`claim_*`, `ack`, `release`, `reject`, each from its own thread, each with its own
+connection (a Spool is not shared between threads; open one per thread).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.signing import SigningKey
+
+from agent import wire
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'inflight', 'rejected')),
+    created_ms INTEGER NOT NULL,
+    window_start_ms INTEGER NOT NULL,
+    window_end_ms INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    claimed_ms INTEGER,
+    reject_reason TEXT,
+    frame BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_state ON batches (state, seq);
+"""
+
+_PENDING = "SELECT seq, kind, frame, window_end_ms FROM batches WHERE state = 'pending' "
+_NEWEST_PENDING = _PENDING + "AND seq > ? ORDER BY seq DESC LIMIT 1"
+_OLDEST_PENDING = _PENDING + "AND seq > ? ORDER BY seq ASC LIMIT 1"
+
+_COUNTERS = (
+    "produced_batches",
+    "produced_samples",
+    "acked_batches",
+    "acked_bytes",
+    "dropped_batches",
+    "dropped_samples",
+    "rejected_batches",
+)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    seq: int
+    kind: int
+    frame: bytes
+    window_end_ms: int
+
+
+@dataclass(frozen=True)
+class SpoolStats:
+    pending_batches: int
+    pending_bytes: int
+    inflight_batches: int
+    rejected_batches: int
+    oldest_unsent_ms: int | None
+    newest_unsent_ms: int | None
+    next_seq: int
+    last_ack_ms: int | None
+    collector_complete_through: int | None
+    last_error: str | None
+    last_error_ms: int | None
+    counters: dict[str, int]
+
+
+class Spool:
+    """A connection to the spool file; one per thread."""
+
+    def __init__(self, path: Path, *, timeout_s: float = 30.0) -> None:
+        self.path = path
+        self.db = sqlite3.connect(str(path), timeout=timeout_s, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed seq must survive power loss, or it could be reused after it was sent.
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _meta(self, key: str, default: object = None) -> object:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def _set_meta(self, key: str, value: object) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def _bump(self, key: str, by: int) -> None:
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+            (key, by),
+        )
+
+    def recover_claims(self) -> int:
+        """Return batches claimed by a process that died to the pending state; call once at start."""
+        with self._write() as db:
+            return db.execute("UPDATE batches SET state = 'pending', claimed_ms = NULL "
+                              "WHERE state = 'inflight'").rowcount
+
+    # ------------------------------------------------------------------ producer side
+
+    def append_data(
+        self,
+        key: SigningKey,
+        site: str,
+        node: str,
+        series: list[wire.Series],
+        max_bytes: int,
+        now_ms: int | None = None,
+    ) -> int:
+        """Seal series into the next batch of the chain and store it; returns its seq."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        with self._write():
+            seq, prev = self._chain_head()
+            frame = wire.encode_data_batch(
+                wire.BatchContext(key, site, node, seq, prev, now_ms, time.monotonic_ns()), series
+            )
+            parsed = wire.parse_frame(frame)
+            self._insert(parsed, frame, now_ms)
+            self._bump("produced_samples", parsed.header.sample_count)
+            self._evict_over_quota(key, site, node, max_bytes, now_ms)
+        return seq
+
+    def append_key_rotation(self, old: SigningKey, new: SigningKey, site: str, node: str) -> int:
+        """Announce `new` in the chain, signed by `old`; later batches must be signed by `new`."""
+        now_ms = int(time.time() * 1000)
+        with self._write():
+            seq, prev = self._chain_head()
+            frame = wire.encode_key_rotation(
+                wire.BatchContext(old, site, node, seq, prev, now_ms, time.monotonic_ns()), new
+            )
+            self._insert(wire.parse_frame(frame), frame, now_ms)
+        return seq
+
+    def _chain_head(self) -> tuple[int, bytes]:
+        next_seq = int(self._meta("next_seq", 1))  # type: ignore[arg-type]
+        prev = self._meta("last_hash", wire.ZERO_HASH)
+        assert isinstance(prev, bytes)
+        return next_seq, prev
+
+    def _insert(self, frame: wire.Frame, raw: bytes, now_ms: int) -> None:
+        h = frame.header
+        self.db.execute(
+            "INSERT INTO batches (seq, kind, state, created_ms, window_start_ms, window_end_ms, "
+            "samples, bytes, frame) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+            (h.seq, int(h.kind), now_ms, h.window_start_ms, h.window_end_ms, h.sample_count,
+             len(raw), raw),
+        )
+        self._set_meta("next_seq", h.seq + 1)
+        self._set_meta("last_hash", wire.batch_hash(raw))
+        self._bump("produced_batches", 1)
+
+    def _evict_over_quota(
+        self, key: SigningKey, site: str, node: str, max_bytes: int, now_ms: int
+    ) -> None:
+        (total,) = self.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM batches").fetchone()
+        if total <= max_bytes:
+            return
+        # Newest batch stays: it is what the dashboards need first. Receipts are never evicted.
+        (newest,) = self.db.execute("SELECT MAX(seq) FROM batches").fetchone()
+        victims: list[tuple[int, int, int, int, int]] = []
+        excess = total - max_bytes
+        rows = self.db.execute(
+            "SELECT seq, window_start_ms, window_end_ms, samples, bytes FROM batches "
+            "WHERE state != 'inflight' AND kind = ? AND seq != ? ORDER BY seq",
+            (int(wire.Kind.DATA), newest),
+        )
+        for row in rows:
+            if excess <= 0:
+                break
+            victims.append(row)
+            excess -= row[4]
+        if not victims:
+            return
+        self.db.executemany("DELETE FROM batches WHERE seq = ?", [(v[0],) for v in victims])
+        receipt = wire.DropReceipt(
+            ranges=tuple(_ranges([v[0] for v in victims])),
+            t0_ms=min(v[1] for v in victims),
+            t1_ms=max(v[2] for v in victims),
+            batches=len(victims),
+            samples=sum(v[3] for v in victims),
+            bytes=sum(v[4] for v in victims),
+            reason="spool_quota",
+        )
+        seq, prev = self._chain_head()
+        frame = wire.encode_drop_receipt(
+            wire.BatchContext(key, site, node, seq, prev, now_ms, time.monotonic_ns()), receipt
+        )
+        self._insert(wire.parse_frame(frame), frame, now_ms)
+        self._bump("dropped_batches", receipt.batches)
+        self._bump("dropped_samples", receipt.samples)
+
+    # ------------------------------------------------------------------ uplink side
+
+    def _claim(self, query: str, after_seq: int) -> Claimed | None:
+        with self._write() as db:
+            row = db.execute(query, (after_seq,)).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE batches SET state = 'inflight', claimed_ms = ? WHERE seq = ?",
+                (int(time.time() * 1000), row[0]),
+            )
+        return Claimed(row[0], row[1], row[2], row[3])
+
+    def claim_newest_after(self, after_seq: int) -> Claimed | None:
+        """Live lane: the freshest unsent batch newer than after_seq, so dashboards are current."""
+        return self._claim(_NEWEST_PENDING, after_seq)
+
+    def claim_oldest(self) -> Claimed | None:
+        """Backfill lane: the oldest unsent batch."""
+        return self._claim(_OLDEST_PENDING, 0)
+
+    def ack(self, seq: int, complete_through: int | None) -> None:
+        """The collector holds seq durably: forget it."""
+        now_ms = int(time.time() * 1000)
+        with self._write() as db:
+            row = db.execute("SELECT bytes FROM batches WHERE seq = ?", (seq,)).fetchone()
+            db.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+            if row is not None:
+                self._bump("acked_batches", 1)
+                self._bump("acked_bytes", row[0])
+            self._set_meta("last_ack_ms", now_ms)
+            if complete_through is not None:
+                self._set_meta("collector_complete_through", complete_through)
+            self._set_meta("last_error", None)
+
+    def release(self, seq: int, error: str | None = None) -> None:
+        """Delivery failed; the batch goes back to pending for a later try."""
+        with self._write() as db:
+            db.execute("UPDATE batches SET state = 'pending', claimed_ms = NULL WHERE seq = ? "
+                       "AND state = 'inflight'", (seq,))
+            if error is not None:
+                self._record_error(error)
+
+    def reject(self, seq: int, reason: str) -> None:
+        """The collector refuses this batch for good; keep it for audit, never resend it."""
+        with self._write() as db:
+            db.execute("UPDATE batches SET state = 'rejected', reject_reason = ? WHERE seq = ?",
+                       (reason, seq))
+            self._bump("rejected_batches", 1)
+            self._record_error(f"batch {seq} rejected by collector: {reason}")
+
+    def record_error(self, error: str) -> None:
+        with self._write():
+            self._record_error(error)
+
+    def _record_error(self, error: str) -> None:
+        self._set_meta("last_error", error)
+        self._set_meta("last_error_ms", int(time.time() * 1000))
+
+    # ------------------------------------------------------------------ reading
+
+    def stats(self) -> SpoolStats:
+        by_state = dict(
+            (state, (n, b))
+            for state, n, b in self.db.execute(
+                "SELECT state, COUNT(*), COALESCE(SUM(bytes), 0) FROM batches GROUP BY state"
+            )
+        )
+        oldest, newest = self.db.execute(
+            "SELECT MIN(window_start_ms), MAX(window_end_ms) FROM batches WHERE state != 'rejected'"
+        ).fetchone()
+        pending = by_state.get("pending", (0, 0))
+        inflight = by_state.get("inflight", (0, 0))
+
+        def opt_int(key: str) -> int | None:
+            v = self._meta(key)
+            return None if v is None else int(v)  # type: ignore[call-overload]
+
+        err = self._meta("last_error")
+        return SpoolStats(
+            pending_batches=pending[0] + inflight[0],
+            pending_bytes=pending[1] + inflight[1],
+            inflight_batches=inflight[0],
+            rejected_batches=by_state.get("rejected", (0, 0))[0],
+            oldest_unsent_ms=oldest,
+            newest_unsent_ms=newest,
+            next_seq=int(self._meta("next_seq", 1)),  # type: ignore[arg-type]
+            last_ack_ms=opt_int("last_ack_ms"),
+            collector_complete_through=opt_int("collector_complete_through"),
+            last_error=None if err is None else str(err),
+            last_error_ms=opt_int("last_error_ms"),
+            counters={k: int(self._meta(k, 0)) for k in _COUNTERS},  # type: ignore[call-overload]
+        )
+
+
+def _ranges(seqs: list[int]) -> Iterator[tuple[int, int]]:
+    """Collapse sorted seqs into inclusive contiguous ranges."""
+    start = prev = seqs[0]
+    for s in seqs[1:]:
+        if s != prev + 1:
+            yield start, prev
+            start = s
+        prev = s
+    yield start, prev

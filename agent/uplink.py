@@ -1,0 +1,293 @@
+"""Delivery from the spool to the collector: a live lane and a backfill lane.
+
+The live lane sends each new batch as soon as it is sealed, newest first, so
+dashboards are current the moment the uplink returns. The backfill lane walks
+the backlog oldest-first under a byte-rate cap so catching up never saturates a
+thin uplink. Each lane is one thread with its own spool connection and its own
+HTTP connection; they never send the same batch because a send is a spool claim.
+
+Failures: connection errors and 5xx back off exponentially with full jitter;
+429/503 wait for Retry-After; 401/403 (key not enrolled or revoked) keep the
+data and retry slowly; 400/409/413 mean resending cannot help, so the batch is
+set aside as rejected (kept for audit) and the error is recorded for `status`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import logging
+import random
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from agent.config import UplinkConfig
+from agent.spool import Claimed, Spool
+
+log = logging.getLogger("waystation.uplink")
+
+USER_AGENT = "waystation-agent/1"
+_MAX_RETRY_AFTER_S = 3600.0
+
+
+@dataclass
+class UplinkStats:
+    """Counters the agent reports about its own delivery (read by the self-metrics)."""
+
+    sent_bytes: int = 0
+    sent_batches: int = 0
+    acked_batches: int = 0
+    rejected_batches: int = 0
+    failures: int = 0
+    backoff_s: float = 0.0
+    last_ack_wall: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one POST came to."""
+
+    kind: str  # acked | retry | reject
+    delay_s: float = 0.0
+    detail: str = ""
+    complete_through: int | None = None
+
+
+class _Connection:
+    """One keep-alive HTTP(S) connection to the collector."""
+
+    def __init__(self, config: UplinkConfig) -> None:
+        parts = urlsplit(config.url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.https else 80)
+        self.path = parts.path.rstrip("/") + "/v1/batches"
+        self.timeout = float(config.timeout)
+        self.context: ssl.SSLContext | None = None
+        if self.https:
+            self.context = ssl.create_default_context(cafile=config.ca_file or None)
+            if config.client_cert:
+                self.context.load_cert_chain(config.client_cert, config.client_key or None)
+        self.conn: http.client.HTTPConnection | None = None
+
+    def post(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        for attempt in (0, 1):
+            if self.conn is None:
+                if self.https:
+                    self.conn = http.client.HTTPSConnection(
+                        self.host, self.port, timeout=self.timeout, context=self.context
+                    )
+                else:
+                    self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self.conn.request(
+                    "POST",
+                    self.path,
+                    body=body,
+                    headers={
+                        "Content-Type": "application/x-waystation-batch",
+                        "User-Agent": USER_AGENT,
+                    },
+                )
+                resp = self.conn.getresponse()
+                data = resp.read()
+                headers = {k.lower(): v for k, v in resp.getheaders()}
+                if headers.get("connection", "").lower() == "close":
+                    self.close()
+                return resp.status, headers, data
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                # A kept-alive connection the server closed while idle: retry once on a new one.
+                self.close()
+                if attempt:
+                    raise
+            except BaseException:
+                self.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Parse a Retry-After header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), _MAX_RETRY_AFTER_S)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return min(max(0.0, when - now), _MAX_RETRY_AFTER_S)
+
+
+def classify(status: int, headers: dict[str, str], body: bytes, now: float) -> Outcome:
+    """Map a collector reply to what the lane does next."""
+    try:
+        reply = json.loads(body) if body else {}
+        if not isinstance(reply, dict):
+            reply = {}
+    except ValueError:
+        reply = {}
+    ct = reply.get("complete_through")
+    ct = ct if isinstance(ct, int) else None
+    detail = f"HTTP {status} {reply.get('result', '')}: {reply.get('error', '')}".strip(": ")
+    if status == 200:
+        return Outcome("acked", complete_through=ct)
+    if status in (429, 503):
+        return Outcome("retry", retry_after_seconds(headers.get("retry-after"), now) or -1.0, detail)
+    if status in (400, 409, 413, 422):
+        return Outcome("reject", detail=detail, complete_through=ct)
+    return Outcome("retry", -1.0, detail)  # 401/403/5xx/other: keep the data, back off
+
+
+class Backoff:
+    """Exponential backoff with full jitter."""
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.failures = 0
+        self.rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * (2 ** min(self.failures, 30)))
+        self.failures += 1
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Uplink:
+    """Runs the two delivery lanes until stop() is called."""
+
+    def __init__(self, config: UplinkConfig, spool_path: Path, stats: UplinkStats | None = None) -> None:
+        self.config = config
+        self.spool_path = spool_path
+        self.stats = stats or UplinkStats()
+        self.stop_event = threading.Event()
+        self.new_batch = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for name, target in (("uplink-live", self._live), ("uplink-backfill", self._backfill)):
+            t = threading.Thread(target=self._lane, args=(name, target), name=name, daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def notify(self) -> None:
+        """A new batch was sealed: wake the live lane."""
+        self.new_batch.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stop_event.set()
+        self.new_batch.set()
+        for t in self.threads:
+            t.join(timeout)
+
+    def _lane(self, name: str, body: object) -> None:
+        # A lane never dies: an unexpected error is logged and the lane starts over.
+        while not self.stop_event.is_set():
+            try:
+                spool = Spool(self.spool_path)
+            except Exception as exc:  # noqa: BLE001 (unwritable state dir, full disk...)
+                log.error("%s: cannot open spool %s: %s", name, self.spool_path, exc)
+                self.stop_event.wait(5.0)
+                continue
+            conn = _Connection(self.config)
+            try:
+                body(spool, conn)  # type: ignore[operator]
+            except Exception:
+                log.exception("%s lane failed; restarting it", name)
+                self.stop_event.wait(1.0)
+            finally:
+                conn.close()
+                spool.close()
+
+    def _send(
+        self, spool: Spool, conn: _Connection, claimed: Claimed, backoff: Backoff
+    ) -> tuple[bool, float]:
+        """POST one claimed batch; returns (settled, seconds the lane should wait)."""
+        try:
+            status, headers, body = conn.post(claimed.frame)
+        except (OSError, http.client.HTTPException) as exc:
+            spool.release(claimed.seq, f"collector unreachable ({self.config.url}): {exc}")
+            return False, self._fail(backoff)
+        with self.stats.lock:
+            self.stats.sent_bytes += len(claimed.frame)
+            self.stats.sent_batches += 1
+        outcome = classify(status, headers, body, time.time())
+        if outcome.kind == "acked":
+            spool.ack(claimed.seq, outcome.complete_through)
+            backoff.reset()
+            with self.stats.lock:
+                self.stats.acked_batches += 1
+                self.stats.last_ack_wall = time.time()
+                self.stats.backoff_s = 0.0
+            return True, 0.0
+        if outcome.kind == "reject":
+            log.error("collector rejected batch %d for good: %s", claimed.seq, outcome.detail)
+            spool.reject(claimed.seq, outcome.detail)
+            with self.stats.lock:
+                self.stats.rejected_batches += 1
+            return True, 0.0
+        spool.release(claimed.seq, outcome.detail)
+        if outcome.delay_s >= 0:
+            with self.stats.lock:
+                self.stats.backoff_s = outcome.delay_s
+            return False, outcome.delay_s
+        log.warning("batch %d not delivered: %s", claimed.seq, outcome.detail)
+        return False, self._fail(backoff)
+
+    def _fail(self, backoff: Backoff) -> float:
+        delay = backoff.next_delay()
+        with self.stats.lock:
+            self.stats.failures += 1
+            self.stats.backoff_s = delay
+        return delay
+
+    def _backoff(self) -> Backoff:
+        return Backoff(float(self.config.backoff_initial), float(self.config.backoff_max))
+
+    def _live(self, spool: Spool, conn: _Connection) -> None:
+        backoff = self._backoff()
+        newest_seen = 0
+        while not self.stop_event.is_set():
+            claimed = spool.claim_newest_after(newest_seen)
+            if claimed is None:
+                self.new_batch.wait(1.0)
+                self.new_batch.clear()
+                continue
+            settled, delay = self._send(spool, conn, claimed, backoff)
+            if settled:
+                # Everything older than what the live lane settled is the backfill lane's job.
+                newest_seen = claimed.seq
+            else:
+                self.stop_event.wait(delay)
+
+    def _backfill(self, spool: Spool, conn: _Connection) -> None:
+        backoff = self._backoff()
+        rate = float(self.config.max_bytes_per_second)
+        while not self.stop_event.is_set():
+            claimed = spool.claim_oldest()
+            if claimed is None:
+                self.stop_event.wait(1.0)
+                continue
+            started = time.monotonic()
+            settled, delay = self._send(spool, conn, claimed, backoff)
+            if settled:
+                # The byte-rate cap: a batch of N bytes buys N/rate seconds of the uplink.
+                delay = max(0.0, len(claimed.frame) / rate - (time.monotonic() - started))
+            if delay:
+                self.stop_event.wait(delay)

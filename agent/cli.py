@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -24,7 +25,10 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     path: Path | None = args.config
     if path is None and DEFAULT_CONFIG.exists():
         path = DEFAULT_CONFIG
-    return load_agent_config(path)
+    config = load_agent_config(path)
+    if args.state_dir is not None:
+        config = dataclasses.replace(config, state_dir=str(args.state_dir))
+    return config
 
 
 def cmd_keygen(config: AgentConfig, args: argparse.Namespace) -> int:
@@ -155,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", type=Path, default=None,
                        help=f"agent.toml (default {DEFAULT_CONFIG} if present, else built-in defaults)")
+        p.add_argument("--state-dir", type=Path, default=None, help="override state_dir")
         if name == "keygen":
             p.add_argument("--force", action="store_true", help="replace an existing key")
         if name == "status":

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what Waystation needs on a Debian/Ubuntu machine, idempotently:
+# Debian packages (when missing) and a virtualenv in .venv with the project in it.
+# Usage: scripts/bootstrap.sh [--test]   (--test adds the test tools and the real
+# Prometheus/Alertmanager/node_exporter/smartmontools binaries the tests start)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v python3 >/dev/null || missing+=(python3)
+if [ "$want_test" = 1 ]; then
+  command -v prometheus >/dev/null || missing+=(prometheus)
+  command -v promtool >/dev/null || missing+=(prometheus)
+  command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
+  command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
+  command -v smartctl >/dev/null || missing+=(smartmontools)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "== installing Debian packages: ${missing[*]}"
+  as_root apt-get update -qq
+  # The packages' own services are not wanted: tests start the binaries on loopback ports.
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  for svc in prometheus prometheus-node-exporter prometheus-alertmanager; do
+    as_root systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  done
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  python3 -m venv .venv
+fi
+extras=""
+[ "$want_test" = 1 ] && extras="[test]"
+stamp=".venv/.installed$extras"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "== installing waystation$extras into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e ".$extras"
+  touch "$stamp"
+fi

@@ -1,0 +1,107 @@
+"""Agent footprint: RSS and CPU per hour of waystation-agent beside node_exporter + Prometheus agent.
+
+Both sides do the same job at 10s sampling: system metrics and a scrape of a Prometheus
+endpoint (a real node_exporter stands in for a model server). Waystation: one agent process
+(system source + scrape source), spooling and forwarding to a collector. Reference: the pair
+node_exporter (system metrics) + Prometheus in agent mode scraping it and remote-writing.
+The collector and the remote-write receiver are not counted.
+
+    python bench/agent_footprint.py --minutes 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    ENV,
+    cpu_seconds,
+    enroll_agent,
+    free_port,
+    need,
+    process,
+    rss_bytes,
+    wait_http,
+)
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--interval", default="10s")
+    args = ap.parse_args()
+    prometheus = need("prometheus", "prometheus")
+    node_exporter = need("prometheus-node-exporter", "prometheus-node-exporter")
+    with tempfile.TemporaryDirectory(prefix="ws-footprint-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        ne_port, recv_port, pa_port, coll_port = free_port(), free_port(), free_port(), free_port()
+        ne = stack.enter_context(process(
+            [node_exporter, f"--web.listen-address=127.0.0.1:{ne_port}"], work / "ne.log"))
+        wait_http(f"http://127.0.0.1:{ne_port}/metrics")
+        (work / "receiver.yml").write_text("global:\n  scrape_interval: 1h\n")
+        (work / "pa.yml").write_text(
+            f"global:\n  scrape_interval: {args.interval}\n"
+            "scrape_configs:\n  - job_name: node\n"
+            f"    static_configs: [{{targets: ['127.0.0.1:{ne_port}']}}]\n"
+            f"remote_write:\n  - url: http://127.0.0.1:{recv_port}/api/v1/write\n")
+        stack.enter_context(process(
+            [prometheus, "--config.file", str(work / "receiver.yml"), "--storage.tsdb.path",
+             str(work / "recv"), "--web.enable-remote-write-receiver",
+             f"--web.listen-address=127.0.0.1:{recv_port}"], work / "recv.log"))
+        pa = stack.enter_context(process(
+            [prometheus, "--enable-feature=agent", "--config.file", str(work / "pa.yml"),
+             "--storage.agent.path", str(work / "pa"), f"--web.listen-address=127.0.0.1:{pa_port}"],
+            work / "pa.log"))
+        stack.enter_context(process(
+            [sys.executable, "-m", "collector", "serve", "--data-dir", str(work / "collector"),
+             "--listen", f"127.0.0.1:{coll_port}"], work / "collector.log"))
+        wait_http(f"http://127.0.0.1:{coll_port}/healthz")
+        cfg = work / "agent.toml"
+        cfg.write_text(
+            f'site = "bench"\nnode = "footprint"\nstate_dir = "{work}/agent"\n'
+            f'[uplink]\nurl = "http://127.0.0.1:{coll_port}"\n'
+            f'[sources.system]\ninterval = "{args.interval}"\n'
+            f'[[sources.scrape]]\nname = "node"\nurl = "http://127.0.0.1:{ne_port}/metrics"\n'
+            f'interval = "{args.interval}"\n')
+        enroll_agent(work, work / "collector", cfg, "bench", "footprint")
+        ws = stack.enter_context(process(
+            [sys.executable, "-m", "agent", "run", "--config", str(cfg)], work / "agent.log", ENV))
+        time.sleep(20)  # start-up costs are not steady state
+        pids = {"waystation-agent": [ws.pid], "node_exporter + Prometheus agent": [ne.pid, pa.pid]}
+        cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+        t0 = time.monotonic()
+        print(f"measuring for {args.minutes:g} minutes at {args.interval} sampling ...", flush=True)
+        time.sleep(args.minutes * 60)
+        elapsed_h = (time.monotonic() - t0) / 3600
+        print(f"\n{'process':<36}{'RSS MB':>9}{'peak MB':>9}{'CPU s/hour':>12}")
+        rows = {}
+        for name, plist in pids.items():
+            cpu_h = (sum(cpu_seconds(p) for p in plist) - cpu0[name]) / elapsed_h
+            rss = sum(rss_bytes(p) for p in plist) / 1e6
+            peak = sum(peak_rss(p) for p in plist) / 1e6
+            rows[name] = (rss, cpu_h)
+            print(f"{name:<36}{rss:>9.1f}{peak:>9.1f}{cpu_h:>12.1f}")
+        ws_rss, ws_cpu = rows["waystation-agent"]
+        ref_rss, ref_cpu = rows["node_exporter + Prometheus agent"]
+        print(f"\nwaystation/reference: RSS {ws_rss / ref_rss:.2f}x, CPU {ws_cpu / max(ref_cpu, 1e-9):.2f}x"
+              "  (targets: RSS <= 40 MB, CPU <= 0.5x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Real `waystation-agent run` and `waystation-collector serve` processes on loopback."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import REPO, free_port
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class Collector:
+    """A collector process with its own data dir and loopback port; restartable."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = data_dir.parent / f"collector-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "collector", *args, "--data-dir", str(self.data_dir)],
+            env=ENV, capture_output=True, text=True, timeout=60,
+        )
+
+    def enroll(self, site: str, node: str, pubkey: str) -> None:
+        r = self.cli("enroll", "--site", site, "--node", node, "--key", pubkey)
+        assert r.returncode == 0, r.stderr
+
+    def start(self) -> None:
+        assert self.proc is None
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "collector", "serve", "--data-dir", str(self.data_dir),
+                 "--listen", f"127.0.0.1:{self.port}"],
+                env=ENV, stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_for(lambda: self._healthy(), 30, "collector /healthz")
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"collector exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+        try:
+            return http_get(self.url + "/healthz", 1.0)[0] == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def metrics(self) -> str:
+        status, body = http_get(self.url + "/metrics")
+        assert status == 200
+        return body.decode()
+
+    def nodes(self) -> list[dict[str, Any]]:
+        status, body = http_get(self.url + "/v1/nodes")
+        assert status == 200
+        data = json.loads(body)
+        return data if isinstance(data, list) else data["nodes"]
+
+    def ledger_rows(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Read the collector's ledger directly (read-only) for accounting checks."""
+        db = sqlite3.connect(f"file:{self.data_dir / 'ledger.db'}?mode=ro", uri=True, timeout=10)
+        try:
+            return db.execute(query, params).fetchall()
+        finally:
+            db.close()
+
+
+class Agent:
+    """An agent process with a generated key and a TOML config written for the test."""
+
+    def __init__(self, workdir: Path, collector_url: str, extra_toml: str = "",
+                 site: str = "lab", node: str = "node-1") -> None:
+        self.workdir = workdir
+        self.site = site
+        self.node = node
+        self.state_dir = workdir / "agent-state"
+        self.config = workdir / "agent.toml"
+        self.log = workdir / "agent.log"
+        self.config.write_text(
+            f'site = "{site}"\nnode = "{node}"\nstate_dir = "{self.state_dir}"\n'
+            f"{extra_toml}\n"
+            f'[uplink]\nurl = "{collector_url}"\nbackoff_initial = "200ms"\nbackoff_max = "1s"\n'
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", *args, "--config", str(self.config)],
+            env=ENV, capture_output=True, text=True, timeout=60,
+        )
+
+    def keygen(self) -> str:
+        r = self.cli("keygen")
+        assert r.returncode == 0, r.stderr
+        line = next(ln for ln in r.stdout.splitlines() if "waystation-collector enroll" in ln)
+        return line.split("--key", 1)[1].strip()
+
+    def start(self) -> None:
+        assert self.proc is None
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+                env=ENV, stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def status(self) -> dict[str, Any]:
+        r = self.cli("status", "--json")
+        assert r.returncode == 0, r.stderr
+        result: dict[str, Any] = json.loads(r.stdout)
+        return result
+
+
+@contextmanager
+def serve_page(body: bytes) -> Iterator[str]:
+    """Serve one Prometheus text page on a loopback port, as a model server would."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    finally:
+        server.shutdown()
+        server.server_close()

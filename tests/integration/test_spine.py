@@ -1,0 +1,233 @@
+"""The signed store-and-forward spine end to end: real agent and collector processes."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent import wire
+from tests.integration.harness import Agent, Collector, serve_page, wait_for
+
+FAST = """
+[summary]
+window = "1s"
+[sources.system]
+interval = "1s"
+"""
+
+
+def _scrape(name: str, url: str, interval: str = "1s") -> str:
+    return f'[[sources.scrape]]\nname = "{name}"\nurl = "{url}"\ninterval = "{interval}"\n'
+
+
+def _pair(tmp_path: Path, extra: str) -> tuple[Collector, Agent]:
+    collector = Collector(tmp_path / "collector")
+    agent = Agent(tmp_path, collector.url, extra_toml=extra)
+    collector.enroll(agent.site, agent.node, agent.keygen())
+    return collector, agent
+
+
+def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (s.name, s.labels, s.value)
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    ]
+
+
+def _node(collector: Collector) -> dict[str, object]:
+    nodes = collector.nodes()
+    return nodes[0] if nodes else {}
+
+
+def _ledger(collector: Collector) -> list[tuple[int, int, int, bytes]]:
+    """(seq, kind, sample_count, frame) of every batch the collector holds, by seq."""
+    return [
+        (r[0], r[1], r[2], r[3])
+        for r in collector.ledger_rows(
+            "SELECT seq, kind, sample_count, frame FROM batches ORDER BY seq"
+        )
+    ]
+
+
+def _receipts(rows: list[tuple[int, int, int, bytes]]) -> list[wire.DropReceipt]:
+    out = []
+    for _, kind, _, frame in rows:
+        if kind == wire.Kind.DROP_RECEIPT:
+            f = wire.parse_frame(frame)
+            out.append(wire.decode_drop_receipt(wire.decompress_payload(f, 1 << 20)))
+    return out
+
+
+def _assert_accounted(rows: list[tuple[int, int, int, bytes]]) -> set[int]:
+    """Every seq up to the highest is either held or covered by a drop receipt, never both."""
+    held = {r[0] for r in rows}
+    dropped = {s for rc in _receipts(rows) for a, b in rc.ranges for s in range(a, b + 1)}
+    assert not held & dropped, f"seqs both delivered and reported dropped: {sorted(held & dropped)}"
+    missing = set(range(1, max(held) + 1)) - held - dropped
+    assert not missing, f"seq gap without a drop receipt: {sorted(missing)[:20]}"
+    return dropped
+
+
+def test_node_metrics_appear_with_site_and_node(tmp_path: Path, shared_fixtures: Path) -> None:
+    page = (shared_fixtures / "metrics" / "vllm.prom").read_bytes()
+    with serve_page(page) as url:
+        collector, agent = _pair(tmp_path, FAST + _scrape("vllm", url))
+        collector.start()
+        agent.start()
+        try:
+            def fleet() -> list[tuple[str, dict[str, str], float]]:
+                return [s for s in _samples(collector.metrics())
+                        if s[1].get("site") == "lab" and s[1].get("node") == "node-1"]
+
+            def has_both() -> bool:
+                names = {(n, lb.get("job")) for n, lb, _ in fleet()}
+                return ("node_load1", None) in names and any(
+                    n.startswith("vllm:") and job == "vllm" for n, job in names
+                )
+
+            wait_for(has_both, 30, "system and scraped series at the collector")
+            load = [v for n, lb, v in fleet() if n == "node_load1"]
+            assert len(load) == 1 and load[0] >= 0
+            with open("/proc/loadavg") as fh:
+                assert abs(load[0] - float(fh.read().split()[0])) < 5
+            # The scraped page's own series keep their names and labels, plus job.
+            scraped = {(n, lb.get("model_name")) for n, lb, _ in fleet() if lb.get("job") == "vllm"}
+            page_names = {(n, lb.get("model_name")) for n, lb, _ in _samples(page.decode())
+                          if not n.endswith("_created")}
+            assert page_names & scraped
+            node = _node(collector)
+            assert node["site"] == "lab" and node["node"] == "node-1"
+            last_seen = [v for n, lb, v in _samples(collector.metrics())
+                         if n == "waystation_node_last_seen_timestamp_seconds"
+                         and lb.get("node") == "node-1"]
+            assert last_seen and abs(last_seen[0] - time.time()) < 30
+        finally:
+            agent.stop()
+            collector.stop()
+
+
+def test_outage_then_newest_first_and_every_window_once(tmp_path: Path) -> None:
+    collector, agent = _pair(tmp_path, FAST + '[spool]\nmax_bytes = "64MiB"\n')
+    collector.start()
+    agent.start()
+    try:
+        wait_for(lambda: (_node(collector).get("complete_through") or 0) >= 2, 30, "first acks")
+        collector.stop()
+        outage_started = time.time()
+        wait_for(lambda: agent.status()["pending_batches"] >= 8, 60, "a backlog during the outage")
+        backlog = agent.status()
+        assert backlog["last_error"], "the outage is reported in status"
+        restarted = time.time()
+        collector.start()
+        first = wait_for(
+            lambda: collector.ledger_rows(
+                "SELECT seq, created_wall_ms, received_at FROM batches "
+                "WHERE created_wall_ms >= ? ORDER BY received_at, seq LIMIT 1",
+                (int(outage_started * 1000),),
+            ),
+            30, "a batch after the restart",
+        )[0]
+        # The newest window arrives first (or at worst one sealed while it was in flight),
+        # a few seconds after the collector came back, whatever the backlog.
+        made_before = collector.ledger_rows(
+            "SELECT MAX(seq) FROM batches WHERE created_wall_ms < ?", (int(restarted * 1000),)
+        )[0][0]
+        assert first[0] >= made_before - 1, (first, made_before)
+        assert first[0] > backlog["collector_complete_through"] + 4
+        wait_for(lambda: agent.status()["pending_batches"] <= 1, 60, "the backlog to drain")
+        node = wait_for(lambda: (n := _node(collector)) and
+                        n["complete_through"] == n["highest_seq"] and n, 30, "no gaps")
+        rows = _ledger(collector)
+        dropped = _assert_accounted(rows)
+        assert not dropped
+        assert [r[0] for r in rows] == list(range(1, int(node["highest_seq"]) + 1))
+        text = collector.metrics()
+        conflicts = [v for n, lb, v in _samples(text)
+                     if n == "waystation_ingest_batches_total" and lb["result"] == "conflict"]
+        assert sum(conflicts) == 0
+    finally:
+        agent.stop()
+        collector.stop()
+
+
+def test_sigkill_storm_leaves_no_unexplained_gap_or_conflict(tmp_path: Path,
+                                                             shared_fixtures: Path) -> None:
+    page = (shared_fixtures / "metrics" / "triton.prom").read_bytes()
+    with serve_page(page) as url:
+        extra = ('[summary]\nwindow = "300ms"\n[sources.system]\ninterval = "300ms"\n'
+                 + _scrape("triton", url, "300ms"))
+        collector, agent = _pair(tmp_path, extra)
+        collector.start()
+        rng = random.Random(20261123)
+        try:
+            for _ in range(22):
+                agent.start()
+                time.sleep(rng.uniform(0.6, 2.0))
+                agent.kill()
+            agent.start()
+            sealed = agent.status()["next_seq"] - 1
+            wait_for(lambda: (_node(collector).get("complete_through") or 0) >= sealed, 60,
+                     f"collector complete through seq {sealed}")
+        finally:
+            agent.stop()
+        try:
+            rows = _ledger(collector)
+            assert len(rows) >= sealed
+            _assert_accounted(rows)
+            for seq, _, _, frame in rows:
+                prev = rows[seq - 2][3] if seq > 1 and rows[seq - 2][0] == seq - 1 else None
+                if prev is not None:
+                    assert wire.parse_frame(frame).header.prev_hash == wire.batch_hash(prev)
+            results = {lb["result"]: v for n, lb, v in _samples(collector.metrics())
+                       if n == "waystation_ingest_batches_total"}
+            assert results.get("conflict", 0) == 0 and results.get("chain_mismatch", 0) == 0
+            assert results.get("accepted", 0) >= sealed
+        finally:
+            collector.stop()
+
+
+def test_tiny_quota_outage_is_accounted_exactly(tmp_path: Path, shared_fixtures: Path) -> None:
+    page = (shared_fixtures / "metrics" / "node_exporter.prom").read_bytes()
+    with serve_page(page) as url:
+        extra = ('[spool]\nmax_bytes = "64KiB"\n[summary]\nwindow = "500ms"\n'
+                 '[sources.system]\nenabled = false\n' + _scrape("node", url, "500ms"))
+        collector, agent = _pair(tmp_path, extra)
+        agent.start()  # the collector is down from the start
+        try:
+            wait_for(lambda: agent.status().get("dropped_batches", 0) >= 5, 90,
+                     "the spool quota to evict batches")
+            collector.start()
+            wait_for(lambda: any(r[1] == wire.Kind.DROP_RECEIPT for r in _ledger(collector)), 30,
+                     "a drop receipt at the collector")
+        finally:
+            agent.stop()
+        # Drain what is left with every source off, then stop: the spool keeps its counters.
+        drain = Agent(tmp_path, collector.url, extra_toml=(
+            '[spool]\nmax_bytes = "64KiB"\n[summary]\nwindow = "500ms"\n'
+            '[sources.system]\nenabled = false\n'))
+        drain.start()
+        try:
+            wait_for(lambda: drain.status()["pending_batches"] == 0, 60, "the spool to drain")
+        finally:
+            drain.stop()
+            collector.stop()
+        spool = sqlite3.connect(drain.state_dir / "spool.db")
+        produced = dict(spool.execute("SELECT key, value FROM meta").fetchall())["produced_samples"]
+        unsent = spool.execute("SELECT COALESCE(SUM(samples), 0) FROM batches").fetchone()[0]
+        spool.close()
+        rows = _ledger(collector)
+        dropped_seqs = _assert_accounted(rows)
+        receipts = _receipts(rows)
+        assert dropped_seqs and sum(rc.batches for rc in receipts) == len(dropped_seqs)
+        delivered = sum(r[2] for r in rows if r[1] == wire.Kind.DATA)
+        dropped = sum(rc.samples for rc in receipts)
+        assert delivered + dropped + unsent == produced
+        metrics = _samples(collector.metrics())
+        reported = [v for n, lb, v in metrics
+                    if n == "waystation_node_dropped_samples_total" and lb.get("node") == "node-1"]
+        assert reported == [dropped]

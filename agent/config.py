@@ -23,7 +23,8 @@ class UplinkConfig:
     client_key: str = ""
     timeout: Duration = Duration(15.0)
     backoff_initial: Duration = Duration(1.0)
-    backoff_max: Duration = Duration(300.0)
+    # Kept short: once the collector is back, the newest window must reach it within seconds.
+    backoff_max: Duration = Duration(10.0)
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):

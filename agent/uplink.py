@@ -179,6 +179,8 @@ class Uplink:
         self.stop_event = threading.Event()
         self.new_batch = threading.Event()
         self.threads: list[threading.Thread] = []
+        # A Retry-After is the collector speaking to this node, not to one lane: both honour it.
+        self.hold_until = 0.0
 
     def start(self) -> None:
         for name, target in (("uplink-live", self._live), ("uplink-backfill", self._backfill)):
@@ -219,6 +221,10 @@ class Uplink:
         self, spool: Spool, conn: _Connection, claimed: Claimed, backoff: Backoff
     ) -> tuple[bool, float]:
         """POST one claimed batch; returns (settled, seconds the lane should wait)."""
+        hold = self.hold_until - time.monotonic()
+        if hold > 0:
+            spool.release(claimed.seq)
+            return False, hold
         try:
             status, headers, body = conn.post(claimed.frame)
         except (OSError, http.client.HTTPException) as exc:
@@ -244,6 +250,7 @@ class Uplink:
             return True, 0.0
         spool.release(claimed.seq, outcome.detail)
         if outcome.delay_s >= 0:
+            self.hold_until = max(self.hold_until, time.monotonic() + outcome.delay_s)
             with self.stats.lock:
                 self.stats.backoff_s = outcome.delay_s
             return False, outcome.delay_s

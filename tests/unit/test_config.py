@@ -1,0 +1,80 @@
+"""Config loading: defaults, units, unknown keys with suggestions, one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentConfig, load_agent_config
+from agent.tomlconfig import ConfigError, parse_duration, parse_size
+from tests.conftest import REPO
+
+
+def test_packaged_agent_config_spells_out_the_builtin_defaults() -> None:
+    packaged = load_agent_config(REPO / "packaging" / "config" / "agent.toml")
+    assert dataclasses.replace(packaged, node=AgentConfig().node) == AgentConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("10s", 10.0), ("250ms", 0.25), ("5m", 300.0), ("1h30m", 5400.0), (15, 15.0), (0.5, 0.5)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["10", "ten seconds", "10x", "", "-5s", 0, True, "5s 3m"])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("512MiB", 512 * 2**20), ("10MB", 10_000_000), ("64KiB", 65536), ("1GiB", 2**30), (4096, 4096),
+     ("1.5KiB", 1536)],
+)
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('site = "a"\n[spool]\nmax_byte = "1MiB"\n')
+    with pytest.raises(ConfigError) as err:
+        load_agent_config(cfg)
+    msg = str(err.value)
+    assert str(cfg) in msg and "spool.max_byte" in msg and "'spool.max_bytes'" in msg
+
+
+def test_bad_values_are_named(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cases = {
+        '[summary]\nwindow = "soon"\n': "summary.window",
+        '[uplink]\nurl = "ftp://x"\n': "uplink",
+        '[[sources.scrape]]\nname = "a"\nurl = "http://h/m"\n'
+        '[[sources.scrape]]\nname = "a"\nurl = "http://h/n"\n': "unique",
+        '[[sources.scrape]]\nname = "a"\nurl = "http://h/m"\nallow = ["("]\n': "sources.scrape[0]",
+        "site = 3\n": "site",
+        "site = 'has space'\n": "site",
+    }
+    for text, expected in cases.items():
+        cfg.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_agent_config(cfg)
+        assert expected in str(err.value), (text, str(err.value))
+
+
+def test_cli_config_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text("[uplink]\nurll = 'http://x'\n")
+    r = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(cfg)],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "uplink.urll" in lines[0] and "uplink.url" in lines[0]

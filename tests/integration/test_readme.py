@@ -1,0 +1,70 @@
+"""The README's two commands, as a newcomer runs them, from a fresh clone."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import REPO, free_port
+from tests.integration.harness import http_get, wait_for
+
+
+def _readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Try it", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    return [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    main_job, test_cmd = _readme_commands()
+    ci = [ln.strip() for ln in (REPO / ".ci" / "run").read_text().splitlines()
+          if ln.strip() and not ln.startswith(("#", "set ", "cd "))]
+    assert ci == [test_cmd]
+    assert main_job == "bash scripts/quickstart.sh"
+
+
+def test_main_job_from_a_fresh_clone(tmp_path: Path) -> None:
+    clone = tmp_path / "waystation"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    main_job = _readme_commands()[0]
+    port = free_port()
+    env = dict(os.environ, WAYSTATION_DEMO_SECONDS="120", WAYSTATION_LISTEN=f"127.0.0.1:{port}")
+    env.pop("PYTHONPATH", None)
+    env.pop("VIRTUAL_ENV", None)
+    log = tmp_path / "quickstart.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(main_job, shell=True, cwd=clone, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def node_series() -> list[str]:
+            if proc.poll() is not None:
+                raise AssertionError(f"quickstart exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                status, body = http_get(f"http://127.0.0.1:{port}/metrics", 2)
+            except OSError:
+                return []
+            if status != 200:
+                return []
+            return [s.name for fam in text_string_to_metric_families(body.decode())
+                    for s in fam.samples if s.labels.get("site") == "local" and s.labels.get("node")]
+
+        names = wait_for(node_series, 240, "the local node's series at the collector", 1.0)
+        assert "node_load1" in names
+        out = log.read_text()
+        assert re.search(rf"http://127\.0\.0\.1:{port}/metrics", out), out
+        r = subprocess.run([str(clone / ".venv/bin/waystation-agent"), "status", "--config",
+                            str(clone / "run/agent.toml")], capture_output=True, text=True)
+        assert r.returncode == 0 and "last ack" in r.stdout, r.stdout + r.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.5)

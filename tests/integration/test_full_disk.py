@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent import wire
 from tests.integration.harness import Agent, Collector, serve_page, wait_for
 
 
@@ -46,10 +48,12 @@ def test_full_disk_keeps_sampling_reports_and_recovers(tmp_path: Path, small_fs:
         try:
             wait_for(lambda: "cannot write spool" in agent.log.read_text(), 60,
                      "the agent to hit the full disk")
+            full_at = time.time()
             st = agent.status()
             assert st["state_dir_problem"] and "full" in st["state_dir_problem"]
-            wait_for(lambda: agent.log.read_text().count("seal") >= 0 and agent.proc is not None
-                     and agent.proc.poll() is None, 5, "the agent still running")
+            time.sleep(3)
+            assert agent.proc is not None and agent.proc.poll() is None, "the agent must not exit"
+            freed_at = time.time()
             filler.unlink()
             collector.start()
             wait_for(lambda: "spool writable again" in agent.log.read_text(), 30,
@@ -64,6 +68,15 @@ def test_full_disk_keeps_sampling_reports_and_recovers(tmp_path: Path, small_fs:
 
             assert wait_for(write_errors, 30, "the write errors reported at the collector") >= 1
             assert agent.proc is not None and agent.proc.poll() is None
+            # What was sampled while the disk was full was held and delivered, not lost.
+            stamps = set()
+            for (frame,) in collector.ledger_rows("SELECT frame FROM batches WHERE kind = 0"):
+                f = wire.parse_frame(frame)
+                for series in wire.decode_series(wire.decompress_payload(f, 1 << 30)):
+                    if series.name == "node_load1":
+                        stamps.update(series.timestamps_ms)
+            during = [t for t in stamps if full_at + 0.5 < t / 1000 < freed_at - 0.5]
+            assert len(during) >= 3, sorted(stamps)
         finally:
             agent.stop()
             collector.stop()

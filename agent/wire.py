@@ -171,7 +171,7 @@ def rotation_proof_message(site: str, node: str, old_key_id: bytes, new_public_k
 def _width_for(values: list[int]) -> int:
     lo = min(values)
     hi = max(values)
-    for width, code in ((1, "b"), (2, "h"), (4, "i")):
+    for width in (1, 2, 4):
         limit = 1 << (8 * width - 1)
         if -limit <= lo and hi < limit:
             return width
@@ -198,17 +198,29 @@ def _swapped(arr: array[int]) -> bytes:
 
 _LITTLE = struct.pack("=H", 1) == struct.pack("<H", 1)
 
+I64_MIN = -(1 << 63)
+I64_MAX = (1 << 63) - 1
+# SCALED_DELTA integers stay within +-2**53 so that int -> float64 is exact and i / 10**k is
+# one correctly rounded IEEE division in every language, not only Python's exact int division.
+MAX_SCALED = 1 << 53
+
+
+def _fits_i64(values: list[int] | tuple[int, ...]) -> bool:
+    return not values or (I64_MIN <= min(values) and max(values) <= I64_MAX)
+
 
 def _scaled(values: tuple[float, ...]) -> tuple[int, list[int]] | None:
     """Find the smallest decimal scale k making every value an exact integer/10^k."""
+    for v in values:
+        # -0.0 would come back as +0.0; huge values would overflow v * factor to inf
+        if not math.isfinite(v) or abs(v) > MAX_SCALED or (v == 0 and math.copysign(1.0, v) < 0):
+            return None
     for k in range(0, 10):
         factor = 10**k
         ints: list[int] = []
         for v in values:
-            if not math.isfinite(v):
-                return None
             scaled = round(v * factor)
-            if abs(scaled) >= 1 << 62 or (scaled / factor if k else float(scaled)) != v:
+            if abs(scaled) > MAX_SCALED or (scaled / factor if k else float(scaled)) != v:
                 break
             ints.append(scaled)
         else:
@@ -217,11 +229,9 @@ def _scaled(values: tuple[float, ...]) -> tuple[int, list[int]] | None:
 
 
 def _encode_values(out: io.BytesIO, values: tuple[float, ...]) -> None:
-    first = values[0]
-    if all(v == first or (v != v and first != first) for v in values) and not (
-        first == 0.0 and any(math.copysign(1.0, v) < 0 for v in values)
-    ):
-        out.write(struct.pack("<Bd", ValueMode.CONST, first))
+    packed = struct.pack(f"<{len(values)}d", *values)
+    if packed == packed[:8] * len(values):  # bit-identical: keeps -0.0 and NaN payloads
+        out.write(bytes((ValueMode.CONST,)) + packed[:8])
         return
     scaled = _scaled(values)
     if scaled is not None:
@@ -230,7 +240,7 @@ def _encode_values(out: io.BytesIO, values: tuple[float, ...]) -> None:
         _pack_ints(out, [b - a for a, b in zip(ints, ints[1:], strict=False)])
         return
     out.write(bytes((ValueMode.FLOAT64,)))
-    out.write(struct.pack(f"<{len(values)}d", *values))
+    out.write(packed)
 
 
 def encode_series(series: list[Series]) -> bytes:
@@ -265,11 +275,14 @@ def encode_series(series: list[Series]) -> bytes:
     out.write(b"".join(encoded))
     out.write(struct.pack("<I", len(columns)))
     for ts in columns:
+        deltas = [b - a for a, b in zip(ts, ts[1:], strict=False)]
+        dods = [b - a for a, b in zip(deltas, deltas[1:], strict=False)]
+        if not (_fits_i64(ts) and _fits_i64(deltas) and _fits_i64(dods)):
+            raise WireError("schema", "timestamps, their deltas and delta-of-deltas must fit int64")
         out.write(struct.pack("<Iq", len(ts), ts[0]))
         if len(ts) > 1:
-            deltas = [b - a for a, b in zip(ts, ts[1:], strict=False)]
             out.write(struct.pack("<q", deltas[0]))
-            _pack_ints(out, [b - a for a, b in zip(deltas, deltas[1:], strict=False)])
+            _pack_ints(out, dods)
     out.write(struct.pack("<I", len(series)))
     out.write(meta.getvalue())
     out.write(vals.getvalue())
@@ -355,15 +368,19 @@ def decode_series(raw: bytes, limits: Limits = Limits()) -> list[Series]:
     for _ in range(n_cols):
         n, first = r.unpack(_COL_HEAD)
         total_points += n
-        if n == 0 or total_points > limits.max_samples:
+        if n == 0:
+            raise WireError("malformed", "empty timestamp column")
+        if total_points > limits.max_samples:
             raise WireError("limit", f"timestamp column of {n} points (total {total_points})")
         if n == 1:
             cols.append((first,))
             continue
         (d0,) = r.unpack(_Q)
-        dods = r.ints(n - 2)
-        deltas = accumulate(dods, initial=d0)
-        cols.append(tuple(accumulate(deltas, initial=first)))
+        deltas = list(accumulate(r.ints(n - 2), initial=d0))
+        ts = tuple(accumulate(deltas, initial=first))
+        if not (_fits_i64(deltas) and _fits_i64(ts)):
+            raise WireError("malformed", "timestamp column leaves the int64 range")
+        cols.append(ts)
 
     (n_series,) = r.unpack(_U32)
     if n_series > limits.max_series:
@@ -402,7 +419,9 @@ def decode_series(raw: bytes, limits: Limits = Limits()) -> list[Series]:
             k, first = r.unpack(_SCALED_HEAD)
             if k > 9:
                 raise WireError("malformed", f"decimal scale {k} out of range")
-            ints = accumulate(r.ints(n - 1), initial=first)
+            ints = list(accumulate(r.ints(n - 1), initial=first))
+            if not -MAX_SCALED <= min(ints) <= max(ints) <= MAX_SCALED:
+                raise WireError("malformed", "scaled value outside +-2**53")
             if k:
                 factor = 10**k
                 values = tuple(i / factor for i in ints)
@@ -648,38 +667,74 @@ def decompress_payload(frame: Frame, max_raw_bytes: int) -> bytes:
         raise WireError("malformed", f"payload is not valid zstd: {exc}") from exc
     if len(out) != h.raw_len:
         raise WireError("malformed", f"payload decompresses to {len(out)}+ bytes, header says {h.raw_len}")
+    # The frame is now known to yield exactly raw_len bytes, so a second pass is bounded; it
+    # checks that the payload is one complete zstd frame with nothing after it.
+    whole = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        whole.decompress(frame.payload)
+    except zstandard.ZstdError as exc:
+        raise WireError("malformed", f"payload is not valid zstd: {exc}") from exc
+    if not whole.eof or whole.unused_data:
+        raise WireError("malformed", "payload is not exactly one complete zstd frame")
     return out
 
 
-def decode_drop_receipt(raw: bytes) -> DropReceipt:
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(raw)
-        ranges = tuple((int(a), int(b)) for a, b in obj["ranges"])
+    except (ValueError, RecursionError) as exc:  # RecursionError: hostile nesting depth
+        raise WireError("malformed", f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise WireError("malformed", f"{what} is not a JSON object")
+    return obj
+
+
+def _json_int(value: object, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise TypeError(f"{value!r} is not an integer in [{lo}, {hi}]")
+    return value
+
+
+_U64_MAX = (1 << 64) - 1
+
+
+def decode_drop_receipt(raw: bytes) -> DropReceipt:
+    obj = _json_object(raw, "drop receipt")
+    try:
+        if not isinstance(obj["ranges"], list) or len(obj["ranges"]) > 100_000:
+            raise TypeError("ranges must be a list of at most 100000 [a, b] pairs")
+        ranges: list[tuple[int, int]] = []
+        for pair in obj["ranges"]:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise TypeError(f"range {pair!r} is not [a, b]")
+            ranges.append((_json_int(pair[0], 1, _U64_MAX), _json_int(pair[1], 1, _U64_MAX)))
+        if not isinstance(obj["reason"], str):
+            raise TypeError("reason must be a string")
         receipt = DropReceipt(
-            ranges,
-            int(obj["t0_ms"]),
-            int(obj["t1_ms"]),
-            int(obj["batches"]),
-            int(obj["samples"]),
-            int(obj["bytes"]),
-            str(obj["reason"]),
+            tuple(ranges),
+            _json_int(obj["t0_ms"], I64_MIN, I64_MAX),
+            _json_int(obj["t1_ms"], I64_MIN, I64_MAX),
+            _json_int(obj["batches"], 0, I64_MAX),
+            _json_int(obj["samples"], 0, I64_MAX),
+            _json_int(obj["bytes"], 0, I64_MAX),
+            obj["reason"],
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise WireError("malformed", f"drop receipt is not valid: {exc}") from exc
-    if any(a < 1 or b < a for a, b in ranges) or len(ranges) > 100_000:
+    if any(b < a for a, b in ranges):
         raise WireError("malformed", "drop receipt has an invalid seq range")
     return receipt
 
 
 def decode_key_rotation(frame: Frame, raw: bytes) -> KeyRotation:
+    obj = _json_object(raw, "key rotation")
     try:
-        obj = json.loads(raw)
         new_pub = bytes.fromhex(obj["new_public_key"])
         proof = bytes.fromhex(obj["proof"])
     except (ValueError, KeyError, TypeError) as exc:
         raise WireError("malformed", f"key rotation is not valid: {exc}") from exc
-    if len(new_pub) != 32:
-        raise WireError("malformed", "new public key must be 32 bytes")
+    if len(new_pub) != 32 or len(proof) != SIGNATURE_LEN:
+        raise WireError("malformed", "new public key must be 32 bytes and proof 64 bytes")
     h = frame.header
     try:
         VerifyKey(new_pub).verify(rotation_proof_message(h.site, h.node, h.key_id, new_pub), proof)

@@ -1,0 +1,7 @@
+"""python -m collector: the waystation-collector command."""
+
+import sys
+
+from collector.cli import main
+
+sys.exit(main())

@@ -1,0 +1,264 @@
+"""The fleet's latest state and the prometheus_client collector that exposes it.
+
+Thread contract: `FleetState` is touched only on the event loop (ingest handlers
+apply accepted batches and ledger outcomes; the /metrics handler calls
+`FleetCollector.collect` through a per-app `CollectorRegistry`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+from agent import wire
+from collector.ledger import NodeState
+
+BACKLOG_BATCHES = "waystation_agent_spool_pending_batches"
+BACKLOG_BYTES = "waystation_agent_spool_pending_bytes"
+# The collector's own families; a node's series with these prefixes would collide with them.
+RESERVED_PREFIXES = (
+    "waystation_node_",
+    "waystation_ingest_",
+    "waystation_exposition_",
+    "waystation_collector_",
+)
+FLEET_HELP = "Latest value reported by the fleet (via waystation-collector)."
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def schema_problem(series: list[wire.Series]) -> str | None:
+    """Why these series cannot be exposed as Prometheus series (None when they can)."""
+    seen_names: set[str] = set()
+    seen_labels: set[str] = set()
+    for s in series:
+        if s.name not in seen_names:
+            if not _METRIC_NAME.fullmatch(s.name):
+                return f"metric name {s.name[:100]!r} is not a valid Prometheus name"
+            seen_names.add(s.name)
+        keys = [k for k, _ in s.labels]
+        for k in keys:
+            if k not in seen_labels:
+                if not _LABEL_NAME.fullmatch(k) or k.startswith("__"):
+                    return f"label name {k[:100]!r} of {s.name!r} is not a valid Prometheus name"
+                seen_labels.add(k)
+        if len(set(keys)) != len(keys):
+            return f"series {s.name!r} repeats a label name"
+    return None
+
+
+def reported_backlog(series: list[wire.Series]) -> tuple[float | None, float | None] | None:
+    """The agent's spool backlog (batches, bytes) from its own series in a batch, if present."""
+    batches = size = None
+    for s in series:
+        if s.name == BACKLOG_BATCHES:
+            batches = s.values[-1]
+        elif s.name == BACKLOG_BYTES:
+            size = s.values[-1]
+    if batches is None and size is None:
+        return None
+    return batches, size
+
+
+class _Entry:
+    """One exposed series: identity plus the newest point seen."""
+
+    __slots__ = ("name", "labels", "mtype", "ts_ms", "value")
+
+    def __init__(self, name: str, labels: Labels, mtype: wire.MetricType) -> None:
+        self.name = name
+        self.labels = labels
+        self.mtype = mtype
+        self.ts_ms = -(1 << 63)
+        self.value = 0.0
+
+
+@dataclass
+class _NodeLatest:
+    entries: dict[tuple[str, Labels], _Entry] = field(default_factory=dict)
+    # (name, labels as sent) -> entry: skips re-normalizing labels for series seen before.
+    by_raw: dict[tuple[str, Labels], _Entry] = field(default_factory=dict)
+    dropped_series: int = 0
+
+
+class FleetState:
+    """Latest value of every fleet series per node, plus each node's ledger accounting."""
+
+    def __init__(self, max_series_per_node: int) -> None:
+        self.max_series_per_node = max_series_per_node
+        self._latest: dict[tuple[str, str], _NodeLatest] = {}
+        self._states: dict[tuple[str, str], NodeState] = {}
+
+    def update_node(self, state: NodeState) -> None:
+        self._states[(state.site, state.node)] = state
+
+    def node(self, site: str, node: str) -> NodeState | None:
+        return self._states.get((site, node))
+
+    def nodes(self) -> list[NodeState]:
+        return list(self._states.values())
+
+    def series_count(self, site: str, node: str) -> int:
+        latest = self._latest.get((site, node))
+        return len(latest.entries) if latest else 0
+
+    def apply(self, site: str, node: str, series: Iterable[wire.Series]) -> None:
+        """Take each series' newest point where it is newer than what is held (backfill is older)."""
+        latest = self._latest.get((site, node))
+        if latest is None:
+            latest = self._latest[(site, node)] = _NodeLatest()
+        by_raw = latest.by_raw
+        for s in series:
+            entry = by_raw.get((s.name, s.labels))
+            if entry is None:
+                entry = self._entry(latest, site, node, s)
+                if entry is None:
+                    continue
+            ts = s.timestamps_ms[-1]
+            if ts > entry.ts_ms:
+                entry.ts_ms = ts
+                entry.value = s.values[-1]
+                entry.mtype = s.mtype
+
+    def _entry(self, latest: _NodeLatest, site: str, node: str, s: wire.Series) -> _Entry | None:
+        if s.name.startswith(RESERVED_PREFIXES):
+            latest.dropped_series += 1
+            return None
+        # Every fleet series carries the site and node it came from, as the key proved them.
+        labels = dict(s.labels)
+        labels["site"] = site
+        labels["node"] = node
+        identity = (s.name, tuple(sorted(labels.items())))
+        entry = latest.entries.get(identity)
+        if entry is None:
+            if len(latest.entries) >= self.max_series_per_node:
+                latest.dropped_series += 1
+                return None
+            entry = latest.entries[identity] = _Entry(identity[0], identity[1], s.mtype)
+        if len(latest.by_raw) >= 2 * self.max_series_per_node:
+            latest.by_raw.clear()  # only a cache; bounded so odd label orders cannot grow it
+        latest.by_raw[(s.name, s.labels)] = entry
+        return entry
+
+    def fleet_families(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for latest in self._latest.values():
+            for e in latest.entries.values():
+                fam = families.get(e.name)
+                if fam is None:
+                    fam = families[e.name] = _family(e.name, e.mtype)
+                fam.samples.append(Sample(e.name, dict(e.labels), e.value))
+        return iter(families.values())
+
+    def dropped_series(self) -> Iterator[tuple[str, str, int]]:
+        for (site, node), latest in self._latest.items():
+            yield site, node, latest.dropped_series
+
+
+def _family(name: str, mtype: wire.MetricType) -> Metric:
+    """A family whose text exposition prints every sample under exactly its series name."""
+    # prometheus_client appends _total to counter and _info to info family names when
+    # rendering, so hand it the stripped name; anything that would not round-trip is untyped.
+    if mtype == wire.MetricType.COUNTER and name.endswith("_total") and len(name) > 6:
+        return Metric(name[:-6], FLEET_HELP, "counter")
+    if mtype == wire.MetricType.INFO and name.endswith("_info") and len(name) > 5:
+        return Metric(name[:-5], FLEET_HELP, "info")
+    if mtype == wire.MetricType.GAUGE or mtype == wire.MetricType.INFO:
+        return Metric(name, FLEET_HELP, "gauge")
+    return Metric(name, FLEET_HELP, "unknown")
+
+
+class FleetCollector(Collector):
+    """prometheus_client collector over a FleetState: fleet series and per-node accounting."""
+
+    def __init__(self, fleet: FleetState) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.fleet.fleet_families()
+        labels = ["site", "node"]
+        last_seen = GaugeMetricFamily(
+            "waystation_node_last_seen_timestamp_seconds",
+            "When the collector last recorded a batch from the node (Unix time).",
+            labels=labels,
+        )
+        complete = GaugeMetricFamily(
+            "waystation_node_complete_through_seq",
+            "Every seq up to this one is recorded or covered by a drop receipt.",
+            labels=labels,
+        )
+        highest = GaugeMetricFamily(
+            "waystation_node_highest_seq", "Highest seq recorded for the node.", labels=labels
+        )
+        gaps = GaugeMetricFamily(
+            "waystation_node_gap_seqs",
+            "Seqs below the highest that are neither recorded nor covered by a drop receipt.",
+            labels=labels,
+        )
+        dropped_batches = CounterMetricFamily(
+            "waystation_node_dropped_batches",
+            "Batches the node's spool evicted before delivery, per its drop receipts.",
+            labels=labels,
+        )
+        dropped_samples = CounterMetricFamily(
+            "waystation_node_dropped_samples",
+            "Samples the node's spool evicted before delivery, per its drop receipts.",
+            labels=labels,
+        )
+        tamper = CounterMetricFamily(
+            "waystation_node_tamper_events",
+            "Conflicting duplicates and hash-chain mismatches seen for the node.",
+            labels=labels,
+        )
+        backlog_batches = GaugeMetricFamily(
+            "waystation_node_reported_backlog_batches",
+            "Batches waiting in the node's spool, as its newest batch reported.",
+            labels=labels,
+        )
+        backlog_bytes = GaugeMetricFamily(
+            "waystation_node_reported_backlog_bytes",
+            "Bytes waiting in the node's spool, as its newest batch reported.",
+            labels=labels,
+        )
+        exposed = GaugeMetricFamily(
+            "waystation_exposition_series",
+            "Fleet series exposed for the node.",
+            labels=labels,
+        )
+        dropped_series = CounterMetricFamily(
+            "waystation_exposition_series_dropped",
+            "Series not exposed: over max_series_per_node or using a reserved name.",
+            labels=labels,
+        )
+        for s in self.fleet.nodes():
+            lv = [s.site, s.node]
+            last_seen.add_metric(lv, s.last_seen)
+            complete.add_metric(lv, s.complete_through)
+            highest.add_metric(lv, s.highest_seq)
+            gaps.add_metric(lv, s.gap_seqs)
+            dropped_batches.add_metric(lv, s.dropped_batches)
+            dropped_samples.add_metric(lv, s.dropped_samples)
+            tamper.add_metric(lv, s.tamper_events)
+            if s.backlog_batches is not None:
+                backlog_batches.add_metric(lv, s.backlog_batches)
+            if s.backlog_bytes is not None:
+                backlog_bytes.add_metric(lv, s.backlog_bytes)
+            exposed.add_metric(lv, self.fleet.series_count(s.site, s.node))
+        for site, node, count in self.fleet.dropped_series():
+            dropped_series.add_metric([site, node], count)
+        yield from (
+            last_seen, complete, highest, gaps, dropped_batches, dropped_samples, tamper,
+            backlog_batches, backlog_bytes, exposed, dropped_series,
+        )

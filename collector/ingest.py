@@ -1,0 +1,339 @@
+"""POST /v1/batches: limits -> parse -> key -> signature -> decompress -> schema -> ledger -> ack.
+
+Collector input is hostile: every check runs before the work it protects, every
+refusal is a JSON 4xx with a reason counted in waystation_ingest_batches_total,
+and nothing a client sends can produce a 5xx (503 means we are overloaded or the
+ledger cannot commit, never that the input was bad).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from aiohttp import web
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent import wire
+from collector import trust
+from collector.config import LimitsConfig
+from collector.exposition import FleetState, reported_backlog, schema_problem
+from collector.ledger import Ledger, Outcome, Submission
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/x-waystation-batch"
+
+# result -> HTTP status. Every response of POST /v1/batches carries one of these results.
+STATUS: dict[str, int] = {
+    "accepted": 200,
+    "duplicate": 200,
+    "conflict": 409,
+    "chain_mismatch": 409,
+    "unknown_key": 401,
+    "revoked": 403,
+    "too_large": 413,
+    "bad_signature": 400,
+    "malformed": 400,
+    "schema": 400,
+    "limit": 400,
+    "unsupported_version": 400,
+    "overloaded": 503,
+    "unavailable": 503,  # the ledger could not commit (disk full, I/O error)
+}
+RESULTS = tuple(STATUS)
+
+# wire.WireError reasons that are not themselves results.
+_REASON_RESULT = {"unsupported": "unsupported_version"}
+
+MAX_GROUP = 2048  # batches per ledger transaction
+RETRY_AFTER_S = 1
+
+T = TypeVar("T")
+
+
+class Overloaded(Exception):
+    """More verified batches are waiting for the ledger than max_pending_commits allows."""
+
+
+class LedgerUnavailable(Exception):
+    """The group commit failed; nothing of the group was recorded."""
+
+
+class Committer:
+    """Group commit: handlers submit verified batches; one loop commits them together.
+
+    Contract: `submit` and `call` are awaited on the event loop by any number of
+    request handlers; the ledger itself is touched only by the committer's single
+    thread, so SQLite sees one writer and each group costs one transaction (one fsync).
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        max_pending: int,
+        on_outcome: Callable[[Outcome], None] = lambda _o: None,
+    ) -> None:
+        self.ledger = ledger
+        self.max_pending = max_pending
+        self.on_outcome = on_outcome
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self._queue: list[tuple[Submission, asyncio.Future[Outcome]]] = []
+        self._in_flight = 0
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self.groups = 0  # transactions committed (for benches and tests)
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + self._in_flight
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-committer")
+
+    async def stop(self) -> None:
+        """Commit what is queued, then stop; the ledger is not closed here."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self.executor.shutdown(wait=True)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) in the ledger thread, between group commits."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def submit(self, sub: Submission) -> Outcome:
+        if self.pending >= self.max_pending or self._stopping:
+            raise Overloaded(f"{self.pending} batches are waiting for the ledger")
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queue.append((sub, fut))
+        self._wakeup.set()
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                group = self._queue[:MAX_GROUP]
+                del self._queue[:MAX_GROUP]
+                self._in_flight = len(group)
+                try:
+                    outcomes = await self.call(self.ledger.commit, [sub for sub, _ in group])
+                except Exception as exc:  # sqlite3.Error, OSError: the whole group failed
+                    log.error("ledger commit of %d batches failed: %s", len(group), exc)
+                    for _, fut in group:
+                        if not fut.done():
+                            fut.set_exception(LedgerUnavailable(str(exc)))
+                else:
+                    self.groups += 1
+                    for (_, fut), outcome in zip(group, outcomes, strict=True):
+                        self.on_outcome(outcome)
+                        if not fut.done():
+                            fut.set_result(outcome)
+                finally:
+                    self._in_flight = 0
+            if self._stopping:
+                return
+
+
+class IngestMetrics(Collector):
+    """The ingest counters (plain ints: no _created series, no global registry)."""
+
+    def __init__(self) -> None:
+        self.batches = dict.fromkeys(RESULTS, 0)
+        self.samples = 0
+        self.bytes = 0
+
+    def count(self, result: str) -> None:
+        self.batches[result] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        batches = CounterMetricFamily(
+            "waystation_ingest_batches",
+            "Batches posted to the collector, by outcome.",
+            labels=["result"],
+        )
+        for result, n in self.batches.items():
+            batches.add_metric([result], n)
+        yield batches
+        yield CounterMetricFamily(
+            "waystation_ingest_samples", "Samples in accepted batches.", value=self.samples
+        )
+        yield CounterMetricFamily(
+            "waystation_ingest_bytes",
+            "Request body bytes received on /v1/batches (accepted or not).",
+            value=self.bytes,
+        )
+
+
+class _Refusal(Exception):
+    """A post we answer with a 4xx/503; `signed` once the node's signature has verified."""
+
+    def __init__(
+        self, result: str, detail: str, header: wire.Header | None = None, signed: bool = False
+    ) -> None:
+        super().__init__(f"{result}: {detail}")
+        self.result = result
+        self.detail = detail
+        self.header = header
+        self.signed = signed
+
+
+def _wire_refusal(
+    exc: wire.WireError, header: wire.Header | None = None, signed: bool = False
+) -> _Refusal:
+    result = _REASON_RESULT.get(exc.reason, exc.reason)
+    if result not in STATUS:
+        result = "malformed"
+    return _Refusal(result, exc.detail, header, signed)
+
+
+class Ingest:
+    """The POST /v1/batches handler; `keys` is a connection used only for key lookups."""
+
+    def __init__(
+        self,
+        limits: LimitsConfig,
+        keys: sqlite3.Connection,
+        committer: Committer,
+        fleet: FleetState,
+        metrics: IngestMetrics,
+    ) -> None:
+        self.limits = limits
+        self.keys = keys
+        self.committer = committer
+        self.fleet = fleet
+        self.metrics = metrics
+        self.wire_limits = wire.Limits(
+            max_series=limits.max_series_per_batch,
+            max_samples=limits.max_samples_per_batch,
+            max_labels=limits.max_labels_per_series,
+        )
+
+    async def handle(self, request: web.Request) -> web.Response:
+        try:
+            return await self._handle(request)
+        except _Refusal as r:
+            return self._refuse(r)
+        except Overloaded as exc:
+            return self._refuse(_Refusal("overloaded", str(exc)))
+        except LedgerUnavailable as exc:
+            return self._refuse(_Refusal("unavailable", f"ledger cannot commit: {exc}"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # no input may produce a 5xx; log what we did not foresee
+            log.exception("unexpected error while ingesting a batch")
+            return self._refuse(_Refusal("malformed", f"batch could not be processed: {exc}"))
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        cap = self.limits.max_body_bytes
+        declared = request.content_length
+        if declared is not None and declared > cap:
+            raise _Refusal("too_large", f"body of {declared} bytes exceeds max_body_bytes {cap}")
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in request.content.iter_chunked(256 * 1024):
+            total += len(chunk)
+            if total > cap:
+                self.metrics.bytes += total
+                raise _Refusal("too_large", f"body exceeds max_body_bytes {cap}")
+            chunks.append(chunk)
+        self.metrics.bytes += total
+        return b"".join(chunks)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if self.committer.pending >= self.limits.max_pending_commits:
+            raise Overloaded(f"{self.committer.pending} batches are waiting for the ledger")
+        body = await self._read_body(request)
+        received_at = time.time()
+        try:
+            frame = wire.parse_frame(body)
+        except wire.WireError as exc:
+            raise _wire_refusal(exc) from None
+        h = frame.header
+
+        key = trust.lookup(self.keys, h.key_id)
+        if key is None:
+            raise _Refusal("unknown_key", f"key {h.key_id.hex()} is not enrolled", h)
+        refusal = key.refusal(h.site, h.node, h.seq)
+        if refusal is not None:
+            raise _Refusal(*refusal, h)
+        try:
+            wire.verify_signature(frame, key.public_key)
+        except wire.WireError as exc:
+            raise _wire_refusal(exc, h) from None
+        try:
+            raw = wire.decompress_payload(frame, self.limits.max_decompressed_bytes)
+        except wire.WireError as exc:
+            raise _wire_refusal(exc, h, signed=True) from None
+
+        series: list[wire.Series] = []
+        drop = rotation = None
+        backlog = None
+        try:
+            if h.kind == wire.Kind.DATA:
+                series = wire.decode_series(raw, self.wire_limits)
+                wire.check_counts(frame, series)
+                problem = schema_problem(series)
+                if problem:
+                    raise _Refusal("schema", problem, h, signed=True)
+                backlog = reported_backlog(series)
+            elif h.kind == wire.Kind.DROP_RECEIPT:
+                drop = wire.decode_drop_receipt(raw)
+                if any(last >= h.seq for _, last in drop.ranges):
+                    raise _Refusal(
+                        "schema", "a drop receipt may only cover seqs before its own", h, True
+                    )
+                if min(drop.batches, drop.samples, drop.bytes) < 0:
+                    raise _Refusal("schema", "drop receipt counts must not be negative", h, True)
+            elif h.kind == wire.Kind.KEY_ROTATION:
+                rotation = wire.decode_key_rotation(frame, raw)
+        except wire.WireError as exc:
+            raise _wire_refusal(exc, h, signed=True) from None
+
+        outcome = await self.committer.submit(
+            Submission(frame, key, received_at, drop=drop, rotation=rotation, backlog=backlog)
+        )
+        if outcome.result == "duplicate":
+            self.metrics.count("duplicate")
+            return web.json_response(self._ack("duplicate", h))
+        if outcome.result != "accepted":
+            raise _Refusal(outcome.result, outcome.detail, h, signed=True)
+        if series:
+            self.fleet.apply(h.site, h.node, series)
+        self.metrics.count("accepted")
+        self.metrics.samples += h.sample_count
+        return web.json_response(self._ack("accepted", h))
+
+    def _ack(self, result: str, h: wire.Header) -> dict[str, Any]:
+        state = self.fleet.node(h.site, h.node)
+        return {
+            "result": result,
+            "site": h.site,
+            "node": h.node,
+            "seq": h.seq,
+            "complete_through": state.complete_through if state else 0,
+            "highest_seq": state.highest_seq if state else 0,
+        }
+
+    def _refuse(self, r: _Refusal) -> web.Response:
+        self.metrics.count(r.result)
+        body: dict[str, Any] = {"result": r.result, "error": r.detail}
+        if r.header is not None:
+            body.update(site=r.header.site, node=r.header.node, seq=r.header.seq)
+        if r.header is not None and r.signed:
+            # Only a node that proved its key learns its watermark (to resume after losing state).
+            state = self.fleet.node(r.header.site, r.header.node)
+            if state is not None:
+                body.update(complete_through=state.complete_through, highest_seq=state.highest_seq)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if STATUS[r.result] == 503 else None
+        return web.json_response(body, status=STATUS[r.result], headers=headers)

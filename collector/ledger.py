@@ -1,0 +1,480 @@
+"""The ledger: every accepted batch, per-node seq/hash chain, watermark, gaps and drops (SQLite).
+
+Thread contract: one `Ledger` is used by one thread at a time (the collector's
+committer thread); `commit` runs a whole group of batches in one transaction,
+so many concurrent posts cost one fsync. Other processes (the CLI) and the
+serve process's request handlers read through their own connections (WAL).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import wire
+from collector import trust
+from collector.trust import KeyRecord, TrustError
+
+MAX_GAP_RANGES = 100  # gap ranges kept per node for /v1/nodes and `nodes`
+
+SCHEMA = (
+    trust.SCHEMA
+    + """
+CREATE TABLE IF NOT EXISTS meta (
+    k TEXT PRIMARY KEY,
+    v TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches (
+    site            TEXT NOT NULL,
+    node            TEXT NOT NULL,
+    seq             INTEGER NOT NULL,
+    kind            INTEGER NOT NULL,
+    hash            BLOB NOT NULL,
+    prev_hash       BLOB NOT NULL,
+    key_id          BLOB NOT NULL,
+    received_at     REAL NOT NULL,
+    created_wall_ms INTEGER NOT NULL,
+    window_start_ms INTEGER NOT NULL,
+    window_end_ms   INTEGER NOT NULL,
+    series_count    INTEGER NOT NULL,
+    sample_count    INTEGER NOT NULL,
+    bytes           INTEGER NOT NULL,
+    frame           BLOB NOT NULL,
+    PRIMARY KEY (site, node, seq)
+);
+CREATE TABLE IF NOT EXISTS drops (
+    site        TEXT NOT NULL,
+    node        TEXT NOT NULL,
+    receipt_seq INTEGER NOT NULL,
+    first_seq   INTEGER NOT NULL,
+    last_seq    INTEGER NOT NULL,
+    samples     INTEGER NOT NULL,  -- the receipt's sample count, on its first range only
+    PRIMARY KEY (site, node, receipt_seq, first_seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nodes (
+    site             TEXT NOT NULL,
+    node             TEXT NOT NULL,
+    first_seen       REAL NOT NULL,
+    last_seen        REAL NOT NULL,
+    complete_through INTEGER NOT NULL,
+    highest_seq      INTEGER NOT NULL,
+    gap_seqs         INTEGER NOT NULL,
+    gap_ranges       TEXT NOT NULL,  -- JSON [[first, last], ...], the lowest MAX_GAP_RANGES
+    stored_batches   INTEGER NOT NULL,
+    stored_samples   INTEGER NOT NULL,
+    dropped_batches  INTEGER NOT NULL,
+    dropped_samples  INTEGER NOT NULL,
+    conflicts        INTEGER NOT NULL,
+    chain_breaks     INTEGER NOT NULL,
+    backlog_batches  REAL,
+    backlog_bytes    REAL,
+    backlog_seq      INTEGER NOT NULL,
+    PRIMARY KEY (site, node)
+) WITHOUT ROWID;
+"""
+)
+
+
+def connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
+    """Open the ledger database (WAL, synchronous=FULL: we ack only after a durable commit)."""
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.exists():
+        raise FileNotFoundError(f"{path}: no ledger here (has the collector run with this data_dir?)")
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    if create:
+        conn.executescript(SCHEMA)
+    return conn
+
+
+class IntervalSet:
+    """Disjoint, non-adjacent closed integer ranges: the seqs a node has accounted for."""
+
+    __slots__ = ("starts", "ends", "count")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.count = 0
+
+    def add(self, first: int, last: int) -> None:
+        i = bisect_left(self.ends, first - 1)
+        j = bisect_right(self.starts, last + 1)
+        if i < j:
+            removed = sum(e - s + 1 for s, e in zip(self.starts[i:j], self.ends[i:j], strict=True))
+            first = min(first, self.starts[i])
+            last = max(last, self.ends[j - 1])
+            self.starts[i:j] = [first]
+            self.ends[i:j] = [last]
+            self.count += last - first + 1 - removed
+        else:
+            self.starts.insert(i, first)
+            self.ends.insert(i, last)
+            self.count += last - first + 1
+
+    def __contains__(self, seq: int) -> bool:
+        i = bisect_right(self.starts, seq) - 1
+        return i >= 0 and self.ends[i] >= seq
+
+    def prefix_end(self) -> int:
+        """The largest w with 1..w all present (0 if 1 is missing)."""
+        return self.ends[0] if self.starts and self.starts[0] == 1 else 0
+
+    def gaps(self, upto: int, limit: int) -> list[tuple[int, int]]:
+        """The lowest `limit` missing ranges within 1..upto."""
+        out: list[tuple[int, int]] = []
+        prev = 0
+        for s, e in zip(self.starts, self.ends, strict=True):
+            if s > upto or len(out) >= limit:
+                break
+            if s > prev + 1:
+                out.append((prev + 1, s - 1))
+            prev = e
+        if prev < upto and len(out) < limit:
+            out.append((prev + 1, upto))
+        return out
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """A snapshot of one node's accounting, as exposed and as written to the nodes table."""
+
+    site: str
+    node: str
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    complete_through: int = 0
+    highest_seq: int = 0
+    gap_seqs: int = 0
+    gap_ranges: tuple[tuple[int, int], ...] = ()
+    stored_batches: int = 0
+    stored_samples: int = 0
+    dropped_batches: int = 0
+    dropped_samples: int = 0
+    conflicts: int = 0
+    chain_breaks: int = 0
+    backlog_batches: float | None = None
+    backlog_bytes: float | None = None
+    backlog_seq: int = 0
+
+    @property
+    def tamper_events(self) -> int:
+        return self.conflicts + self.chain_breaks
+
+
+@dataclass
+class _Node:
+    site: str
+    node: str
+    accounted: IntervalSet = field(default_factory=IntervalSet)
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    highest_seq: int = 0
+    stored_batches: int = 0
+    stored_samples: int = 0
+    dropped_batches: int = 0
+    dropped_samples: int = 0
+    conflicts: int = 0
+    chain_breaks: int = 0
+    backlog_batches: float | None = None
+    backlog_bytes: float | None = None
+    backlog_seq: int = 0
+
+    def snapshot(self) -> NodeState:
+        return NodeState(
+            site=self.site,
+            node=self.node,
+            first_seen=self.first_seen,
+            last_seen=self.last_seen,
+            complete_through=self.accounted.prefix_end(),
+            highest_seq=self.highest_seq,
+            gap_seqs=self.highest_seq - self.accounted.count,
+            gap_ranges=tuple(self.accounted.gaps(self.highest_seq, MAX_GAP_RANGES)),
+            stored_batches=self.stored_batches,
+            stored_samples=self.stored_samples,
+            dropped_batches=self.dropped_batches,
+            dropped_samples=self.dropped_samples,
+            conflicts=self.conflicts,
+            chain_breaks=self.chain_breaks,
+            backlog_batches=self.backlog_batches,
+            backlog_bytes=self.backlog_bytes,
+            backlog_seq=self.backlog_seq,
+        )
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A batch that passed every check before the ledger: verified, decoded, within limits."""
+
+    frame: wire.Frame
+    key: KeyRecord
+    received_at: float
+    drop: wire.DropReceipt | None = None
+    rotation: wire.KeyRotation | None = None
+    # The agent's own spool backlog (batches, bytes) as reported in this data batch.
+    backlog: tuple[float | None, float | None] | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: str  # accepted | duplicate | conflict | chain_mismatch
+    detail: str
+    state: NodeState
+
+
+_NODE_COLUMNS = (
+    "site, node, first_seen, last_seen, complete_through, highest_seq, gap_seqs, gap_ranges, "
+    "stored_batches, stored_samples, dropped_batches, dropped_samples, conflicts, chain_breaks, "
+    "backlog_batches, backlog_bytes, backlog_seq"
+)
+
+_UPSERT_NODE = (
+    f"INSERT OR REPLACE INTO nodes ({_NODE_COLUMNS}) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_INSERT_BATCH = (
+    "INSERT INTO batches (site, node, seq, kind, hash, prev_hash, key_id, received_at, "
+    "created_wall_ms, window_start_ms, window_end_ms, series_count, sample_count, bytes, frame) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_ISLANDS = (
+    "SELECT MIN(seq), MAX(seq) FROM ("
+    "  SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS grp"
+    "  FROM batches WHERE site = ? AND node = ?"
+    ") GROUP BY grp"
+)
+
+
+def _state_from_row(row: Sequence[Any]) -> NodeState:
+    values = list(row)
+    values[7] = tuple((int(a), int(b)) for a, b in json.loads(values[7]))
+    return NodeState(*values)
+
+
+class Ledger:
+    """The collector's durable record; see the module docstring for the thread contract."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn = connect(path)
+        self._nodes: dict[tuple[str, str], _Node] = {}
+        for (site, node) in self.conn.execute("SELECT site, node FROM nodes").fetchall():
+            self._nodes[(site, node)] = self._load_node(site, node)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ---------------------------------------------------------------- reading
+
+    def _load_node(self, site: str, node: str) -> _Node:
+        n = _Node(site, node)
+        row = self.conn.execute(
+            f"SELECT {_NODE_COLUMNS} FROM nodes WHERE site = ? AND node = ?", (site, node)
+        ).fetchone()
+        if row is None:
+            return n
+        s = _state_from_row(row)
+        n.first_seen, n.last_seen, n.highest_seq = s.first_seen, s.last_seen, s.highest_seq
+        n.stored_batches, n.stored_samples = s.stored_batches, s.stored_samples
+        n.dropped_batches, n.dropped_samples = s.dropped_batches, s.dropped_samples
+        n.conflicts, n.chain_breaks = s.conflicts, s.chain_breaks
+        n.backlog_batches, n.backlog_bytes, n.backlog_seq = (
+            s.backlog_batches,
+            s.backlog_bytes,
+            s.backlog_seq,
+        )
+        for first, last in self.conn.execute(_ISLANDS, (site, node)):
+            n.accounted.add(first, last)
+        for first, last in self.conn.execute(
+            "SELECT first_seq, last_seq FROM drops WHERE site = ? AND node = ?", (site, node)
+        ):
+            n.accounted.add(first, last)
+        return n
+
+    def states(self) -> list[NodeState]:
+        return [n.snapshot() for n in self._nodes.values()]
+
+    def state(self, site: str, node: str) -> NodeState | None:
+        n = self._nodes.get((site, node))
+        return n.snapshot() if n else None
+
+    def newest_data_frames(self) -> Iterator[bytes]:
+        """The newest data batch of every node: what the latest state is rebuilt from."""
+        for site, node in list(self._nodes):
+            row = self.conn.execute(
+                "SELECT frame FROM batches WHERE site = ? AND node = ? AND kind = ? "
+                "ORDER BY seq DESC LIMIT 1",
+                (site, node, int(wire.Kind.DATA)),
+            ).fetchone()
+            if row is not None:
+                yield bytes(row[0])
+
+    def frame(self, site: str, node: str, seq: int) -> bytes | None:
+        row = self.conn.execute(
+            "SELECT frame FROM batches WHERE site = ? AND node = ? AND seq = ?", (site, node, seq)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    # ---------------------------------------------------------------- writing
+
+    def check_writable(self) -> None:
+        """A tiny durable write; raises sqlite3.Error when the ledger cannot commit."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta (k, v) VALUES ('health_checked_at', ?)",
+                (repr(time.time()),),
+            )
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    def commit(self, group: Sequence[Submission]) -> list[Outcome]:
+        """Apply a group of batches in one transaction; returns one outcome per submission.
+
+        Raises sqlite3.Error if the transaction fails; nothing of the group is then recorded.
+        """
+        touched: dict[tuple[str, str], _Node] = {}
+        results: list[tuple[str, str, _Node]] = []
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sub in group:
+                h = sub.frame.header
+                n = self._nodes.get((h.site, h.node)) or _Node(h.site, h.node)
+                result, detail = self._apply(n, sub)
+                touched[(h.site, h.node)] = n
+                results.append((result, detail, n))
+            for n in touched.values():
+                s = n.snapshot()
+                self.conn.execute(
+                    _UPSERT_NODE,
+                    (
+                        s.site, s.node, s.first_seen, s.last_seen, s.complete_through,
+                        s.highest_seq, s.gap_seqs, json.dumps(s.gap_ranges), s.stored_batches,
+                        s.stored_samples, s.dropped_batches, s.dropped_samples, s.conflicts,
+                        s.chain_breaks, s.backlog_batches, s.backlog_bytes, s.backlog_seq,
+                    ),
+                )
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            # The in-memory accounting may be ahead of the database now: reload what we touched.
+            for key in touched:
+                self._nodes[key] = self._load_node(*key)
+            raise
+        self._nodes.update(touched)
+        snapshots = {key: n.snapshot() for key, n in touched.items()}
+        return [
+            Outcome(result, detail, snapshots[(n.site, n.node)]) for result, detail, n in results
+        ]
+
+    def _apply(self, n: _Node, sub: Submission) -> tuple[str, str]:
+        frame = sub.frame
+        h = frame.header
+        digest = wire.batch_hash(frame.raw)
+        neighbours = {
+            seq: (bytes(hsh), bytes(prev))
+            for seq, hsh, prev in self.conn.execute(
+                "SELECT seq, hash, prev_hash FROM batches "
+                "WHERE site = ? AND node = ? AND seq BETWEEN ? AND ?",
+                (h.site, h.node, h.seq - 1, h.seq + 1),
+            )
+        }
+        stored = neighbours.get(h.seq)
+        if stored is not None:
+            if stored[0] == digest:
+                return "duplicate", f"seq {h.seq} is already recorded"
+            n.conflicts += 1
+            return "conflict", f"seq {h.seq} is already recorded with different content"
+        before = neighbours.get(h.seq - 1)
+        if before is not None and before[0] != h.prev_hash:
+            n.chain_breaks += 1
+            return "chain_mismatch", f"prev_hash does not match the recorded seq {h.seq - 1}"
+        after = neighbours.get(h.seq + 1)
+        if after is not None and after[1] != digest:
+            n.chain_breaks += 1
+            return "chain_mismatch", f"the recorded seq {h.seq + 1} names a different prev_hash"
+
+        if sub.rotation is not None:
+            try:
+                trust.rotate(self.conn, sub.key, sub.rotation.new_public_key, h.seq, sub.received_at)
+            except TrustError as exc:
+                return "conflict", str(exc)
+
+        self.conn.execute(
+            _INSERT_BATCH,
+            (
+                h.site, h.node, h.seq, int(h.kind), digest, h.prev_hash, h.key_id,
+                sub.received_at, h.created_wall_ms, h.window_start_ms, h.window_end_ms,
+                h.series_count, h.sample_count, len(frame.raw), frame.raw,
+            ),
+        )
+        if not n.first_seen:
+            n.first_seen = sub.received_at
+        n.last_seen = max(n.last_seen, sub.received_at)
+        n.highest_seq = max(n.highest_seq, h.seq)
+        n.stored_batches += 1
+        n.stored_samples += h.sample_count
+        n.accounted.add(h.seq, h.seq)
+        if sub.drop is not None:
+            samples = sub.drop.samples
+            for first, last in sub.drop.ranges:
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO drops (site, node, receipt_seq, first_seq, last_seq, "
+                    "samples) VALUES (?, ?, ?, ?, ?, ?)",
+                    (h.site, h.node, h.seq, first, last, samples),
+                )
+                samples = 0
+                n.accounted.add(first, last)
+            n.dropped_batches += sub.drop.batches
+            n.dropped_samples += sub.drop.samples
+        if sub.backlog is not None and h.seq >= n.backlog_seq:
+            n.backlog_batches, n.backlog_bytes = sub.backlog
+            n.backlog_seq = h.seq
+        return "accepted", f"seq {h.seq} recorded"
+
+
+def read_nodes(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every node the ledger knows (seen or only enrolled), for /v1/nodes and `nodes`."""
+    states = {
+        (s.site, s.node): s
+        for s in map(_state_from_row, conn.execute(f"SELECT {_NODE_COLUMNS} FROM nodes"))
+    }
+    keys: dict[tuple[str, str], list[KeyRecord]] = {}
+    for k in trust.all_keys(conn):
+        keys.setdefault((k.site, k.node), []).append(k)
+    out: list[dict[str, Any]] = []
+    for site, node in sorted(set(states) | set(keys)):
+        s = states.get((site, node)) or NodeState(site, node)
+        out.append(
+            {
+                "site": site,
+                "node": node,
+                "first_seen": s.first_seen or None,
+                "last_seen": s.last_seen or None,
+                "complete_through": s.complete_through,
+                "highest_seq": s.highest_seq,
+                "gaps": {"seqs": s.gap_seqs, "ranges": [list(r) for r in s.gap_ranges]},
+                "stored_batches": s.stored_batches,
+                "stored_samples": s.stored_samples,
+                "dropped_batches": s.dropped_batches,
+                "dropped_samples": s.dropped_samples,
+                "tamper_events": {"conflicts": s.conflicts, "chain_breaks": s.chain_breaks},
+                "reported_backlog": {"batches": s.backlog_batches, "bytes": s.backlog_bytes},
+                "keys": [k.to_json() for k in keys.get((site, node), [])],
+            }
+        )
+    return out

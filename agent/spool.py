@@ -14,6 +14,7 @@ connection (a Spool is not shared between threads; open one per thread).
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -92,6 +93,11 @@ class Spool:
         # FULL: a committed seq must survive power loss, or it could be reused after it was sent.
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        with self._write():
+            if self._meta("next_seq") is None and self._meta("resume_needed") is None:
+                # A new spool on a node that may have sent before (reinstalled, state lost):
+                # its seqs must be placed above what the collector already holds.
+                self._set_meta("resume_needed", 1)
 
     def close(self) -> None:
         self.db.close()
@@ -120,6 +126,42 @@ class Spool:
             (key, by),
         )
 
+    def resume_needed(self) -> bool:
+        return bool(self._meta("resume_needed", 0))
+
+    def resume(self, key: SigningKey, site: str, node: str, next_seq: int, prev_hash: bytes) -> int:
+        """Renumber every stored batch to continue the collector's chain at next_seq.
+
+        Called once for a new spool, with what the collector says it holds for this node;
+        returns how many batches were renumbered."""
+        with self._write() as db:
+            if not self._meta("resume_needed", 0):
+                return 0
+            head, _ = self._chain_head()
+            moved = 0
+            if next_seq > 1:
+                rows = db.execute("SELECT seq, frame FROM batches ORDER BY seq").fetchall()
+                db.execute("DELETE FROM batches")
+                self._set_meta("next_seq", next_seq)
+                self._set_meta("last_hash", prev_hash)
+                shift = next_seq - 1  # this spool numbered from 1
+                for _, frame in rows:
+                    seq, prev = self._chain_head()
+                    now_ms = int(time.time() * 1000)
+                    ctx = wire.BatchContext(key, site, node, seq, prev, now_ms, time.monotonic_ns())
+                    old = wire.parse_frame(frame)
+                    if old.header.kind == wire.Kind.DROP_RECEIPT:
+                        r = wire.decode_drop_receipt(old.payload)
+                        shifted = tuple((a + shift, b + shift) for a, b in r.ranges)
+                        raw = wire.encode_drop_receipt(ctx, dataclasses.replace(r, ranges=shifted))
+                    else:
+                        raw = wire.reseal(old, ctx)
+                    self._insert(wire.parse_frame(raw), raw, now_ms)
+                    self._bump("produced_batches", -1)  # renumbered, not new
+                    moved += 1
+            self._set_meta("resume_needed", 0)
+            return moved
+
     def recover_claims(self) -> int:
         """Return batches claimed by a process that died to the pending state; call once at start."""
         with self._write() as db:
@@ -139,10 +181,11 @@ class Spool:
     ) -> int:
         """Seal series into the next batch of the chain and store it; returns its seq."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        prepared = wire.prepare_data(series, empty_window_ms=now_ms)  # compress outside the lock
         with self._write():
             seq, prev = self._chain_head()
-            frame = wire.encode_data_batch(
-                wire.BatchContext(key, site, node, seq, prev, now_ms, time.monotonic_ns()), series
+            frame = wire.seal(
+                prepared, wire.BatchContext(key, site, node, seq, prev, now_ms, time.monotonic_ns())
             )
             parsed = wire.parse_frame(frame)
             self._insert(parsed, frame, now_ms)

@@ -448,6 +448,60 @@ def decode_series(raw: bytes, limits: Limits = Limits()) -> list[Series]:
 # ---------------------------------------------------------------- frame
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A payload ready to be sealed: compressed and counted, not yet placed in a chain."""
+
+    kind: Kind
+    codec: Codec
+    payload: bytes
+    raw_len: int
+    window_start_ms: int
+    window_end_ms: int
+    series_count: int
+    sample_count: int
+
+
+def _seal(
+    p: Prepared,
+    signing_key: SigningKey,
+    site: str,
+    node: str,
+    seq: int,
+    prev_hash: bytes,
+    created_wall_ms: int,
+    created_mono_ns: int,
+) -> bytes:
+    if seq < 1:
+        raise ValueError("seq starts at 1")
+    if len(prev_hash) != HASH_LEN:
+        raise ValueError("prev_hash must be 32 bytes")
+    site_b = site.encode("utf-8")
+    node_b = node.encode("utf-8")
+    if not 0 < len(site_b) <= MAX_NAME_LEN or not 0 < len(node_b) <= MAX_NAME_LEN:
+        raise ValueError("site and node must be 1..255 bytes of UTF-8")
+    head = _FIXED.pack(
+        MAGIC,
+        WIRE_VERSION,
+        p.kind,
+        p.codec,
+        0,
+        seq,
+        prev_hash,
+        created_wall_ms,
+        created_mono_ns,
+        p.window_start_ms,
+        p.window_end_ms,
+        p.series_count,
+        p.sample_count,
+        p.raw_len,
+        len(p.payload),
+        key_id(bytes(signing_key.verify_key)),
+    )
+    signed = b"".join((head, bytes((len(site_b),)), site_b, bytes((len(node_b),)), node_b, p.payload))
+    return signed + signing_key.sign(signed).signature
+
+
 def _build(
     *,
     signing_key: SigningKey,
@@ -466,35 +520,41 @@ def _build(
     codec: Codec,
     zstd_level: int,
 ) -> bytes:
-    if seq < 1:
-        raise ValueError("seq starts at 1")
-    if len(prev_hash) != HASH_LEN:
-        raise ValueError("prev_hash must be 32 bytes")
-    site_b = site.encode("utf-8")
-    node_b = node.encode("utf-8")
-    if not 0 < len(site_b) <= MAX_NAME_LEN or not 0 < len(node_b) <= MAX_NAME_LEN:
-        raise ValueError("site and node must be 1..255 bytes of UTF-8")
     payload = zstandard.ZstdCompressor(level=zstd_level).compress(raw) if codec == Codec.ZSTD else raw
-    head = _FIXED.pack(
-        MAGIC,
-        WIRE_VERSION,
-        kind,
-        codec,
-        0,
-        seq,
-        prev_hash,
-        created_wall_ms,
-        created_mono_ns,
-        window_start_ms,
-        window_end_ms,
-        series_count,
-        sample_count,
+    prepared = Prepared(kind, codec, payload, len(raw), window_start_ms, window_end_ms, series_count,
+                        sample_count)
+    return _seal(prepared, signing_key, site, node, seq, prev_hash, created_wall_ms, created_mono_ns)
+
+
+def prepare_data(series: list[Series], zstd_level: int = 19, empty_window_ms: int = 0) -> Prepared:
+    """Encode and compress series; the costly half of sealing, done outside any lock."""
+    raw = encode_series(series)
+    return Prepared(
+        Kind.DATA,
+        Codec.ZSTD,
+        zstandard.ZstdCompressor(level=zstd_level).compress(raw),
         len(raw),
-        len(payload),
-        key_id(bytes(signing_key.verify_key)),
+        min((s.timestamps_ms[0] for s in series), default=empty_window_ms),
+        max((s.timestamps_ms[-1] for s in series), default=empty_window_ms),
+        len(series),
+        sum(len(s.timestamps_ms) for s in series),
     )
-    signed = b"".join((head, bytes((len(site_b),)), site_b, bytes((len(node_b),)), node_b, payload))
-    return signed + signing_key.sign(signed).signature
+
+
+def seal(p: Prepared, ctx: BatchContext) -> bytes:
+    """Place a prepared payload at ctx.seq in the chain and sign it."""
+    return _seal(p, ctx.signing_key, ctx.site, ctx.node, ctx.seq, ctx.prev_hash, ctx.created_wall_ms,
+                 ctx.created_mono_ns)
+
+
+def reseal(frame: Frame, ctx: BatchContext) -> bytes:
+    """The same payload and times at a new place in the chain (an agent resuming after its
+    spool was lost renumbers what it had not sent yet above what the collector already holds)."""
+    h = frame.header
+    p = Prepared(h.kind, h.codec, frame.payload, h.raw_len, h.window_start_ms, h.window_end_ms,
+                 h.series_count, h.sample_count)
+    return _seal(p, ctx.signing_key, ctx.site, ctx.node, ctx.seq, ctx.prev_hash, h.created_wall_ms,
+                 h.created_mono_ns)
 
 
 @dataclass(frozen=True)
@@ -512,26 +572,7 @@ class BatchContext:
 
 
 def encode_data_batch(ctx: BatchContext, series: list[Series]) -> bytes:
-    raw = encode_series(series)
-    starts = [s.timestamps_ms[0] for s in series]
-    ends = [s.timestamps_ms[-1] for s in series]
-    return _build(
-        signing_key=ctx.signing_key,
-        kind=Kind.DATA,
-        raw=raw,
-        site=ctx.site,
-        node=ctx.node,
-        seq=ctx.seq,
-        prev_hash=ctx.prev_hash,
-        created_wall_ms=ctx.created_wall_ms,
-        created_mono_ns=ctx.created_mono_ns,
-        window_start_ms=min(starts, default=ctx.created_wall_ms),
-        window_end_ms=max(ends, default=ctx.created_wall_ms),
-        series_count=len(series),
-        sample_count=sum(len(s.timestamps_ms) for s in series),
-        codec=Codec.ZSTD,
-        zstd_level=ctx.zstd_level,
-    )
+    return seal(prepare_data(series, ctx.zstd_level, ctx.created_wall_ms), ctx)
 
 
 def encode_drop_receipt(ctx: BatchContext, receipt: DropReceipt) -> bytes:

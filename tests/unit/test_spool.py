@@ -164,3 +164,33 @@ def test_kill9_mid_write_never_reuses_or_skips_seq(tmp_path: Path) -> None:
         prev = by_seq.get(seq - 1)
         if prev is not None:
             assert wire.parse_frame(frame).header.prev_hash == wire.batch_hash(prev)
+
+
+def test_new_spool_resumes_above_what_the_collector_holds(tmp_path: Path) -> None:
+    """A reinstalled node renumbers its unsent batches after the collector's last seq."""
+    key = SigningKey.generate()
+    sp = Spool(tmp_path / "spool.db")
+    assert sp.resume_needed()
+    for i in range(3):
+        sp.append_data(key, "s", "n", _series(i, points=40), 10**9)
+    sizes = sum(r[0] for r in sp.db.execute("SELECT bytes FROM batches"))
+    sp.append_data(key, "s", "n", _series(3, points=40), sizes - 10)  # evicts batch 1: a receipt
+    (before,) = [wire.decode_drop_receipt(wire.parse_frame(r[0]).payload).ranges
+                 for r in sp.db.execute("SELECT frame FROM batches WHERE kind = 1")]
+    collector_head = b"\x07" * 32
+    moved = sp.resume(key, "s", "n", 101, collector_head)
+    rows = sp.db.execute("SELECT seq, kind, frame FROM batches ORDER BY seq").fetchall()
+    assert moved == len(rows) and [r[0] for r in rows] == list(range(101, 101 + len(rows)))
+    prev = collector_head
+    for seq, kind, frame in rows:
+        f = wire.parse_frame(frame)
+        wire.verify_signature(f, bytes(key.verify_key))
+        assert (f.header.seq, f.header.prev_hash) == (seq, prev)
+        prev = wire.batch_hash(frame)
+        if kind == wire.Kind.DROP_RECEIPT:
+            assert wire.decode_drop_receipt(f.payload).ranges == tuple((a + 100, b + 100) for a, b in before)
+    assert not sp.resume_needed()
+    assert sp.resume(key, "s", "n", 500, b"\x01" * 32) == 0  # once only
+    assert sp.append_data(key, "s", "n", _series(9), 10**9) == 101 + len(rows)
+    sp.close()
+    assert not Spool(tmp_path / "spool.db").resume_needed()

@@ -55,7 +55,8 @@ class Agent:
         sources: list[Scheduled] = build_sources(config, env or SourceEnv())
         self.runner = Runner(sources, self.summarizer.add)
         self.uplink_stats = UplinkStats()
-        self.uplink = Uplink(config.uplink, config.spool_path, self.uplink_stats)
+        self.uplink = Uplink(config.uplink, config.spool_path, self.uplink_stats,
+                             identity=(key, config.site, config.node))
         self.spool: Spool | None = None
         self.held: list[wire.Series] = []
         self.held_dropped_samples = 0

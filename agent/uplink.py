@@ -24,8 +24,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
+from nacl.signing import SigningKey
+
+from agent import wire
 from agent.config import UplinkConfig
 from agent.spool import Claimed, Spool
 
@@ -77,6 +80,9 @@ class _Connection:
         self.conn: http.client.HTTPConnection | None = None
 
     def post(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        return self.request("POST", self.path, body)
+
+    def request(self, method: str, path: str, body: bytes | None) -> tuple[int, dict[str, str], bytes]:
         for attempt in (0, 1):
             if self.conn is None:
                 if self.https:
@@ -87,8 +93,8 @@ class _Connection:
                     self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             try:
                 self.conn.request(
-                    "POST",
-                    self.path,
+                    method,
+                    path,
                     body=body,
                     headers={
                         "Content-Type": "application/x-waystation-batch",
@@ -172,10 +178,18 @@ class Backoff:
 class Uplink:
     """Runs the two delivery lanes until stop() is called."""
 
-    def __init__(self, config: UplinkConfig, spool_path: Path, stats: UplinkStats | None = None) -> None:
+    def __init__(
+        self,
+        config: UplinkConfig,
+        spool_path: Path,
+        stats: UplinkStats | None = None,
+        identity: tuple[SigningKey, str, str] | None = None,
+    ) -> None:
         self.config = config
         self.spool_path = spool_path
         self.stats = stats or UplinkStats()
+        self.identity = identity  # key, site, node: needed to resume a new spool's chain
+        self.resumed = threading.Event()
         self.stop_event = threading.Event()
         self.new_batch = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -183,6 +197,12 @@ class Uplink:
         self.hold_until = 0.0
 
     def start(self) -> None:
+        if self.identity is None:
+            self.resumed.set()
+        else:
+            t = threading.Thread(target=self._resume, name="uplink-resume", daemon=True)
+            t.start()
+            self.threads.append(t)
         for name, target in (("uplink-live", self._live), ("uplink-backfill", self._backfill)):
             t = threading.Thread(target=self._lane, args=(name, target), name=name, daemon=True)
             t.start()
@@ -198,8 +218,51 @@ class Uplink:
         for t in self.threads:
             t.join(timeout)
 
+    def _resume(self) -> None:
+        """Before a new spool sends anything, learn where this node's chain stands at the collector."""
+        assert self.identity is not None
+        key, site, node = self.identity
+        backoff = self._backoff()
+        while not self.stop_event.is_set():
+            try:
+                spool = Spool(self.spool_path)
+                try:
+                    if not spool.resume_needed():
+                        break
+                    next_seq, head = self._chain_head(site, node)
+                    moved = spool.resume(key, site, node, next_seq, head)
+                finally:
+                    spool.close()
+                if next_seq > 1:
+                    log.warning("new spool: the collector already holds seq 1..%d for %s/%s; "
+                                "renumbered %d unsent batches to follow it", next_seq - 1, site, node,
+                                moved)
+                break
+            except Exception as exc:  # noqa: BLE001 (collector down or answering nonsense: retry)
+                log.info("waiting to learn this node's chain head from the collector: %s", exc)
+                self.stop_event.wait(backoff.next_delay())
+        self.resumed.set()
+
+    def _chain_head(self, site: str, node: str) -> tuple[int, bytes]:
+        parts = urlsplit(self.config.url)
+        conn = _Connection(self.config)
+        try:
+            path = f"{parts.path.rstrip('/')}/v1/nodes/{quote(site, safe='')}/{quote(node, safe='')}/chain"
+            status, _, body = conn.request("GET", path, None)
+        finally:
+            conn.close()
+        if status == 404:
+            return 1, wire.ZERO_HASH
+        if status != 200:
+            raise OSError(f"HTTP {status} from the collector's chain endpoint")
+        reply = json.loads(body)
+        return int(reply["next_seq"]), bytes.fromhex(reply["head_hash"])
+
     def _lane(self, name: str, body: object) -> None:
         # A lane never dies: an unexpected error is logged and the lane starts over.
+        while not self.resumed.wait(1.0):
+            if self.stop_event.is_set():
+                return
         while not self.stop_event.is_set():
             try:
                 spool = Spool(self.spool_path)

@@ -12,7 +12,7 @@ __all__ = ["CollectorConfig", "ConfigError", "LimitsConfig", "load_config", "par
 
 DEFAULT_LISTEN = "127.0.0.1:9480"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LEDGER_FILE = "ledger.sqlite"
+LEDGER_FILE = "ledger.db"
 
 
 def parse_listen(text: str) -> tuple[str, int]:

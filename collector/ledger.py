@@ -352,9 +352,10 @@ class Ledger:
         try:
             for sub in group:
                 h = sub.frame.header
-                n = self._nodes.get((h.site, h.node)) or _Node(h.site, h.node)
+                key = (h.site, h.node)
+                n = touched.get(key) or self._nodes.get(key) or _Node(h.site, h.node)
+                touched[key] = n
                 result, detail = self._apply(n, sub)
-                touched[(h.site, h.node)] = n
                 results.append((result, detail, n))
             for n in touched.values():
                 s = n.snapshot()
@@ -399,6 +400,9 @@ class Ledger:
                 return "duplicate", f"seq {h.seq} is already recorded"
             n.conflicts += 1
             return "conflict", f"seq {h.seq} is already recorded with different content"
+        if h.seq == 1 and h.prev_hash != wire.ZERO_HASH:
+            n.chain_breaks += 1
+            return "chain_mismatch", "seq 1 must carry a zero prev_hash (it starts the chain)"
         before = neighbours.get(h.seq - 1)
         if before is not None and before[0] != h.prev_hash:
             n.chain_breaks += 1

@@ -419,7 +419,8 @@ def test_restart_keeps_watermark_and_latest_state(tmp_path: Path) -> None:
     config = tmp_path / "collector.toml"
     config.write_text(CONFIG)
     node = Node("r1")
-    assert run_cli(tmp_path / "d", config, "enroll", "--site", SITE, "--node", "r1", "--key", node.pubkey).returncode == 0
+    enrolled = run_cli(tmp_path / "d", config, "enroll", "--site", SITE, "--node", "r1", "--key", node.pubkey)
+    assert enrolled.returncode == 0, enrolled.stderr
     srv = start_server(tmp_path / "d", config)
     try:
         assert srv.post(node.data(1, value=3.0))[0] == 200

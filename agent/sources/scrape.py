@@ -1,0 +1,148 @@
+"""Scrape a Prometheus text-format /metrics page (vLLM, Triton, TGI, TorchServe, dcgm-exporter).
+
+Raw I/O (the HTTP GET through env.http_get) lives in Scrape.collect(); `parse()` turns
+page text into samples and is what the tests drive with recorded pages. Names and
+labels are kept exactly as scraped; only `job` is added, as Prometheus does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from agent.config import ScrapeSourceConfig
+from agent.sources.base import Sample, SourceEnv
+from agent.wire import MetricType
+
+G = MetricType.GAUGE
+C = MetricType.COUNTER
+
+# Sample-name suffix -> type, per family type. The empty suffix is the family name itself.
+_SUFFIX_TYPES: dict[str, dict[str, MetricType]] = {
+    "counter": {"_total": C, "": C},
+    "histogram": {"_bucket": C, "_count": C, "_sum": C},
+    "gaugehistogram": {"_bucket": G, "_gcount": G, "_gsum": G},
+    "summary": {"": G, "_count": C, "_sum": C},
+    "gauge": {"": G},
+    "info": {"": G, "_info": G},
+    "stateset": {"": G},
+    "unknown": {"": MetricType.UNTYPED},
+    "untyped": {"": MetricType.UNTYPED},
+}
+# Families whose `<base>_created` sample carries a creation time, not a value.
+_HAS_CREATED = ("counter", "histogram", "gaugehistogram", "summary")
+
+
+def _counter_type_names(text: str) -> set[str]:
+    """Names declared `# TYPE <name> counter`, as written on the page."""
+    names: set[str] = set()
+    # Only "\n" ends a line in this format; label values may hold other line breaks.
+    for line in text.split("\n"):
+        if line.startswith("#") and "TYPE" in line:
+            parts = line.split()
+            if len(parts) == 4 and parts[1] == "TYPE" and parts[3] == "counter":
+                names.add(parts[2])
+    return names
+
+
+def _compile(patterns: Iterable[str | re.Pattern[str]]) -> re.Pattern[str] | None:
+    sources = [p.pattern if isinstance(p, re.Pattern) else p for p in patterns]
+    if not sources:
+        return None
+    return re.compile("|".join(f"(?:{s})" for s in sources))
+
+
+def _with_job(labels: dict[str, str], job: str) -> tuple[tuple[str, str], ...]:
+    """Add job=..., moving a scraped job (and exported_job, ...) aside as Prometheus does."""
+    if "job" in labels:
+        moved = "exported_job"
+        while moved in labels:
+            moved = "exported_" + moved
+        labels = dict(labels)
+        labels[moved] = labels.pop("job")
+    labels["job"] = job
+    return tuple(sorted(labels.items()))
+
+
+def parse(
+    text: str,
+    job: str,
+    allow: Sequence[str | re.Pattern[str]],
+    deny: Sequence[str | re.Pattern[str]],
+    ts_ms: int,
+) -> list[Sample]:
+    """Page text -> samples; allow/deny regexes fullmatch the sample name (empty allow = all).
+
+    Raises ValueError on a page prometheus_client cannot parse.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    allow_re = _compile(allow)
+    deny_re = _compile(deny)
+    families = list(text_string_to_metric_families(text))
+    # prometheus_client renames the samples of `# TYPE foo counter` to foo_total; the page
+    # said foo, so that is what we keep.
+    declared_counters = _counter_type_names(text)
+    created = {f.name + "_created" for f in families if f.type in _HAS_CREATED}
+    decided: dict[str, bool] = {}
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    out: list[Sample] = []
+    for fam in families:
+        suffixes = _SUFFIX_TYPES.get(fam.type, {"": MetricType.UNTYPED})
+        renamed_counter = (
+            fam.type == "counter"
+            and fam.name + "_total" not in declared_counters
+            and fam.name in declared_counters
+        )
+        for s in fam.samples:
+            name = s.name
+            if renamed_counter and name == fam.name + "_total":
+                name = fam.name
+            if name in created:
+                continue
+            mtype = suffixes.get(name[len(fam.name):] if name.startswith(fam.name) else "")
+            if mtype is None:
+                mtype = MetricType.UNTYPED
+            ok = decided.get(name)
+            if ok is None:
+                ok = (allow_re is None or allow_re.fullmatch(name) is not None) and (
+                    deny_re is None or deny_re.fullmatch(name) is None
+                )
+                decided[name] = ok
+            if not ok:
+                continue
+            labels = _with_job(dict(s.labels), job)
+            # A repeated series in one page: Prometheus keeps the first and drops the rest.
+            if (name, labels) in seen:
+                continue
+            seen.add((name, labels))
+            ts = ts_ms if s.timestamp is None else round(float(s.timestamp) * 1000)
+            out.append(Sample(name, labels, mtype, float(s.value), ts))
+    return out
+
+
+class Scrape:
+    """A [[sources.scrape]] entry: one /metrics URL, its samples labelled job=<name>."""
+
+    def __init__(self, config: ScrapeSourceConfig, env: SourceEnv) -> None:
+        self.config = config
+        self.env = env
+        self.name = config.name
+        # Compiled once; parse() accepts compiled patterns as they are.
+        self._allow = [re.compile(p) for p in config.allow]
+        self._deny = [re.compile(p) for p in config.deny]
+
+    def probe(self) -> str | None:
+        """None if prometheus_client's parser imports; the endpoint itself may come later."""
+        try:
+            import prometheus_client.parser  # noqa: F401
+        except ImportError:
+            return "unavailable: prometheus_client not installed"
+        return None
+
+    def collect(self, now: float) -> list[Sample]:
+        """GET the page once and parse it; called from this source's worker thread."""
+        body = self.env.http_get(self.config.url, float(self.config.timeout))
+        text = body.decode("utf-8", errors="replace")
+        return parse(text, self.name, self._allow, self._deny, round(now * 1000))
+

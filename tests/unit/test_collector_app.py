@@ -1,0 +1,133 @@
+"""The collector app in-process: group commit, backpressure, body limit before aiohttp's own."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+from aiohttp.test_utils import TestClient, TestServer
+from nacl.signing import SigningKey
+
+from agent import wire
+from collector import ledger, trust
+from collector.app import COMMITTER, METRICS, create_app
+from collector.config import CollectorConfig, LimitsConfig
+
+T0 = 1_700_000_000_000
+
+
+def chain(key: SigningKey, count: int, node: str = "n1") -> list[bytes]:
+    frames: list[bytes] = []
+    for seq in range(1, count + 1):
+        prev = wire.batch_hash(frames[-1]) if frames else wire.ZERO_HASH
+        ctx = wire.BatchContext(key, "s1", node, seq, prev, T0 + seq, seq, 1)
+        frames.append(wire.encode_data_batch(
+            ctx, [wire.Series("up", (), wire.MetricType.GAUGE, (T0 + seq,), (1.0,))]
+        ))
+    return frames
+
+
+def setup(tmp_path: Path, **limits: int) -> tuple[CollectorConfig, SigningKey]:
+    config = CollectorConfig(data_dir=str(tmp_path), limits=LimitsConfig(**limits))  # type: ignore[arg-type]
+    key = SigningKey.generate()
+    conn = ledger.connect(config.ledger_path)
+    trust.enroll(conn, "s1", "n1", bytes(key.verify_key))
+    conn.close()
+    return config, key
+
+
+async def _wait_for(predicate: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def test_concurrent_posts_share_one_commit(tmp_path: Path) -> None:
+    config, key = setup(tmp_path)
+    frames = chain(key, 40)
+
+    async def run() -> None:
+        app = create_app(config)
+        async with TestClient(TestServer(app)) as client:
+            committer = app[COMMITTER]
+            gate = threading.Event()
+            held = asyncio.ensure_future(committer.call(gate.wait, 10))  # occupy the ledger thread
+            posts = [asyncio.ensure_future(client.post("/v1/batches", data=f)) for f in reversed(frames)]
+            await _wait_for(lambda: committer.pending == len(frames))
+            groups = committer.groups
+            gate.set()
+            await held
+            replies = await asyncio.gather(*posts)
+            assert [r.status for r in replies] == [200] * len(frames)
+            assert committer.groups == groups + 1  # 40 batches, one transaction
+            last = await replies[-1].json()
+            assert last["complete_through"] == 40
+
+    asyncio.run(run())
+
+
+def test_backpressure_answers_503_with_retry_after(tmp_path: Path) -> None:
+    config, key = setup(tmp_path, max_pending_commits=2)
+    frames = chain(key, 3)
+
+    async def run() -> None:
+        app = create_app(config)
+        async with TestClient(TestServer(app)) as client:
+            committer = app[COMMITTER]
+            gate = threading.Event()
+            held = asyncio.ensure_future(committer.call(gate.wait, 10))
+            posts = [asyncio.ensure_future(client.post("/v1/batches", data=f)) for f in frames[:2]]
+            await _wait_for(lambda: committer.pending == 2)
+            reply = await client.post("/v1/batches", data=frames[2])
+            assert reply.status == 503
+            assert reply.headers["Retry-After"] == "1"
+            assert (await reply.json())["result"] == "overloaded"
+            gate.set()
+            await held
+            assert [r.status for r in await asyncio.gather(*posts)] == [200, 200]
+            assert (await client.post("/v1/batches", data=frames[2])).status == 200
+            assert app[METRICS].batches["overloaded"] == 1
+
+    asyncio.run(run())
+
+
+def test_our_413_comes_before_aiohttps_body_limit(tmp_path: Path) -> None:
+    config, _ = setup(tmp_path, max_body_bytes=4096)
+
+    async def run() -> None:
+        app = create_app(config)
+        async with TestClient(TestServer(app)) as client:
+            reply = await client.post("/v1/batches", data=b"x" * 10_000)
+            assert reply.status == 413
+            assert (await reply.json())["result"] == "too_large"
+            assert app[METRICS].batches["too_large"] == 1
+            # A body at the limit is read and judged on its content.
+            reply = await client.post("/v1/batches", data=b"x" * 4096)
+            assert (reply.status, (await reply.json())["result"]) == (400, "malformed")
+
+    asyncio.run(run())
+
+
+def test_healthz_reports_an_unwritable_ledger(tmp_path: Path) -> None:
+    config, _ = setup(tmp_path)
+
+    async def run() -> None:
+        app = create_app(config)
+        async with TestClient(TestServer(app)) as client:
+            assert (await client.get("/healthz")).status == 200
+            lock = ledger.connect(config.ledger_path)
+            lock.execute("PRAGMA busy_timeout=0")
+            lock.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+            try:
+                app_ledger = app[COMMITTER].ledger
+                app_ledger.conn.execute("PRAGMA busy_timeout=50")
+                reply = await client.get("/healthz")
+                assert reply.status == 503 and "not writable" in await reply.text()
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+
+    asyncio.run(run())

@@ -1,0 +1,106 @@
+"""FleetState and FleetCollector: latest-value rules, names and types as sent, caps."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent import wire
+from collector.exposition import FleetCollector, FleetState, schema_problem
+from collector.ledger import NodeState
+
+G, C, U, INFO = wire.MetricType.GAUGE, wire.MetricType.COUNTER, wire.MetricType.UNTYPED, wire.MetricType.INFO
+
+
+def series(name: str, ts: int, value: float, mtype: wire.MetricType = G, **labels: str) -> wire.Series:
+    return wire.Series(name, tuple(labels.items()), mtype, (ts - 1, ts), (value - 1, value))
+
+
+def render(fleet: FleetState) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(fleet))
+    return generate_latest(registry).decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def test_newer_points_win_and_backfill_does_not_overwrite() -> None:
+    fleet = FleetState(100)
+    fleet.apply("s", "n", [series("node_load1", 2000, 5.0)])
+    fleet.apply("s", "n", [series("node_load1", 1000, 1.0)])  # an older window, backfilled
+    assert samples(render(fleet))[("node_load1", (("node", "n"), ("site", "s")))] == 5.0
+    fleet.apply("s", "n", [series("node_load1", 3000, 7.0)])
+    assert samples(render(fleet))[("node_load1", (("node", "n"), ("site", "s")))] == 7.0
+
+
+def test_site_and_node_come_from_the_authenticated_header() -> None:
+    fleet = FleetState(100)
+    fleet.apply("s", "n", [series("up", 1, 1.0, site="elsewhere", job="x")])
+    exposed = {k: v for k, v in samples(render(fleet)).items() if k[0] == "up"}
+    assert exposed == {("up", (("job", "x"), ("node", "n"), ("site", "s"))): 1.0}
+
+
+def test_sample_names_are_exactly_the_series_names() -> None:
+    fleet = FleetState(100)
+    fleet.apply("s", "n", [
+        series("node_network_receive_bytes_total", 1, 10.0, C, device="eth0"),
+        series("vllm:num_requests_running", 1, 2.0, G),
+        series("DCGM_FI_DEV_GPU_UTIL", 1, 50.0, G, gpu="0"),
+        series("odd_counter", 1, 3.0, C),
+        series("node_uname_info", 1, 1.0, INFO, release="6.1"),
+        series("mystery", 1, 4.0, U),
+    ])
+    text = render(fleet)
+    names = {name for name, _ in samples(text)}
+    assert {"node_network_receive_bytes_total", "vllm:num_requests_running", "DCGM_FI_DEV_GPU_UTIL",
+            "odd_counter", "node_uname_info", "mystery"} <= names
+    assert "# TYPE node_network_receive_bytes_total counter" in text
+    assert "# TYPE node_uname_info gauge" in text
+    assert "# TYPE odd_counter untyped" in text  # a counter name Prometheus would mangle stays as sent
+    assert "\nodd_counter{" in text and "\nmystery{" in text
+
+
+def test_cardinality_cap_and_reserved_names_are_counted() -> None:
+    fleet = FleetState(2)
+    fleet.apply("s", "n", [series("a", 1, 1.0), series("b", 1, 1.0), series("c", 1, 1.0),
+                           series("waystation_node_highest_seq", 1, 9.0)])
+    fleet.update_node(NodeState("s", "n", highest_seq=3))
+    m = samples(render(fleet))
+    assert ("c", (("node", "n"), ("site", "s"))) not in m
+    assert m[("waystation_exposition_series_dropped_total", (("node", "n"), ("site", "s")))] == 2
+    assert m[("waystation_exposition_series", (("node", "n"), ("site", "s")))] == 2
+    assert m[("waystation_node_highest_seq", (("node", "n"), ("site", "s")))] == 3  # ours, not the node's
+    # Existing series still update at the cap.
+    fleet.apply("s", "n", [series("a", 5, 9.0)])
+    assert samples(render(fleet))[("a", (("node", "n"), ("site", "s")))] == 9.0
+
+
+def test_node_accounting_families() -> None:
+    fleet = FleetState(10)
+    fleet.update_node(NodeState("s", "n", last_seen=1.5e9, complete_through=4, highest_seq=9, gap_seqs=3,
+                                dropped_batches=2, dropped_samples=40, conflicts=1, chain_breaks=1,
+                                backlog_batches=12.0, backlog_bytes=3e6))
+    m = samples(render(fleet))
+    ids = (("node", "n"), ("site", "s"))
+    assert m[("waystation_node_last_seen_timestamp_seconds", ids)] == 1.5e9
+    assert m[("waystation_node_complete_through_seq", ids)] == 4
+    assert m[("waystation_node_gap_seqs", ids)] == 3
+    assert m[("waystation_node_dropped_batches_total", ids)] == 2
+    assert m[("waystation_node_dropped_samples_total", ids)] == 40
+    assert m[("waystation_node_tamper_events_total", ids)] == 2
+    assert m[("waystation_node_reported_backlog_batches", ids)] == 12
+    assert m[("waystation_node_reported_backlog_bytes", ids)] == 3e6
+
+
+def test_schema_problem_names_the_offender() -> None:
+    assert schema_problem([series("ok_name", 1, 1.0, job="x")]) is None
+    assert "metric name" in (schema_problem([series("bad-name", 1, 1.0)]) or "")
+    assert "label name" in (schema_problem([series("ok", 1, 1.0, **{"__reserved": "x"})]) or "")
+    dup = wire.Series("ok", (("a", "1"), ("a", "2")), G, (1,), (1.0,))
+    assert "repeats" in (schema_problem([dup]) or "")

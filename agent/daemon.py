@@ -158,6 +158,7 @@ class Agent:
         out += [
             ("waystation_agent_spool_write_errors_total", (), c, self.write_errors),
             ("waystation_agent_held_dropped_samples_total", (), c, self.held_dropped_samples),
+            ("waystation_agent_late_samples_total", (), c, self.summarizer.dropped_samples),
             ("waystation_agent_cpu_seconds_total", (), c, round(usage.ru_utime + usage.ru_stime, 3)),
             ("waystation_agent_resident_memory_bytes", (), g, _rss_bytes()),
         ]

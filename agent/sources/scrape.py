@@ -52,14 +52,19 @@ def _compile(patterns: Iterable[str | re.Pattern[str]]) -> re.Pattern[str] | Non
     return re.compile("|".join(f"(?:{s})" for s in sources))
 
 
+# Labels the fleet owns: job is set here, site and node by the collector from the signed header.
+RESERVED_LABELS = ("job", "site", "node")
+
+
 def _with_job(labels: dict[str, str], job: str) -> tuple[tuple[str, str], ...]:
-    """Add job=..., moving a scraped job (and exported_job, ...) aside as Prometheus does."""
-    if "job" in labels:
-        moved = "exported_job"
-        while moved in labels:
-            moved = "exported_" + moved
-        labels = dict(labels)
-        labels[moved] = labels.pop("job")
+    """Add job=..., moving a scraped job/site/node (e.g. a NUMA node label) aside as Prometheus does."""
+    labels = dict(labels)
+    for name in RESERVED_LABELS:
+        if name in labels:
+            moved = "exported_" + name
+            while moved in labels:
+                moved = "exported_" + moved
+            labels[moved] = labels.pop(name)
     labels["job"] = job
     return tuple(sorted(labels.items()))
 

@@ -161,6 +161,14 @@ def test_job_label_and_exported_job() -> None:
     assert got["c"] == {"job": "vllm"}
 
 
+def test_scraped_site_and_node_labels_move_aside() -> None:
+    """node_exporter's NUMA `node` label must not collide with the fleet's node label."""
+    page = 'node_memory_numa_foreign_total{node="0"} 5\nx{site="a",exported_site="b"} 1\n'
+    got = {s.name: dict(s.labels) for s in parse(page, "ne", [], [], TS)}
+    assert got["node_memory_numa_foreign_total"] == {"job": "ne", "exported_node": "0"}
+    assert got["x"] == {"job": "ne", "exported_exported_site": "a", "exported_site": "b"}
+
+
 def test_explicit_timestamps_are_kept() -> None:
     page = "a 1 1700000000123\nb 2\nc 3 -5\n"
     got = {s.name: s.ts_ms for s in parse(page, "j", [], [], TS)}

@@ -8,7 +8,10 @@ import json
 import os
 import random
 import select
+import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -446,3 +449,36 @@ def test_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     config.write_text('listen = "nohost"\n')
     r = run_cli(tmp_path / "d", config, "serve")
     assert r.returncode == 2 and "listen" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate")
+def test_tls_on_ipv6_loopback(tmp_path: Path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key.pem"),
+         "-out", str(tmp_path / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:::1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    config = tmp_path / "collector.toml"
+    config.write_text(f'tls_cert = "{tmp_path / "cert.pem"}"\ntls_key = "{tmp_path / "key.pem"}"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "collector", "serve", "--config", str(config), "--data-dir", str(tmp_path / "d"),
+         "--listen", "[::1]:0"],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("waystation-collector listening on https://[::1]:"), line + proc.stderr.read()
+        parts = urlsplit(line.split("listening on ")[1].split()[0])
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        conn = http.client.HTTPSConnection("::1", parts.port, context=ctx, timeout=10)
+        conn.request("POST", "/v1/batches", body=b"hello")
+        resp = conn.getresponse()
+        assert (resp.status, json.loads(resp.read())["result"]) == (400, "malformed")
+        conn.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0

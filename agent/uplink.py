@@ -195,6 +195,9 @@ class Uplink:
         self.threads: list[threading.Thread] = []
         # A Retry-After is the collector speaking to this node, not to one lane: both honour it.
         self.hold_until = 0.0
+        # Set while the live lane is delivering (or has nothing to deliver). The backfill lane
+        # waits for it, so after an outage the newest batch is always the first to arrive.
+        self.live_ok = threading.Event()
 
     def start(self) -> None:
         if self.identity is None:
@@ -214,6 +217,7 @@ class Uplink:
 
     def stop(self, timeout: float = 5.0) -> None:
         self.stop_event.set()
+        self.live_ok.set()
         self.new_batch.set()
         for t in self.threads:
             t.join(timeout)
@@ -336,6 +340,7 @@ class Uplink:
         while not self.stop_event.is_set():
             claimed = spool.claim_newest_after(newest_seen)
             if claimed is None:
+                self.live_ok.set()
                 self.new_batch.wait(1.0)
                 self.new_batch.clear()
                 continue
@@ -343,13 +348,17 @@ class Uplink:
             if settled:
                 # Everything older than what the live lane settled is the backfill lane's job.
                 newest_seen = claimed.seq
+                self.live_ok.set()
             else:
+                self.live_ok.clear()
                 self.stop_event.wait(delay)
 
     def _backfill(self, spool: Spool, conn: _Connection) -> None:
         backoff = self._backoff()
         rate = float(self.config.max_bytes_per_second)
         while not self.stop_event.is_set():
+            if not self.live_ok.wait(1.0):
+                continue
             claimed = spool.claim_oldest()
             if claimed is None:
                 self.stop_event.wait(1.0)

@@ -215,7 +215,8 @@ def test_tiny_quota_outage_is_accounted_exactly(tmp_path: Path, shared_fixtures:
             wait_for(lambda: drain.status()["pending_batches"] == 0, 60, "the spool to drain")
         finally:
             drain.stop()
-            collector.stop()
+        metrics = _samples(collector.metrics())
+        collector.stop()
         spool = sqlite3.connect(drain.state_dir / "spool.db")
         produced = dict(spool.execute("SELECT key, value FROM meta").fetchall())["produced_samples"]
         unsent = spool.execute("SELECT COALESCE(SUM(samples), 0) FROM batches").fetchone()[0]
@@ -227,7 +228,6 @@ def test_tiny_quota_outage_is_accounted_exactly(tmp_path: Path, shared_fixtures:
         delivered = sum(r[2] for r in rows if r[1] == wire.Kind.DATA)
         dropped = sum(rc.samples for rc in receipts)
         assert delivered + dropped + unsent == produced
-        metrics = _samples(collector.metrics())
         reported = [v for n, lb, v in metrics
                     if n == "waystation_node_dropped_samples_total" and lb.get("node") == "node-1"]
         assert reported == [dropped]

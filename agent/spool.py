@@ -205,7 +205,7 @@ class Spool:
         return seq
 
     def _chain_head(self) -> tuple[int, bytes]:
-        next_seq = int(self._meta("next_seq", 1))  # type: ignore[arg-type]
+        next_seq = int(self._meta("next_seq", 1))  # type: ignore[call-overload]
         prev = self._meta("last_hash", wire.ZERO_HASH)
         assert isinstance(prev, bytes)
         return next_seq, prev

@@ -198,6 +198,7 @@ class Uplink:
         # Set while the live lane is delivering (or has nothing to deliver). The backfill lane
         # waits for it, so after an outage the newest batch is always the first to arrive.
         self.live_ok = threading.Event()
+        self.last_warning: str | None = None
 
     def start(self) -> None:
         if self.identity is None:
@@ -295,7 +296,9 @@ class Uplink:
         try:
             status, headers, body = conn.post(claimed.frame)
         except (OSError, http.client.HTTPException) as exc:
-            spool.release(claimed.seq, f"collector unreachable ({self.config.url}): {exc}")
+            problem = f"collector unreachable ({self.config.url}): {exc}"
+            spool.release(claimed.seq, problem)
+            self._warn_once(problem)
             return False, self._fail(backoff)
         with self.stats.lock:
             self.stats.sent_bytes += len(claimed.frame)
@@ -304,6 +307,9 @@ class Uplink:
         if outcome.kind == "acked":
             spool.ack(claimed.seq, outcome.complete_through)
             backoff.reset()
+            if self.last_warning is not None:
+                log.info("delivering again (batch %d acked)", claimed.seq)
+                self.last_warning = None
             with self.stats.lock:
                 self.stats.acked_batches += 1
                 self.stats.last_ack_wall = time.time()
@@ -321,8 +327,14 @@ class Uplink:
             with self.stats.lock:
                 self.stats.backoff_s = outcome.delay_s
             return False, outcome.delay_s
-        log.warning("batch %d not delivered: %s", claimed.seq, outcome.detail)
+        self._warn_once(f"batches not delivered: {outcome.detail}")
         return False, self._fail(backoff)
+
+    def _warn_once(self, problem: str) -> None:
+        """Log a delivery problem when it starts or changes, not on every retry."""
+        if problem != self.last_warning:
+            log.warning("%s (data stays in the spool; retrying with backoff)", problem)
+            self.last_warning = problem
 
     def _fail(self, backoff: Backoff) -> float:
         delay = backoff.next_delay()

@@ -54,8 +54,9 @@ def test_main_job_from_a_fresh_clone(tmp_path: Path) -> None:
             return [s.name for fam in text_string_to_metric_families(body.decode())
                     for s in fam.samples if s.labels.get("site") == "local" and s.labels.get("node")]
 
-        names = wait_for(node_series, 240, "the local node's series at the collector", 1.0)
-        assert "node_load1" in names
+        names = wait_for(lambda: (n := node_series()) and "node_load1" in n and n, 240,
+                         "the local node's system series at the collector", 1.0)
+        assert "node_cpu_seconds_total" in names
         out = log.read_text()
         assert re.search(rf"http://127\.0\.0\.1:{port}/metrics", out), out
         r = subprocess.run([str(clone / ".venv/bin/waystation-agent"), "status", "--config",

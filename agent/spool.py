@@ -116,6 +116,10 @@ class Spool:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else row[0]
 
+    def _meta_int(self, key: str, default: int) -> int:
+        value = self._meta(key)
+        return default if value is None else int(value)  # type: ignore[call-overload]
+
     def _set_meta(self, key: str, value: object) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
@@ -205,7 +209,7 @@ class Spool:
         return seq
 
     def _chain_head(self) -> tuple[int, bytes]:
-        next_seq = int(self._meta("next_seq", 1))  # type: ignore[call-overload]
+        next_seq = self._meta_int("next_seq", 1)
         prev = self._meta("last_hash", wire.ZERO_HASH)
         assert isinstance(prev, bytes)
         return next_seq, prev
@@ -337,8 +341,7 @@ class Spool:
         inflight = by_state.get("inflight", (0, 0))
 
         def opt_int(key: str) -> int | None:
-            v = self._meta(key)
-            return None if v is None else int(v)  # type: ignore[call-overload]
+            return None if self._meta(key) is None else self._meta_int(key, 0)
 
         err = self._meta("last_error")
         return SpoolStats(
@@ -348,12 +351,12 @@ class Spool:
             rejected_batches=by_state.get("rejected", (0, 0))[0],
             oldest_unsent_ms=oldest,
             newest_unsent_ms=newest,
-            next_seq=int(self._meta("next_seq", 1)),  # type: ignore[arg-type]
+            next_seq=self._meta_int("next_seq", 1),
             last_ack_ms=opt_int("last_ack_ms"),
             collector_complete_through=opt_int("collector_complete_through"),
             last_error=None if err is None else str(err),
             last_error_ms=opt_int("last_error_ms"),
-            counters={k: int(self._meta(k, 0)) for k in _COUNTERS},  # type: ignore[call-overload]
+            counters={k: self._meta_int(k, 0) for k in _COUNTERS},
         )
 
 

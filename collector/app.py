@@ -97,6 +97,14 @@ async def get_nodes(request: web.Request) -> web.Response:
     return web.json_response(ledger_mod.read_nodes(request.app[READER]))
 
 
+async def get_chain_head(request: web.Request) -> web.Response:
+    site, node = request.match_info["site"], request.match_info["node"]
+    head = ledger_mod.read_chain_head(request.app[READER], site, node)
+    if head is None:
+        return web.json_response({"error": f"no batch from {site}/{node} yet"}, status=404)
+    return web.json_response({"site": site, "node": node, "next_seq": head[0], "head_hash": head[1].hex()})
+
+
 def create_app(config: CollectorConfig) -> web.Application:
     """The collector as an aiohttp app; the ledger opens on startup and closes on cleanup.
 
@@ -119,4 +127,5 @@ def create_app(config: CollectorConfig) -> web.Application:
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/v1/nodes", get_nodes)
+    app.router.add_get("/v1/nodes/{site}/{node}/chain", get_chain_head)
     return app

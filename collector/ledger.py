@@ -451,6 +451,17 @@ class Ledger:
         return "accepted", f"seq {h.seq} recorded"
 
 
+def read_chain_head(conn: sqlite3.Connection, site: str, node: str) -> tuple[int, bytes] | None:
+    """(highest seq + 1, hash of the highest batch) held for a node, or None if it never sent.
+
+    An agent whose spool is new asks for this before sending, so it never reuses a seq."""
+    row = conn.execute(
+        "SELECT seq, hash FROM batches WHERE site = ? AND node = ? ORDER BY seq DESC LIMIT 1",
+        (site, node),
+    ).fetchone()
+    return None if row is None else (int(row[0]) + 1, bytes(row[1]))
+
+
 def read_nodes(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Every node the ledger knows (seen or only enrolled), for /v1/nodes and `nodes`."""
     states = {

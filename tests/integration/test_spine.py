@@ -231,3 +231,32 @@ def test_tiny_quota_outage_is_accounted_exactly(tmp_path: Path, shared_fixtures:
         reported = [v for n, lb, v in metrics
                     if n == "waystation_node_dropped_samples_total" and lb.get("node") == "node-1"]
         assert reported == [dropped]
+
+
+def test_reinstalled_spool_never_reuses_a_seq(tmp_path: Path) -> None:
+    """The node's spool is wiped (reinstall, lost disk): the new one continues the chain."""
+    collector, agent = _pair(tmp_path, FAST)
+    collector.start()
+    try:
+        agent.start()
+        wait_for(lambda: (_node(collector).get("complete_through") or 0) >= 3, 30, "first acks")
+        agent.stop()
+        before = _node(collector)["highest_seq"]
+        for leftover in agent.state_dir.glob("spool.db*"):
+            leftover.unlink()
+        collector.stop()  # the new spool starts offline and seals batches from seq 1 meanwhile
+        agent.start()
+        wait_for(lambda: agent.status()["next_seq"] >= 4, 30, "batches in the new spool")
+        collector.start()
+        wait_for(lambda: (n := _node(collector)) and n["highest_seq"] >= before + 3
+                 and n["complete_through"] == n["highest_seq"], 30, "the resumed chain")
+        rows = _ledger(collector)
+        assert [r[0] for r in rows] == list(range(1, len(rows) + 1))
+        for prev, cur in zip(rows, rows[1:], strict=False):
+            assert wire.parse_frame(cur[3]).header.prev_hash == wire.batch_hash(prev[3])
+        results = {lb["result"]: v for n, lb, v in _samples(collector.metrics())
+                   if n == "waystation_ingest_batches_total"}
+        assert results.get("conflict", 0) == 0 and results.get("chain_mismatch", 0) == 0
+    finally:
+        agent.stop()
+        collector.stop()

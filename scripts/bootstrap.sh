@@ -40,7 +40,12 @@ extras=""
 stamp=".venv/.installed$extras"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "== installing waystation$extras into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e ".$extras"
+  log=$(mktemp)
+  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".$extras"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "pip install failed (output above)" >&2
+    exit 1
+  fi
+  rm -f "$log"
   touch "$stamp"
 fi

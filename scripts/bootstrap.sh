@@ -20,6 +20,8 @@ if [ "$want_test" = 1 ]; then
   command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
   command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
   command -v smartctl >/dev/null || missing+=(smartmontools)
+  command -v openssl >/dev/null || missing+=(openssl)    # test certificates
+  command -v git >/dev/null || missing+=(git)            # the fresh-clone test
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "== installing Debian packages: ${missing[*]}"

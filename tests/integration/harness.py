@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -34,9 +35,9 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+def http_get(url: str, timeout: float = 5.0, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -45,15 +46,19 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 class Collector:
     """A collector process with its own data dir and loopback port; restartable."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, config: Path | None = None,
+                 scheme: str = "http", host: str = "127.0.0.1") -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.config = config
+        self.scheme = scheme
+        self.host = host
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / f"collector-{self.port}.log"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -71,7 +76,8 @@ class Collector:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "collector", "serve", "--data-dir", str(self.data_dir),
-                 "--listen", f"127.0.0.1:{self.port}"],
+                 "--listen", f"127.0.0.1:{self.port}",
+                 *(["--config", str(self.config)] if self.config else [])],
                 env=ENV, stdout=log, stderr=subprocess.STDOUT,
             )
         wait_for(lambda: self._healthy(), 30, "collector /healthz")
@@ -81,9 +87,18 @@ class Collector:
         if self.proc.poll() is not None:
             raise AssertionError(f"collector exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
         try:
-            return http_get(self.url + "/healthz", 1.0)[0] == 200
+            return self.get("/healthz", 1.0)[0] == 200
         except OSError:
             return False
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        return http_get(self.url + path, timeout, self.ssl_context)
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.scheme != "https" or self.config is None:
+            return None
+        return ssl.create_default_context(cafile=str(self.config.parent / "cert.pem"))
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -96,12 +111,12 @@ class Collector:
             self.proc = None
 
     def metrics(self) -> str:
-        status, body = http_get(self.url + "/metrics")
+        status, body = self.get("/metrics")
         assert status == 200
         return body.decode()
 
     def nodes(self) -> list[dict[str, Any]]:
-        status, body = http_get(self.url + "/v1/nodes")
+        status, body = self.get("/v1/nodes")
         assert status == 200
         data = json.loads(body)
         return data if isinstance(data, list) else data["nodes"]
@@ -119,8 +134,9 @@ class Agent:
     """An agent process with a generated key and a TOML config written for the test."""
 
     def __init__(self, workdir: Path, collector_url: str, extra_toml: str = "",
-                 site: str = "lab", node: str = "node-1") -> None:
+                 site: str = "lab", node: str = "node-1", uplink_toml: str = "") -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.site = site
         self.node = node
         self.state_dir = workdir / "agent-state"
@@ -130,6 +146,7 @@ class Agent:
             f'site = "{site}"\nnode = "{node}"\nstate_dir = "{self.state_dir}"\n'
             f"{extra_toml}\n"
             f'[uplink]\nurl = "{collector_url}"\nbackoff_initial = "200ms"\nbackoff_max = "1s"\n'
+            f"{uplink_toml}"
         )
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -451,7 +451,6 @@ def test_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "listen" in r.stderr
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate")
 def test_tls_on_ipv6_loopback(tmp_path: Path) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")

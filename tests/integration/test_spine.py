@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -259,4 +260,39 @@ def test_reinstalled_spool_never_reuses_a_seq(tmp_path: Path) -> None:
         assert results.get("conflict", 0) == 0 and results.get("chain_mismatch", 0) == 0
     finally:
         agent.stop()
+        collector.stop()
+
+
+def test_agent_delivers_over_tls_with_its_ca_file(tmp_path: Path) -> None:
+    """An https collector with a private CA: the agent verifies it through uplink.ca_file."""
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(tls / "key.pem"), "-out", str(tls / "cert.pem"), "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    config = tls / "collector.toml"
+    config.write_text(f'tls_cert = "{tls / "cert.pem"}"\ntls_key = "{tls / "key.pem"}"\n')
+    collector = Collector(tmp_path / "collector", config=config, scheme="https", host="localhost")
+    agent = Agent(tmp_path, collector.url, extra_toml=FAST,
+                  uplink_toml=f'ca_file = "{tls / "cert.pem"}"\n')
+    collector.enroll(agent.site, agent.node, agent.keygen())
+    collector.start()
+    agent.start()
+    try:
+        wait_for(lambda: (_node(collector).get("complete_through") or 0) >= 2, 30, "acks over TLS")
+    finally:
+        agent.stop()
+    # Without the CA the agent refuses the collector's certificate and keeps its data.
+    stranger = Agent(tmp_path / "stranger", collector.url, extra_toml=FAST, node="node-2")
+    collector.enroll(stranger.site, stranger.node, stranger.keygen())
+    stranger.start()
+    try:
+        wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in stranger.log.read_text(), 30, "a TLS refusal")
+        wait_for(lambda: stranger.status()["pending_batches"] >= 2, 30, "data kept in the spool")
+        assert not [n for n in collector.nodes() if n["node"] == "node-2" and n["highest_seq"]]
+    finally:
+        stranger.stop()
         collector.stop()

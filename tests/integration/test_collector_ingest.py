@@ -8,7 +8,6 @@ import json
 import os
 import random
 import select
-import shutil
 import signal
 import socket
 import ssl

@@ -88,8 +88,51 @@ class ScrapeSourceConfig:
 
 
 @dataclass(frozen=True)
+class GpuSourceConfig:
+    """[sources.gpu]: NVIDIA GPUs through NVML; disables itself (once, with the reason) without a driver."""
+
+    enabled: bool = False  # becomes true once the source module lands
+    interval: Duration = Duration(10.0)
+
+
+@dataclass(frozen=True)
+class SmartDeviceConfig:
+    """One [[sources.smart.devices]] entry, overriding the scan (e.g. behind a RAID controller)."""
+
+    name: str = ""  # /dev/sda, /dev/bus/0
+    type: str = ""  # smartctl -d: sat, nvme, megaraid,N, cciss,N, usbjmicron, ...
+
+
+@dataclass(frozen=True)
+class SmartSourceConfig:
+    """[sources.smart]: SMART health through smartctl; slow, so off the other sources' path."""
+
+    enabled: bool = False  # becomes true once the source module lands
+    interval: Duration = Duration(600.0)
+    timeout: Duration = Duration(30.0)  # per smartctl call
+    smartctl: str = "smartctl"
+    devices: tuple[SmartDeviceConfig, ...] = ()  # empty: use `smartctl --scan-open`
+
+
+@dataclass(frozen=True)
+class NetworkSourceConfig:
+    """[sources.network]: interface counters plus bounded active probes."""
+
+    enabled: bool = False  # becomes true once the source module lands
+    interval: Duration = Duration(10.0)
+    # host:port targets for TCP-connect probes; empty probes the collector's host and port.
+    probe_targets: tuple[str, ...] = ()
+    probe_count: int = 3  # probes per target per interval
+    probe_timeout: Duration = Duration(2.0)
+    icmp: bool = False  # ICMP echo where permitted (needs CAP_NET_RAW or ping_group_range)
+
+
+@dataclass(frozen=True)
 class SourcesConfig:
     system: SystemSourceConfig = field(default_factory=SystemSourceConfig)
+    gpu: GpuSourceConfig = field(default_factory=GpuSourceConfig)
+    smart: SmartSourceConfig = field(default_factory=SmartSourceConfig)
+    network: NetworkSourceConfig = field(default_factory=NetworkSourceConfig)
     scrape: tuple[ScrapeSourceConfig, ...] = ()
 
     def __post_init__(self) -> None:

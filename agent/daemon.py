@@ -39,6 +39,18 @@ def build_sources(config: AgentConfig, env: SourceEnv) -> list[Scheduled]:
         from agent.sources.system import System
 
         scheduled.append(Scheduled(System(config.sources.system, env), config.sources.system.interval))
+    if config.sources.gpu.enabled:
+        from agent.sources.gpu import Gpu
+
+        scheduled.append(Scheduled(Gpu(config.sources.gpu, env), config.sources.gpu.interval))
+    if config.sources.smart.enabled:
+        from agent.sources.smart import Smart
+
+        scheduled.append(Scheduled(Smart(config.sources.smart, env), config.sources.smart.interval))
+    if config.sources.network.enabled:
+        from agent.sources.network import Network
+
+        scheduled.append(Scheduled(Network(config, env), config.sources.network.interval))
     if config.sources.scrape:
         from agent.sources.scrape import Scrape
 

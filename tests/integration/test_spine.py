@@ -247,7 +247,7 @@ def test_reinstalled_spool_never_reuses_a_seq(tmp_path: Path) -> None:
             leftover.unlink()
         collector.stop()  # the new spool starts offline and seals batches from seq 1 meanwhile
         agent.start()
-        wait_for(lambda: agent.status()["next_seq"] >= 4, 30, "batches in the new spool")
+        wait_for(lambda: agent.status().get("next_seq", 0) >= 4, 30, "batches in the new spool")
         collector.start()
         wait_for(lambda: (n := _node(collector)) and n["highest_seq"] >= before + 3
                  and n["complete_through"] == n["highest_seq"], 30, "the resumed chain")

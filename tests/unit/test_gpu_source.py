@@ -1,0 +1,542 @@
+"""The gpu source against a fake NVML built from recorded `nvidia-smi -q -x` output.
+
+The fake answers with pynvml's own names, constants, structures and exceptions, with
+what the XML says; "N/A" or a missing element is NVMLError_NotSupported, as NVML
+answers. Expected values are read from the XML by this test, in the XML's own units,
+independently of the source's mapping.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pynvml
+import pytest
+
+from agent.config import GpuSourceConfig
+from agent.sources.base import Sample, SourceEnv
+from agent.sources.gpu import Gpu
+from agent.wire import MetricType
+
+REPO = Path(__file__).resolve().parents[2]
+NVSMI = Path(os.environ.get("WAYSTATION_SHARED", REPO.parent / "shared")) / "fixtures" / "nvidia-smi"
+if not NVSMI.is_dir():
+    NVSMI = Path("/work/shared/fixtures/nvidia-smi")
+XMLS = ("a100-sxm4-v12.xml", "tesla-t4.xml", "a10g.xml")
+MIB = 1024 * 1024
+
+
+def nvml_error(code: int) -> pynvml.NVMLError:
+    return pynvml.NVMLError(code)  # pynvml turns the code into its NVMLError_* subclass
+
+
+def text(elem: ET.Element, path: str) -> str:
+    """An element's text, or NotSupported where nvidia-smi printed N/A or nothing."""
+    node = elem.find(path)
+    value = (node.text or "").strip() if node is not None else ""
+    if not value or value == "N/A" or value == "None":
+        raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+    return value
+
+
+def number(value: str) -> float:
+    """'27 C', '67.03 W', '4000 KB/s', '0 %', '81920 MiB' -> the number."""
+    return float(value.split()[0])
+
+
+class FakeHandle:
+    def __init__(self, index: int, elem: ET.Element, parent: FakeHandle | None = None) -> None:
+        self.index, self.elem, self.parent = index, elem, parent
+        self.lost = False
+
+
+class FakeNvml:
+    """The subset of pynvml the source uses, answering from nvidia-smi XML documents."""
+
+    NVMLError = pynvml.NVMLError
+
+    def __init__(self, *docs: ET.Element) -> None:
+        self.docs = docs
+        self.handles = [FakeHandle(i, gpu) for i, gpu in enumerate(g for d in docs for g in d.findall("gpu"))]
+        self.calls: Counter[tuple[str, int]] = Counter()
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.registered: list[int] = []
+        self.init_error: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith(("NVML_", "nvmlMemory", "nvmlEventType", "nvmlClocks")):
+            return getattr(pynvml, name)
+        raise AttributeError(name)
+
+    def _enter(self, fn: str, h: FakeHandle) -> ET.Element:
+        self.calls[(fn, h.index if h.parent is None else h.parent.index)] += 1
+        if h.lost or (h.parent is not None and h.parent.lost):
+            raise nvml_error(pynvml.NVML_ERROR_GPU_IS_LOST)
+        return h.elem
+
+    # -- system
+    def nvmlInit(self) -> None:
+        if self.init_error is not None:
+            raise nvml_error(self.init_error)
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return text(self.docs[0], "driver_version")
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        major, minor = text(self.docs[0], "cuda_version").split(".")
+        return int(major) * 1000 + int(minor) * 10
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.handles)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeHandle:
+        return self.handles[index]
+
+    # -- identity
+    def nvmlDeviceGetUUID(self, h: FakeHandle) -> str:
+        return text(self._enter("nvmlDeviceGetUUID", h), "uuid")
+
+    def nvmlDeviceGetName(self, h: FakeHandle) -> str:
+        e = self._enter("nvmlDeviceGetName", h)
+        if h.parent is None:
+            return text(e, "product_name")
+        # nvidia-smi's XML does not name the MIG profile; an A100 slice is 14 SMs.
+        sms = int(text(e, "device_attributes/shared/multiprocessor_count"))
+        gb = math.ceil(number(text(e, "fb_memory_usage/total")) / 1024)
+        return f"{text(h.parent.elem, 'product_name')} MIG {sms // 14}g.{gb}gb"
+
+    def nvmlDeviceGetMinorNumber(self, h: FakeHandle) -> int:
+        return int(text(self._enter("nvmlDeviceGetMinorNumber", h), "minor_number"))
+
+    def nvmlDeviceGetPciInfo(self, h: FakeHandle) -> Any:
+        info = pynvml.nvmlPciInfo_t()
+        info.busId = text(self._enter("nvmlDeviceGetPciInfo", h), "pci/pci_bus_id").encode()
+        return info
+
+    def nvmlDeviceGetVbiosVersion(self, h: FakeHandle) -> str:
+        return text(self._enter("nvmlDeviceGetVbiosVersion", h), "vbios_version")
+
+    # -- readings
+    def nvmlDeviceGetUtilizationRates(self, h: FakeHandle) -> Any:
+        e = self._enter("nvmlDeviceGetUtilizationRates", h)
+        return pynvml.c_nvmlUtilization_t(gpu=int(number(text(e, "utilization/gpu_util"))),
+                                          memory=int(number(text(e, "utilization/memory_util"))))
+
+    def nvmlDeviceGetEncoderUtilization(self, h: FakeHandle) -> list[int]:
+        return [int(number(text(self._enter("nvmlDeviceGetEncoderUtilization", h), "utilization/encoder_util"))),
+                1_000_000]
+
+    def nvmlDeviceGetDecoderUtilization(self, h: FakeHandle) -> list[int]:
+        return [int(number(text(self._enter("nvmlDeviceGetDecoderUtilization", h), "utilization/decoder_util"))),
+                1_000_000]
+
+    def nvmlDeviceGetMemoryInfo(self, h: FakeHandle, version: int | None = None) -> Any:
+        e = self._enter("nvmlDeviceGetMemoryInfo", h)
+
+        def mib(field: str) -> int:
+            return int(number(text(e, f"fb_memory_usage/{field}"))) * MIB
+
+        if version:
+            return pynvml.c_nvmlMemory_v2_t(version=version, total=mib("total"), reserved=mib("reserved"),
+                                            free=mib("free"), used=mib("used"))
+        return pynvml.c_nvmlMemory_t(total=mib("total"), free=mib("free"), used=mib("total") - mib("free"))
+
+    def nvmlDeviceGetTemperature(self, h: FakeHandle, sensor: int) -> int:
+        assert sensor == pynvml.NVML_TEMPERATURE_GPU
+        return int(number(text(self._enter("nvmlDeviceGetTemperature", h), "temperature/gpu_temp")))
+
+    def nvmlDeviceGetTemperatureThreshold(self, h: FakeHandle, kind: int) -> int:
+        assert kind == pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN
+        e = self._enter("nvmlDeviceGetTemperatureThreshold", h)
+        return int(number(text(e, "temperature/gpu_temp_slow_threshold")))
+
+    def _power(self, e: ET.Element, field: str) -> str:
+        node = e.find("gpu_power_readings") or e.find("power_readings")
+        assert node is not None
+        return text(node, field)
+
+    def nvmlDeviceGetPowerUsage(self, h: FakeHandle) -> int:
+        return round(number(self._power(self._enter("nvmlDeviceGetPowerUsage", h), "power_draw")) * 1000)
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h: FakeHandle) -> int:
+        e = self._enter("nvmlDeviceGetEnforcedPowerLimit", h)
+        try:
+            return round(number(self._power(e, "enforced_power_limit")) * 1000)
+        except pynvml.NVMLError_NotSupported:
+            return round(number(self._power(e, "current_power_limit")) * 1000)  # DTD v12's name
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h: FakeHandle) -> int:
+        return int(text(self._enter("nvmlDeviceGetTotalEnergyConsumption", h), "total_energy_consumption"))
+
+    def nvmlDeviceGetClockInfo(self, h: FakeHandle, kind: int) -> int:
+        field = {pynvml.NVML_CLOCK_SM: "sm_clock", pynvml.NVML_CLOCK_MEM: "mem_clock"}[kind]
+        return int(number(text(self._enter("nvmlDeviceGetClockInfo", h), f"clocks/{field}")))
+
+    def nvmlDeviceGetPcieReplayCounter(self, h: FakeHandle) -> int:
+        return int(text(self._enter("nvmlDeviceGetPcieReplayCounter", h), "pci/replay_counter"))
+
+    def nvmlDeviceGetPcieThroughput(self, h: FakeHandle, counter: int) -> int:
+        field = {pynvml.NVML_PCIE_UTIL_TX_BYTES: "tx_util", pynvml.NVML_PCIE_UTIL_RX_BYTES: "rx_util"}[counter]
+        return int(number(text(self._enter("nvmlDeviceGetPcieThroughput", h), f"pci/{field}")))
+
+    def _reason_mask(self, e: ET.Element) -> int:
+        node = e.find("clocks_event_reasons")
+        node = node if node is not None else e.find("clocks_throttle_reasons")
+        assert node is not None
+        mask = 0
+        for child in node:
+            if (child.text or "").strip() == "Active":
+                mask |= XML_REASON_BITS[child.tag.split("_reason_", 1)[1]]
+        return mask
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h: FakeHandle) -> int:
+        e = self._enter("nvmlDeviceGetCurrentClocksEventReasons", h)
+        if e.find("clocks_event_reasons") is None:  # drivers before r535 lack the entry point
+            raise nvml_error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        return self._reason_mask(e)
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h: FakeHandle) -> int:
+        return self._reason_mask(self._enter("nvmlDeviceGetCurrentClocksThrottleReasons", h))
+
+    def nvmlDeviceGetTotalEccErrors(self, h: FakeHandle, error_type: int, counter: int) -> int:
+        e = self._enter("nvmlDeviceGetTotalEccErrors", h)
+        if text(e, "ecc_mode/current_ecc") != "Enabled":
+            raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        scope = "volatile" if counter == pynvml.NVML_VOLATILE_ECC else "aggregate"
+        suffix = "_correctable" if error_type == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED else "_uncorrectable"
+        node = e.find(f"ecc_errors/{scope}")
+        assert node is not None
+        return sum(int(text(node, c.tag)) for c in node if c.tag.endswith(suffix))
+
+    def nvmlDeviceGetRetiredPages(self, h: FakeHandle, cause: int) -> list[int]:
+        e = self._enter("nvmlDeviceGetRetiredPages", h)
+        group = {pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS: "multiple_single_bit_retirement",
+                 pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR: "double_bit_retirement"}[cause]
+        return [0x1000 * i for i in range(int(text(e, f"retired_pages/{group}/retired_count")))]
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, h: FakeHandle) -> int:
+        e = self._enter("nvmlDeviceGetRetiredPagesPendingStatus", h)
+        yes = text(e, "retired_pages/pending_retirement") == "Yes"
+        return pynvml.NVML_FEATURE_ENABLED if yes else pynvml.NVML_FEATURE_DISABLED
+
+    def nvmlDeviceGetRemappedRows(self, h: FakeHandle) -> tuple[int, int, int, int]:
+        e = self._enter("nvmlDeviceGetRemappedRows", h)
+        return (int(text(e, "remapped_rows/remapped_row_corr")), int(text(e, "remapped_rows/remapped_row_unc")),
+                int(text(e, "remapped_rows/remapped_row_pending") == "Yes"),
+                int(text(e, "remapped_rows/remapped_row_failure") == "Yes"))
+
+    def nvmlDeviceGetFanSpeed(self, h: FakeHandle) -> int:
+        return int(number(text(self._enter("nvmlDeviceGetFanSpeed", h), "fan_speed")))
+
+    def nvmlDeviceGetPerformanceState(self, h: FakeHandle) -> int:
+        return int(text(self._enter("nvmlDeviceGetPerformanceState", h), "performance_state").lstrip("P"))
+
+    def nvmlDeviceGetFieldValues(self, h: FakeHandle, field_ids: list[int]) -> Any:
+        e = self._enter("nvmlDeviceGetFieldValues", h)
+        out = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
+        for fv, fid in zip(out, field_ids, strict=True):
+            fv.fieldId = fid
+            fv.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED  # no NVLink counters in these XMLs
+            if fid == pynvml.NVML_FI_DEV_MEMORY_TEMP:
+                try:
+                    fv.value.uiVal = int(number(text(e, "temperature/memory_temp")))
+                    fv.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+                    fv.nvmlReturn = pynvml.NVML_SUCCESS
+                except pynvml.NVMLError_NotSupported:
+                    pass
+        return out
+
+    # -- MIG
+    def nvmlDeviceGetMigMode(self, h: FakeHandle) -> list[int]:
+        e = self._enter("nvmlDeviceGetMigMode", h)
+        modes = (text(e, "mig_mode/current_mig"), text(e, "mig_mode/pending_mig"))
+        return [pynvml.NVML_DEVICE_MIG_ENABLE if m == "Enabled" else pynvml.NVML_DEVICE_MIG_DISABLE for m in modes]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, h: FakeHandle) -> int:
+        self._enter("nvmlDeviceGetMaxMigDeviceCount", h)
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, h: FakeHandle, index: int) -> FakeHandle:
+        e = self._enter("nvmlDeviceGetMigDeviceHandleByIndex", h)
+        for mig in e.findall("mig_devices/mig_device"):
+            if int(text(mig, "index")) == index:
+                return FakeHandle(index, mig, parent=h)
+        raise nvml_error(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def nvmlDeviceGetGpuInstanceId(self, h: FakeHandle) -> int:
+        return int(text(self._enter("nvmlDeviceGetGpuInstanceId", h), "gpu_instance_id"))
+
+    def nvmlDeviceGetComputeInstanceId(self, h: FakeHandle) -> int:
+        return int(text(self._enter("nvmlDeviceGetComputeInstanceId", h), "compute_instance_id"))
+
+    # -- events
+    def nvmlEventSetCreate(self) -> str:
+        return "event-set"
+
+    def nvmlDeviceRegisterEvents(self, h: FakeHandle, types: int, event_set: str) -> None:
+        self._enter("nvmlDeviceRegisterEvents", h)
+        assert types & pynvml.nvmlEventTypeXidCriticalError
+        self.registered.append(h.index)
+
+    def nvmlEventSetWait(self, event_set: str, timeout_ms: int) -> Any:
+        try:
+            return self.events.get(timeout=timeout_ms / 1000)
+        except queue.Empty:
+            raise nvml_error(pynvml.NVML_ERROR_TIMEOUT) from None
+
+    def nvmlEventSetFree(self, event_set: str) -> None:
+        pass
+
+    # -- test controls
+    def inject_xid(self, index: int, xid: int) -> None:
+        self.events.put(SimpleNamespace(device=self.handles[index], eventType=pynvml.nvmlEventTypeXidCriticalError,
+                                        eventData=xid, gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF))
+
+
+# nvidia-smi's reason element suffix -> pynvml's bit (the test's own table, from pynvml's constants).
+XML_REASON_BITS = {
+    "gpu_idle": pynvml.nvmlClocksThrottleReasonGpuIdle,
+    "applications_clocks_setting": pynvml.nvmlClocksThrottleReasonApplicationsClocksSetting,
+    "sw_power_cap": pynvml.nvmlClocksThrottleReasonSwPowerCap,
+    "hw_slowdown": pynvml.nvmlClocksThrottleReasonHwSlowdown,
+    "hw_thermal_slowdown": pynvml.nvmlClocksThrottleReasonHwThermalSlowdown,
+    "hw_power_brake_slowdown": pynvml.nvmlClocksThrottleReasonHwPowerBrakeSlowdown,
+    "sync_boost": pynvml.nvmlClocksThrottleReasonSyncBoost,
+    "sw_thermal_slowdown": pynvml.nvmlClocksThrottleReasonSwThermalSlowdown,
+    "display_clocks_setting": pynvml.nvmlClocksThrottleReasonDisplayClockSetting,
+}
+
+SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def load(*names: str) -> list[ET.Element]:
+    return [ET.parse(NVSMI / n).getroot() for n in names]
+
+
+def started(fake: FakeNvml) -> Gpu:
+    source = Gpu(GpuSourceConfig(enabled=True), SourceEnv(extra={"nvml": fake}))
+    assert source.probe() is None
+    return source
+
+
+def by_series(samples: list[Sample]) -> dict[SeriesKey, float]:
+    out: dict[SeriesKey, float] = {}
+    for s in samples:
+        key = (s.name, s.labels)
+        assert key not in out, f"duplicate series {key}"
+        out[key] = s.value
+    return out
+
+
+def expected_from_xml(doc: ET.Element, first_index: int = 0) -> dict[SeriesKey, float]:
+    """What dcgm-exporter would show for this nvidia-smi document, read straight from the XML."""
+    out: dict[SeriesKey, float] = {}
+
+    def opt(e: ET.Element, path: str, conv: Callable[[str], float] = number) -> float | None:
+        try:
+            return conv(text(e, path))
+        except pynvml.NVMLError_NotSupported:
+            return None
+
+    for i, g in enumerate(doc.findall("gpu")):
+        labels = (("gpu", str(first_index + i)), ("UUID", text(g, "uuid")), ("pci_bus_id", text(g, "pci/pci_bus_id")),
+                  ("device", f"nvidia{text(g, 'minor_number')}"), ("modelName", text(g, "product_name")))
+
+        def put(name: str, value: float | None, extra: tuple[tuple[str, str], ...] = (),
+                labels: tuple[tuple[str, str], ...] = labels) -> None:
+            if value is not None:
+                out[(name, labels + extra)] = value
+
+        put("waystation_gpu_info", 1, (("driver_version", text(doc, "driver_version")),
+                                       ("vbios_version", text(g, "vbios_version")),
+                                       ("cuda_version", text(doc, "cuda_version"))))
+        put("waystation_gpu_lost", 0)
+        if opt(g, "utilization/memory_util") is not None:
+            put("DCGM_FI_DEV_GPU_UTIL", opt(g, "utilization/gpu_util"))
+            put("DCGM_FI_DEV_MEM_COPY_UTIL", opt(g, "utilization/memory_util"))
+        put("DCGM_FI_DEV_ENC_UTIL", opt(g, "utilization/encoder_util"))
+        put("DCGM_FI_DEV_DEC_UTIL", opt(g, "utilization/decoder_util"))
+        for f in ("total", "used", "free", "reserved"):
+            put(f"DCGM_FI_DEV_FB_{f.upper()}", opt(g, f"fb_memory_usage/{f}"))
+        put("DCGM_FI_DEV_GPU_TEMP", opt(g, "temperature/gpu_temp"))
+        put("DCGM_FI_DEV_SLOWDOWN_TEMP", opt(g, "temperature/gpu_temp_slow_threshold"))
+        put("DCGM_FI_DEV_MEMORY_TEMP", opt(g, "temperature/memory_temp"))
+        power = g.find("gpu_power_readings") or g.find("power_readings")
+        assert power is not None
+        put("DCGM_FI_DEV_POWER_USAGE", opt(power, "power_draw"))
+        put("DCGM_FI_DEV_POWER_MGMT_LIMIT", opt(power, "enforced_power_limit") or opt(power, "current_power_limit"))
+        put("DCGM_FI_DEV_SM_CLOCK", opt(g, "clocks/sm_clock"))
+        put("DCGM_FI_DEV_MEM_CLOCK", opt(g, "clocks/mem_clock"))
+        put("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", opt(g, "pci/replay_counter"))
+        put("DCGM_FI_DEV_PCIE_TX_THROUGHPUT", opt(g, "pci/tx_util"))
+        put("DCGM_FI_DEV_PCIE_RX_THROUGHPUT", opt(g, "pci/rx_util"))
+        reasons = g.find("clocks_event_reasons")
+        reasons = reasons if reasons is not None else g.find("clocks_throttle_reasons")
+        assert reasons is not None
+        mask = 0
+        for r in reasons:
+            reason, active = r.tag.split("_reason_", 1)[1], (r.text or "").strip() == "Active"
+            mask |= XML_REASON_BITS[reason] if active else 0
+            put("waystation_gpu_clocks_event_reason_active", float(active), (("reason", reason),))
+        put("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", mask)
+        for scope, tag in (("volatile", "VOL"), ("aggregate", "AGG")):
+            node = g.find(f"ecc_errors/{scope}")
+            assert node is not None
+            put(f"DCGM_FI_DEV_ECC_SBE_{tag}_TOTAL", sum(number(text(node, c.tag)) for c in node
+                                                        if c.tag.endswith("_correctable")))
+            put(f"DCGM_FI_DEV_ECC_DBE_{tag}_TOTAL", sum(number(text(node, c.tag)) for c in node
+                                                        if c.tag.endswith("_uncorrectable")))
+        put("DCGM_FI_DEV_RETIRED_SBE", opt(g, "retired_pages/multiple_single_bit_retirement/retired_count"))
+        put("DCGM_FI_DEV_RETIRED_DBE", opt(g, "retired_pages/double_bit_retirement/retired_count"))
+        put("DCGM_FI_DEV_RETIRED_PENDING", opt(g, "retired_pages/pending_retirement", lambda v: float(v == "Yes")))
+        put("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", opt(g, "remapped_rows/remapped_row_corr"))
+        put("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", opt(g, "remapped_rows/remapped_row_unc"))
+        put("DCGM_FI_DEV_ROW_REMAP_PENDING", opt(g, "remapped_rows/remapped_row_pending", lambda v: float(v == "Yes")))
+        put("DCGM_FI_DEV_ROW_REMAP_FAILURE", opt(g, "remapped_rows/remapped_row_failure", lambda v: float(v == "Yes")))
+        put("DCGM_FI_DEV_FAN_SPEED", opt(g, "fan_speed"))
+        put("DCGM_FI_DEV_PSTATE", opt(g, "performance_state", lambda v: float(v.lstrip("P"))))
+        seen_gi: set[str] = set()
+        for mig in g.findall("mig_devices/mig_device"):
+            gi = text(mig, "gpu_instance_id")
+            if gi in seen_gi:
+                continue
+            seen_gi.add(gi)
+            # The profile is not in the XML; these A100-80GB slices (14 SMs, 19968 MiB) are 1g.20gb.
+            extra = (("GPU_I_ID", gi), ("GPU_I_PROFILE", "1g.20gb"))
+            for f in ("total", "used", "free", "reserved"):
+                put(f"DCGM_FI_DEV_FB_{f.upper()}", opt(mig, f"fb_memory_usage/{f}"), extra)
+    return out
+
+
+@pytest.mark.parametrize("xml_name", XMLS)
+def test_source_shows_what_nvidia_smi_recorded(xml_name: str) -> None:
+    (doc,) = load(xml_name)
+    source = started(FakeNvml(doc))
+    samples = source.collect(1_700_000_000.0)
+    source.close()
+    assert {s.ts_ms for s in samples} == {1_700_000_000_000}
+    got = by_series(samples)
+    expected = expected_from_xml(doc)
+    assert sorted(got) == sorted(expected)
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_mig_devices_and_not_supported_fields_of_the_a100() -> None:
+    got = by_series(started(FakeNvml(*load("a100-sxm4-v12.xml"))).collect(0.0))
+    migs = sorted(dict(k[1])["GPU_I_ID"] for k in got if k[0] == "DCGM_FI_DEV_FB_USED" and len(k[1]) > 5)
+    assert migs == ["3", "4", "5", "6"]
+    names = {k[0] for k in got}
+    assert "DCGM_FI_DEV_GPU_UTIL" not in names  # N/A with MIG on
+    assert "DCGM_FI_DEV_MEMORY_TEMP" in names and "DCGM_FI_DEV_FAN_SPEED" not in names
+
+
+def test_metric_types_follow_dcgm_exporter() -> None:
+    """TYPE lines of the recorded dcgm-exporter page, for every name both emit."""
+    prom = NVSMI.parent / "metrics" / "dcgm-exporter.prom"
+    dcgm_types = {}
+    for line in prom.read_text().splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            dcgm_types[name] = kind
+    samples = started(FakeNvml(*load("tesla-t4.xml"))).collect(0.0)
+    compared = 0
+    for s in samples:
+        if s.name in dcgm_types:
+            want = MetricType.COUNTER if dcgm_types[s.name] == "counter" else MetricType.GAUGE
+            assert s.mtype == want, s.name
+            compared += 1
+    assert compared >= 15
+
+
+def test_not_supported_fields_are_not_asked_again() -> None:
+    fake = FakeNvml(*load("tesla-t4.xml"))
+    source = started(fake)
+    first = by_series(source.collect(0.0))
+    calls_after_first = Counter(fake.calls)
+    second = by_series(source.collect(10.0))
+    assert first == second
+    delta = fake.calls - calls_after_first
+    # Not supported on this T4 (fan N/A, no energy in the record, memory temp N/A, no NVLink, no MIG).
+    for fn in ("nvmlDeviceGetFanSpeed", "nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues",
+               "nvmlDeviceGetMigMode", "nvmlDeviceGetCurrentClocksEventReasons"):
+        assert calls_after_first[(fn, 0)] == 1, fn
+        assert delta[(fn, 0)] == 0, fn
+    # Supported ones are read every time.
+    for fn in ("nvmlDeviceGetTemperature", "nvmlDeviceGetPowerUsage", "nvmlDeviceGetCurrentClocksThrottleReasons"):
+        assert delta[(fn, 0)] == 1, fn
+
+
+def test_a_lost_gpu_is_reported_and_the_others_carry_on() -> None:
+    t4, a10g = load("tesla-t4.xml", "a10g.xml")
+    fake = FakeNvml(t4, a10g)
+    source = started(fake)
+    before = by_series(source.collect(0.0))
+    fake.handles[0].lost = True
+    after = by_series(source.collect(10.0))
+    calls = Counter(fake.calls)
+    again = by_series(source.collect(20.0))
+
+    def of(series: dict[SeriesKey, float], gpu: str) -> dict[SeriesKey, float]:
+        return {k: v for k, v in series.items() if dict(k[1])["gpu"] == gpu}
+
+    assert of(after, "1") == of(before, "1") == pytest.approx(expected_from_xml(a10g, first_index=1))
+    lost = of(after, "0")
+    assert {k[0] for k in lost} == {"waystation_gpu_info", "waystation_gpu_lost"}
+    assert [v for k, v in lost.items() if k[0] == "waystation_gpu_lost"] == [1.0]
+    assert again == after
+    assert sum(n for (_, i), n in (fake.calls - calls).items() if i == 0) == 0  # no more calls to the lost GPU
+
+
+def test_xid_events_count_per_code() -> None:
+    fake = FakeNvml(*load("tesla-t4.xml", "a10g.xml"))
+    source = started(fake)
+    assert fake.registered == [0, 1]
+    fake.inject_xid(1, 79)
+    fake.inject_xid(1, 79)
+    fake.inject_xid(0, 13)
+
+    def xids() -> dict[tuple[str, str], float]:
+        return {(dict(s.labels)["gpu"], dict(s.labels)["xid"]): s.value
+                for s in source.collect(0.0) if s.name == "waystation_gpu_xid_errors_total"}
+
+    deadline = time.monotonic() + 10
+    while xids() != {("1", "79"): 2.0, ("0", "13"): 1.0}:
+        assert time.monotonic() < deadline, xids()
+        time.sleep(0.02)
+    xid = next(s for s in source.collect(0.0) if s.name == "waystation_gpu_xid_errors_total")
+    assert xid.mtype == MetricType.COUNTER
+    assert dict(xid.labels)["UUID"].startswith("GPU-")
+    started_at = time.monotonic()
+    source.close()
+    assert time.monotonic() - started_at < 5
+    assert source._event_thread is not None and not source._event_thread.is_alive()
+
+
+def test_without_a_driver_the_source_says_why() -> None:
+    fake = FakeNvml()
+    fake.init_error = pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
+    reason = Gpu(GpuSourceConfig(), SourceEnv(extra={"nvml": fake})).probe()
+    assert reason is not None and reason.startswith("unavailable: no NVIDIA driver (")
+    fake.init_error = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
+    reason = Gpu(GpuSourceConfig(), SourceEnv(extra={"nvml": fake})).probe()
+    assert reason is not None and "Driver Not Loaded" in reason
+
+
+def test_pynvml_is_imported_only_by_probe() -> None:
+    code = ("import sys\nfrom agent.sources.gpu import Gpu\nassert 'pynvml' not in sys.modules\n"
+            "import agent.daemon\nassert 'pynvml' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -107,10 +107,12 @@ class Spool:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # A failed COMMIT (full disk, I/O error) may leave the transaction open.
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     def _meta(self, key: str, default: object = None) -> object:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -134,35 +136,41 @@ class Spool:
         return bool(self._meta("resume_needed", 0))
 
     def resume(self, key: SigningKey, site: str, node: str, next_seq: int, prev_hash: bytes) -> int:
-        """Renumber every stored batch to continue the collector's chain at next_seq.
+        """Renumber every stored batch so the chain continues the collector's at next_seq.
 
-        Called once for a new spool, with what the collector says it holds for this node;
-        returns how many batches were renumbered."""
+        Called once for a new spool, before anything is sent, with what the collector says
+        it holds for this node. Every seq moves by the same amount, so gaps left by evicted
+        batches stay gaps and the drop receipts that cover them still name them. Rows are
+        re-signed one at a time (a full spool is hundreds of MB); returns how many moved."""
         with self._write() as db:
             if not self._meta("resume_needed", 0):
                 return 0
-            head, _ = self._chain_head()
+            own_next, _ = self._chain_head()
+            shift = next_seq - 1  # a new spool numbered everything it made, evicted or not, from 1
             moved = 0
-            if next_seq > 1:
-                rows = db.execute("SELECT seq, frame FROM batches ORDER BY seq").fetchall()
-                db.execute("DELETE FROM batches")
-                self._set_meta("next_seq", next_seq)
-                self._set_meta("last_hash", prev_hash)
-                shift = next_seq - 1  # this spool numbered from 1
-                for _, frame in rows:
-                    seq, prev = self._chain_head()
-                    now_ms = int(time.time() * 1000)
-                    ctx = wire.BatchContext(key, site, node, seq, prev, now_ms, time.monotonic_ns())
+            if shift > 0:
+                # Two steps through negative seqs so no row ever lands on one not yet moved.
+                db.execute("UPDATE batches SET seq = -seq")
+                db.execute("UPDATE batches SET seq = ? - seq", (shift,))
+                prev = prev_hash
+                seqs = [r[0] for r in db.execute("SELECT seq FROM batches ORDER BY seq")]
+                for seq in seqs:
+                    (frame,) = db.execute("SELECT frame FROM batches WHERE seq = ?", (seq,)).fetchone()
                     old = wire.parse_frame(frame)
+                    ctx = wire.BatchContext(key, site, node, seq, prev, old.header.created_wall_ms,
+                                            old.header.created_mono_ns)
                     if old.header.kind == wire.Kind.DROP_RECEIPT:
                         r = wire.decode_drop_receipt(old.payload)
                         shifted = tuple((a + shift, b + shift) for a, b in r.ranges)
                         raw = wire.encode_drop_receipt(ctx, dataclasses.replace(r, ranges=shifted))
                     else:
                         raw = wire.reseal(old, ctx)
-                    self._insert(wire.parse_frame(raw), raw, now_ms)
-                    self._bump("produced_batches", -1)  # renumbered, not new
+                    db.execute("UPDATE batches SET frame = ?, bytes = ?, state = 'pending' WHERE seq = ?",
+                               (raw, len(raw), seq))
+                    prev = wire.batch_hash(raw)
                     moved += 1
+                self._set_meta("next_seq", own_next + shift)
+                self._set_meta("last_hash", prev)
             self._set_meta("resume_needed", 0)
             return moved
 

@@ -177,10 +177,12 @@ def test_new_spool_resumes_above_what_the_collector_holds(tmp_path: Path) -> Non
     sp.append_data(key, "s", "n", _series(3, points=40), sizes - 10)  # evicts batch 1: a receipt
     (before,) = [wire.decode_drop_receipt(wire.parse_frame(r[0]).payload).ranges
                  for r in sp.db.execute("SELECT frame FROM batches WHERE kind = 1")]
+    old_seqs = [r[0] for r in sp.db.execute("SELECT seq FROM batches ORDER BY seq")]
+    assert old_seqs[0] > 1  # the oldest were evicted: their seqs are gaps the receipt names
     collector_head = b"\x07" * 32
     moved = sp.resume(key, "s", "n", 101, collector_head)
     rows = sp.db.execute("SELECT seq, kind, frame FROM batches ORDER BY seq").fetchall()
-    assert moved == len(rows) and [r[0] for r in rows] == list(range(101, 101 + len(rows)))
+    assert moved == len(rows) and [r[0] for r in rows] == [s + 100 for s in old_seqs]
     prev = collector_head
     for seq, kind, frame in rows:
         f = wire.parse_frame(frame)
@@ -189,8 +191,10 @@ def test_new_spool_resumes_above_what_the_collector_holds(tmp_path: Path) -> Non
         prev = wire.batch_hash(frame)
         if kind == wire.Kind.DROP_RECEIPT:
             assert wire.decode_drop_receipt(f.payload).ranges == tuple((a + 100, b + 100) for a, b in before)
+    covered = {s for a, b in before for s in range(a + 100, b + 101)}
+    assert covered and min(covered) == 101 and not covered & {r[0] for r in rows}
     assert not sp.resume_needed()
     assert sp.resume(key, "s", "n", 500, b"\x01" * 32) == 0  # once only
-    assert sp.append_data(key, "s", "n", _series(9), 10**9) == 101 + len(rows)
+    assert sp.append_data(key, "s", "n", _series(9), 10**9) == rows[-1][0] + 1
     sp.close()
     assert not Spool(tmp_path / "spool.db").resume_needed()

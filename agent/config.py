@@ -91,7 +91,7 @@ class ScrapeSourceConfig:
 class GpuSourceConfig:
     """[sources.gpu]: NVIDIA GPUs through NVML; disables itself (once, with the reason) without a driver."""
 
-    enabled: bool = False  # becomes true once the source module lands
+    enabled: bool = True
     interval: Duration = Duration(10.0)
 
 

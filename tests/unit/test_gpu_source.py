@@ -217,10 +217,10 @@ class FakeNvml:
         if text(e, "ecc_mode/current_ecc") != "Enabled":
             raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
         scope = "volatile" if counter == pynvml.NVML_VOLATILE_ECC else "aggregate"
-        suffix = "_correctable" if error_type == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED else "_uncorrectable"
+        corrected = error_type == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED
         node = e.find(f"ecc_errors/{scope}")
         assert node is not None
-        return sum(int(text(node, c.tag)) for c in node if c.tag.endswith(suffix))
+        return sum(int(text(node, c.tag)) for c in node if ecc_kind(c.tag) == ("sbe" if corrected else "dbe"))
 
     def nvmlDeviceGetRetiredPages(self, h: FakeHandle, cause: int) -> list[int]:
         e = self._enter("nvmlDeviceGetRetiredPages", h)
@@ -320,6 +320,13 @@ XML_REASON_BITS = {
     "display_clocks_setting": pynvml.nvmlClocksThrottleReasonDisplayClockSetting,
 }
 
+def ecc_kind(tag: str) -> str | None:
+    """sram_correctable/dram_correctable -> sbe; *_uncorrectable(_parity|_secded) -> dbe."""
+    if "_uncorrectable" in tag:
+        return "dbe"
+    return "sbe" if tag.endswith("_correctable") else None
+
+
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
@@ -389,6 +396,8 @@ def expected_from_xml(doc: ET.Element, first_index: int = 0) -> dict[SeriesKey, 
         assert reasons is not None
         mask = 0
         for r in reasons:
+            if r.tag.split("_reason_", 1)[-1] not in XML_REASON_BITS:
+                continue  # newer drivers list more reasons than the nine NVML has always had
             reason, active = r.tag.split("_reason_", 1)[1], (r.text or "").strip() == "Active"
             mask |= XML_REASON_BITS[reason] if active else 0
             put("waystation_gpu_clocks_event_reason_active", float(active), (("reason", reason),))
@@ -396,10 +405,9 @@ def expected_from_xml(doc: ET.Element, first_index: int = 0) -> dict[SeriesKey, 
         for scope, tag in (("volatile", "VOL"), ("aggregate", "AGG")):
             node = g.find(f"ecc_errors/{scope}")
             assert node is not None
-            put(f"DCGM_FI_DEV_ECC_SBE_{tag}_TOTAL", sum(number(text(node, c.tag)) for c in node
-                                                        if c.tag.endswith("_correctable")))
-            put(f"DCGM_FI_DEV_ECC_DBE_{tag}_TOTAL", sum(number(text(node, c.tag)) for c in node
-                                                        if c.tag.endswith("_uncorrectable")))
+            for kind in ("sbe", "dbe"):
+                put(f"DCGM_FI_DEV_ECC_{kind.upper()}_{tag}_TOTAL",
+                    sum(number(text(node, c.tag)) for c in node if ecc_kind(c.tag) == kind))
         put("DCGM_FI_DEV_RETIRED_SBE", opt(g, "retired_pages/multiple_single_bit_retirement/retired_count"))
         put("DCGM_FI_DEV_RETIRED_DBE", opt(g, "retired_pages/double_bit_retirement/retired_count"))
         put("DCGM_FI_DEV_RETIRED_PENDING", opt(g, "retired_pages/pending_retirement", lambda v: float(v == "Yes")))

@@ -9,6 +9,7 @@ import logging
 import signal
 import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -80,7 +81,7 @@ def cmd_status(config: AgentConfig, args: argparse.Namespace) -> int:
                 print(f"problem: {problem}")
         return 0
     try:
-        spool = Spool(config.spool_path, timeout_s=5.0)
+        spool = Spool(config.spool_path, timeout_s=5.0, readonly=True)
         st = spool.stats()
         spool.close()
     except sqlite3.Error as exc:
@@ -138,7 +139,8 @@ def cmd_run(config: AgentConfig, args: argparse.Namespace) -> int:
     agent = Agent(config, key)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        agent.stop_event.set()
+        # Event.set() takes a lock the interrupted main thread may hold: set it from a thread.
+        threading.Thread(target=agent.stop_event.set, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

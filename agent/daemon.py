@@ -81,9 +81,6 @@ class Agent:
             try:
                 self.config.state_path.mkdir(parents=True, exist_ok=True)
                 self.spool = Spool(self.config.spool_path)
-                recovered = self.spool.recover_claims()
-                if recovered:
-                    log.info("recovered %d batches claimed before a restart", recovered)
             except (sqlite3.Error, OSError) as exc:
                 self._write_failed(f"cannot open spool {self.config.spool_path}: {exc}")
                 self.spool = None

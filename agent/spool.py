@@ -48,6 +48,8 @@ _PENDING = "SELECT seq, kind, frame, window_end_ms FROM batches WHERE state = 'p
 _NEWEST_PENDING = _PENDING + "AND seq > ? ORDER BY seq DESC LIMIT 1"
 _OLDEST_PENDING = _PENDING + "AND seq > ? ORDER BY seq ASC LIMIT 1"
 
+MAX_REJECTED_KEPT = 100
+
 _COUNTERS = (
     "produced_batches",
     "produced_samples",
@@ -86,8 +88,12 @@ class SpoolStats:
 class Spool:
     """A connection to the spool file; one per thread."""
 
-    def __init__(self, path: Path, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, path: Path, *, timeout_s: float = 30.0, readonly: bool = False) -> None:
         self.path = path
+        if readonly:  # `status`: works for any user who can read the file, never takes the lock
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout_s,
+                                      isolation_level=None)
+            return
         self.db = sqlite3.connect(str(path), timeout=timeout_s, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed seq must survive power loss, or it could be reused after it was sent.
@@ -237,7 +243,9 @@ class Spool:
     def _evict_over_quota(
         self, key: SigningKey, site: str, node: str, max_bytes: int, now_ms: int
     ) -> None:
-        (total,) = self.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM batches").fetchone()
+        (total,) = self.db.execute(
+            "SELECT COALESCE(SUM(bytes), 0) FROM batches WHERE state != 'rejected'"
+        ).fetchone()
         if total <= max_bytes:
             return
         # Newest batch stays: it is what the dashboards need first. Receipts are never evicted.
@@ -246,7 +254,7 @@ class Spool:
         excess = total - max_bytes
         rows = self.db.execute(
             "SELECT seq, window_start_ms, window_end_ms, samples, bytes FROM batches "
-            "WHERE state != 'inflight' AND kind = ? AND seq != ? ORDER BY seq",
+            "WHERE state = 'pending' AND kind = ? AND seq != ? ORDER BY seq",
             (int(wire.Kind.DATA), newest),
         )
         for row in rows:
@@ -257,6 +265,18 @@ class Spool:
         if not victims:
             return
         self.db.executemany("DELETE FROM batches WHERE seq = ?", [(v[0],) for v in victims])
+        self._append_receipt(key, site, node, victims, "spool_quota", now_ms)
+
+    def _append_receipt(
+        self,
+        key: SigningKey,
+        site: str,
+        node: str,
+        victims: list[tuple[int, int, int, int, int]],
+        reason: str,
+        now_ms: int,
+    ) -> None:
+        """Seal a drop receipt for (seq, window_start, window_end, samples, bytes) rows."""
         receipt = wire.DropReceipt(
             ranges=tuple(_ranges([v[0] for v in victims])),
             t0_ms=min(v[1] for v in victims),
@@ -264,7 +284,7 @@ class Spool:
             batches=len(victims),
             samples=sum(v[3] for v in victims),
             bytes=sum(v[4] for v in victims),
-            reason="spool_quota",
+            reason=reason,
         )
         seq, prev = self._chain_head()
         frame = wire.encode_drop_receipt(
@@ -306,7 +326,9 @@ class Spool:
                 self._bump("acked_bytes", row[0])
             self._set_meta("last_ack_ms", now_ms)
             if complete_through is not None:
-                self._set_meta("collector_complete_through", complete_through)
+                # Two lanes ack out of order; the watermark only ever moves forward.
+                known = self._meta_int("collector_complete_through", 0)
+                self._set_meta("collector_complete_through", max(known, complete_through))
             self._set_meta("last_error", None)
 
     def release(self, seq: int, error: str | None = None) -> None:
@@ -317,13 +339,34 @@ class Spool:
             if error is not None:
                 self._record_error(error)
 
-    def reject(self, seq: int, reason: str) -> None:
-        """The collector refuses this batch for good; keep it for audit, never resend it."""
+    def reject(
+        self, seq: int, reason: str, receipt_by: tuple[SigningKey, str, str] | None = None
+    ) -> None:
+        """The collector refuses this batch for good; keep it for audit, never resend it.
+
+        With receipt_by (key, site, node) a data batch the collector does not hold is also
+        named in a drop receipt, so the collector's watermark can pass it and the loss is
+        accounted; a batch refused as a conflict is not (the collector holds that seq)."""
+        now_ms = int(time.time() * 1000)
         with self._write() as db:
+            row = db.execute(
+                "SELECT seq, window_start_ms, window_end_ms, samples, bytes, kind FROM batches "
+                "WHERE seq = ? AND state != 'rejected'", (seq,)
+            ).fetchone()
+            if row is None:
+                return
             db.execute("UPDATE batches SET state = 'rejected', reject_reason = ? WHERE seq = ?",
                        (reason, seq))
             self._bump("rejected_batches", 1)
             self._record_error(f"batch {seq} rejected by collector: {reason}")
+            if receipt_by is not None and row[5] == wire.Kind.DATA:
+                self._append_receipt(*receipt_by, [row[:5]], "rejected", now_ms)
+            # Keep a bounded audit trail: the newest rejected batches only.
+            db.execute(
+                "DELETE FROM batches WHERE state = 'rejected' AND seq NOT IN "
+                "(SELECT seq FROM batches WHERE state = 'rejected' ORDER BY seq DESC LIMIT ?)",
+                (MAX_REJECTED_KEPT,),
+            )
 
     def record_error(self, error: str) -> None:
         with self._write():
@@ -343,7 +386,8 @@ class Spool:
             )
         )
         oldest, newest = self.db.execute(
-            "SELECT MIN(window_start_ms), MAX(window_end_ms) FROM batches WHERE state != 'rejected'"
+            "SELECT MIN(window_start_ms), MAX(window_end_ms) FROM batches "
+            "WHERE state != 'rejected' AND kind = ?", (int(wire.Kind.DATA),)
         ).fetchone()
         pending = by_state.get("pending", (0, 0))
         inflight = by_state.get("inflight", (0, 0))

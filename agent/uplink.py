@@ -56,7 +56,7 @@ class UplinkStats:
 class Outcome:
     """What one POST came to."""
 
-    kind: str  # acked | retry | reject
+    kind: str  # acked | retry | reject (collector lacks it) | conflict (collector holds another)
     delay_s: float = 0.0
     detail: str = ""
     complete_through: int | None = None
@@ -137,22 +137,35 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
     return min(max(0.0, when - now), _MAX_RETRY_AFTER_S)
 
 
-def classify(status: int, headers: dict[str, str], body: bytes, now: float) -> Outcome:
-    """Map a collector reply to what the lane does next."""
+def classify(status: int, headers: dict[str, str], body: bytes, now: float, seq: int) -> Outcome:
+    """Map a reply to what the lane does next.
+
+    Only the collector's own JSON can settle a batch: a 200 from a captive portal or a
+    400 from a proxy in the way must not delete or set aside telemetry."""
     try:
-        reply = json.loads(body) if body else {}
-        if not isinstance(reply, dict):
-            reply = {}
+        reply = json.loads(body) if body else None
     except ValueError:
-        reply = {}
-    ct = reply.get("complete_through")
+        reply = None
+    if not isinstance(reply, dict) or not isinstance(reply.get("result"), str):
+        reply = None
+    ct = reply.get("complete_through") if reply else None
     ct = ct if isinstance(ct, int) else None
-    detail = f"HTTP {status} {reply.get('result', '')}: {reply.get('error', '')}".strip(": ")
-    if status == 200:
-        return Outcome("acked", complete_through=ct)
+    if reply is None:
+        detail = f"HTTP {status} that is not the collector's answer (proxy or portal in the way?)"
+    else:
+        detail = f"HTTP {status} {reply['result']}: {reply.get('error', '')}".rstrip(": ")
     if status in (429, 503):
-        return Outcome("retry", retry_after_seconds(headers.get("retry-after"), now) or -1.0, detail)
-    if status in (400, 409, 413, 422):
+        after = retry_after_seconds(headers.get("retry-after"), now)
+        return Outcome("retry", -1.0 if after is None else after, detail)
+    if reply is None:
+        return Outcome("retry", -1.0, detail)
+    if status == 200:
+        if reply["result"] in ("accepted", "duplicate") and reply.get("seq") == seq:
+            return Outcome("acked", complete_through=ct)
+        return Outcome("retry", -1.0, f"HTTP 200 that does not acknowledge batch {seq}: {body[:200]!r}")
+    if status in (409,):
+        return Outcome("conflict", detail=detail, complete_through=ct)
+    if status in (400, 413, 422):
         return Outcome("reject", detail=detail, complete_through=ct)
     return Outcome("retry", -1.0, detail)  # 401/403/5xx/other: keep the data, back off
 
@@ -201,12 +214,9 @@ class Uplink:
         self.last_warning: str | None = None
 
     def start(self) -> None:
-        if self.identity is None:
-            self.resumed.set()
-        else:
-            t = threading.Thread(target=self._resume, name="uplink-resume", daemon=True)
-            t.start()
-            self.threads.append(t)
+        t = threading.Thread(target=self._prepare, name="uplink-prepare", daemon=True)
+        t.start()
+        self.threads.append(t)
         for name, target in (("uplink-live", self._live), ("uplink-backfill", self._backfill)):
             t = threading.Thread(target=self._lane, args=(name, target), name=name, daemon=True)
             t.start()
@@ -223,17 +233,23 @@ class Uplink:
         for t in self.threads:
             t.join(timeout)
 
-    def _resume(self) -> None:
-        """Before a new spool sends anything, learn where this node's chain stands at the collector."""
-        assert self.identity is not None
-        key, site, node = self.identity
+    def _prepare(self) -> None:
+        """Runs once before either lane sends: hand back claims a killed process left, and
+        for a new spool learn where this node's chain stands at the collector."""
         backoff = self._backoff()
+        recovered = False
         while not self.stop_event.is_set():
             try:
                 spool = Spool(self.spool_path)
                 try:
-                    if not spool.resume_needed():
+                    if not recovered:
+                        n = spool.recover_claims()
+                        recovered = True
+                        if n:
+                            log.info("%d batches claimed before a restart go back to pending", n)
+                    if self.identity is None or not spool.resume_needed():
                         break
+                    key, site, node = self.identity
                     next_seq, head = self._chain_head(site, node)
                     moved = spool.resume(key, site, node, next_seq, head)
                 finally:
@@ -243,8 +259,8 @@ class Uplink:
                                 "renumbered %d unsent batches to follow it", next_seq - 1, site, node,
                                 moved)
                 break
-            except Exception as exc:  # noqa: BLE001 (collector down or answering nonsense: retry)
-                log.info("waiting to learn this node's chain head from the collector: %s", exc)
+            except Exception as exc:  # noqa: BLE001 (collector down, spool unwritable: retry)
+                log.info("waiting before the first delivery: %s", exc)
                 self.stop_event.wait(backoff.next_delay())
         self.resumed.set()
 
@@ -256,11 +272,14 @@ class Uplink:
             status, _, body = conn.request("GET", path, None)
         finally:
             conn.close()
-        if status == 404:
-            return 1, wire.ZERO_HASH
-        if status != 200:
-            raise OSError(f"HTTP {status} from the collector's chain endpoint")
-        reply = json.loads(body)
+        try:
+            reply = json.loads(body)
+        except ValueError:
+            reply = None
+        if status == 404 and isinstance(reply, dict) and reply.get("result") == "unknown_node":
+            return 1, wire.ZERO_HASH  # the collector has never heard from this node
+        if status != 200 or not isinstance(reply, dict):
+            raise OSError(f"HTTP {status} from the collector's chain endpoint (not its answer)")
         return int(reply["next_seq"]), bytes.fromhex(reply["head_hash"])
 
     def _lane(self, name: str, body: object) -> None:
@@ -289,6 +308,19 @@ class Uplink:
         self, spool: Spool, conn: _Connection, claimed: Claimed, backoff: Backoff
     ) -> tuple[bool, float]:
         """POST one claimed batch; returns (settled, seconds the lane should wait)."""
+        try:
+            return self._deliver(spool, conn, claimed, backoff)
+        except BaseException:
+            # Never leave a claim behind: the lane restarts, the batch must stay sendable.
+            try:
+                spool.release(claimed.seq)
+            except Exception:  # noqa: BLE001
+                log.exception("could not release batch %d after a lane failure", claimed.seq)
+            raise
+
+    def _deliver(
+        self, spool: Spool, conn: _Connection, claimed: Claimed, backoff: Backoff
+    ) -> tuple[bool, float]:
         hold = self.hold_until - time.monotonic()
         if hold > 0:
             spool.release(claimed.seq)
@@ -303,7 +335,7 @@ class Uplink:
         with self.stats.lock:
             self.stats.sent_bytes += len(claimed.frame)
             self.stats.sent_batches += 1
-        outcome = classify(status, headers, body, time.time())
+        outcome = classify(status, headers, body, time.time(), claimed.seq)
         if outcome.kind == "acked":
             spool.ack(claimed.seq, outcome.complete_through)
             backoff.reset()
@@ -315,9 +347,10 @@ class Uplink:
                 self.stats.last_ack_wall = time.time()
                 self.stats.backoff_s = 0.0
             return True, 0.0
-        if outcome.kind == "reject":
+        if outcome.kind in ("reject", "conflict"):
             log.error("collector rejected batch %d for good: %s", claimed.seq, outcome.detail)
-            spool.reject(claimed.seq, outcome.detail)
+            spool.reject(claimed.seq, outcome.detail,
+                         self.identity if outcome.kind == "reject" else None)
             with self.stats.lock:
                 self.stats.rejected_batches += 1
             return True, 0.0

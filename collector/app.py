@@ -101,7 +101,9 @@ async def get_chain_head(request: web.Request) -> web.Response:
     site, node = request.match_info["site"], request.match_info["node"]
     head = ledger_mod.read_chain_head(request.app[READER], site, node)
     if head is None:
-        return web.json_response({"error": f"no batch from {site}/{node} yet"}, status=404)
+        return web.json_response(
+            {"result": "unknown_node", "error": f"no batch from {site}/{node} yet"}, status=404
+        )
     return web.json_response({"site": site, "node": node, "next_seq": head[0], "head_hash": head[1].hex()})
 
 

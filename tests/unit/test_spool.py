@@ -198,3 +198,28 @@ def test_new_spool_resumes_above_what_the_collector_holds(tmp_path: Path) -> Non
     assert sp.append_data(key, "s", "n", _series(9), 10**9) == rows[-1][0] + 1
     sp.close()
     assert not Spool(tmp_path / "spool.db").resume_needed()
+
+
+def test_rejected_data_batch_is_named_in_a_receipt_and_kept_for_audit(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    sp = Spool(tmp_path / "spool.db")
+    for i in range(3):
+        sp.append_data(key, "s", "n", _series(i), 10**9)
+    claimed = sp.claim_oldest()
+    assert claimed is not None and claimed.seq == 1
+    sp.reject(1, "HTTP 400 schema", (key, "s", "n"))
+    sp.reject(2, "HTTP 409 conflict")  # the collector holds another batch 2: no receipt
+    rows = sp.db.execute("SELECT seq, kind, state FROM batches ORDER BY seq").fetchall()
+    assert rows[:3] == [(1, 0, "rejected"), (2, 0, "rejected"), (3, 0, "pending")]
+    assert [r[1] for r in rows[3:]] == [wire.Kind.DROP_RECEIPT]
+    receipt = wire.decode_drop_receipt(
+        wire.parse_frame(sp.db.execute("SELECT frame FROM batches WHERE seq = 4").fetchone()[0]).payload
+    )
+    assert receipt.ranges == ((1, 1),) and receipt.reason == "rejected" and receipt.samples == 15
+    st = sp.stats()
+    assert st.rejected_batches == 2 and st.counters["dropped_samples"] == 15
+    assert sp.claim_oldest() is not None and sp.claim_oldest() is not None  # 3 and the receipt
+    assert sp.claim_oldest() is None  # rejected batches are never sent again
+    # Rejected rows take no quota: a quota that only fits the newest evicts nothing rejected.
+    sp.append_data(key, "s", "n", _series(9), 1)
+    assert {r[0] for r in sp.db.execute("SELECT seq FROM batches WHERE state = 'rejected'")} == {1, 2}

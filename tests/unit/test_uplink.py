@@ -18,7 +18,7 @@ from agent import wire
 from agent.config import UplinkConfig
 from agent.spool import Spool
 from agent.tomlconfig import Duration, Size
-from agent.uplink import Backoff, Uplink, classify, retry_after_seconds
+from agent.uplink import Backoff, Outcome, Uplink, classify, retry_after_seconds
 
 
 def test_retry_after_forms() -> None:
@@ -32,15 +32,24 @@ def test_retry_after_forms() -> None:
 
 
 def test_classify_maps_statuses() -> None:
-    body = json.dumps({"result": "accepted", "complete_through": 41}).encode()
-    assert classify(200, {}, body, 0).kind == "acked"
-    assert classify(200, {}, body, 0).complete_through == 41
-    assert classify(503, {"retry-after": "3"}, b"", 0).delay_s == 3.0
-    assert classify(429, {}, b"", 0).delay_s < 0  # no header: the lane's own backoff
-    for status in (400, 409, 413):
-        assert classify(status, {}, b'{"result":"conflict"}', 0).kind == "reject"
+    ok = json.dumps({"result": "accepted", "seq": 7, "complete_through": 41}).encode()
+    assert classify(200, {}, ok, 0, 7) == Outcome("acked", complete_through=41)
+    dup = json.dumps({"result": "duplicate", "seq": 7}).encode()
+    assert classify(200, {}, dup, 0, 7).kind == "acked"
+    # Only the collector's own acknowledgement of this very batch deletes it.
+    assert classify(200, {}, ok, 0, 8).kind == "retry"
+    assert classify(200, {}, b"<html>captive portal</html>", 0, 7).kind == "retry"
+    assert classify(200, {}, b'{"status": "ok"}', 0, 7).kind == "retry"
+    assert classify(503, {"retry-after": "3"}, b"", 0, 7).delay_s == 3.0
+    assert classify(503, {"retry-after": "0"}, b"", 0, 7).delay_s == 0.0
+    assert classify(429, {}, b"", 0, 7).delay_s < 0  # no header: the lane's own backoff
+    for status in (400, 413):
+        assert classify(status, {}, b'{"result":"malformed"}', 0, 7).kind == "reject"
+    assert classify(409, {}, b'{"result":"conflict"}', 0, 7).kind == "conflict"
+    # A proxy's error page is not the collector refusing the batch: keep it and retry.
+    assert classify(400, {}, b"<html>Bad Request</html>", 0, 7).kind == "retry"
     for status in (401, 403, 500, 502):
-        assert classify(status, {}, b"not json", 0).kind == "retry"
+        assert classify(status, {}, b'{"result":"unknown_key"}', 0, 7).kind == "retry"
 
 
 def test_backoff_grows_with_jitter_and_caps() -> None:
@@ -74,7 +83,7 @@ class Peer:
                     peer.arrivals.append((time.monotonic(), seq, len(body)))
                     status, headers = peer.script.pop(0) if peer.script else (200, {})
                 reply = json.dumps({"result": "accepted" if status == 200 else "busy",
-                                    "complete_through": seq}).encode()
+                                    "seq": seq, "complete_through": seq}).encode()
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)

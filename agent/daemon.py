@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import sqlite3
+import struct
 import threading
 import time
 from pathlib import Path
@@ -28,8 +29,9 @@ from agent.uplink import Uplink, UplinkStats
 
 log = logging.getLogger("waystation.agent")
 
-# Samples held in memory while the spool cannot be written; beyond this the oldest go.
-MAX_HELD_SAMPLES = 2_000_000
+# Series held in memory while the spool cannot be written (a one-point series costs about
+# 250 bytes, so this is ~25 MB at most); beyond it the oldest go, counted.
+MAX_HELD_SERIES = 100_000
 
 
 def build_sources(config: AgentConfig, env: SourceEnv) -> list[Scheduled]:
@@ -72,6 +74,7 @@ class Agent:
         self.spool: Spool | None = None
         self.held: list[wire.Series] = []
         self.held_dropped_samples = 0
+        self.unencodable_samples = 0
         self.write_errors = 0
         self.last_write_error: str | None = None
         self.stop_event = threading.Event()
@@ -107,7 +110,16 @@ class Agent:
             )
         except (sqlite3.Error, OSError) as exc:
             self._write_failed(f"cannot write spool {self.config.spool_path}: {exc}")
+            # Reopen next time: a connection that failed mid-commit may be unusable.
+            spool.close()
+            self.spool = None
             self._bound_held()
+            return
+        except (ValueError, struct.error, OverflowError) as exc:
+            # A series the wire format cannot carry (e.g. a label set too large): drop only it.
+            self.held = self._encodable(self.held, exc)
+            if self.held:
+                self.store([])
             return
         if self.last_write_error is not None:
             log.info("spool writable again; %d held series sealed", len(self.held))
@@ -115,12 +127,27 @@ class Agent:
         self.held = []
         self.uplink.notify()
 
+    def _encodable(self, series: list[wire.Series], exc: Exception) -> list[wire.Series]:
+        kept = []
+        for s in series:
+            try:
+                wire.encode_series([s])
+            except (ValueError, struct.error, OverflowError) as why:
+                self.unencodable_samples += len(s.values)
+                log.error("dropping series %s%s: it cannot be encoded (%s)", s.name, dict(s.labels), why)
+            else:
+                kept.append(s)
+        if len(kept) == len(series):  # nothing singled out: the batch as a whole is the problem
+            log.error("batch could not be sealed (%s); dropping %d series", exc, len(series))
+            self.unencodable_samples += sum(len(s.values) for s in series)
+            return []
+        return kept
+
     def _bound_held(self) -> None:
-        total = sum(len(s.values) for s in self.held)
-        while total > MAX_HELD_SAMPLES and self.held:
-            gone = self.held.pop(0)
-            total -= len(gone.values)
-            self.held_dropped_samples += len(gone.values)
+        excess = len(self.held) - MAX_HELD_SERIES
+        if excess > 0:
+            self.held_dropped_samples += sum(len(s.values) for s in self.held[:excess])
+            del self.held[:excess]
 
     def self_metrics(self, now_ms: int) -> list[wire.Series]:
         """The agent's own health, sent in every batch (the collector reads the backlog from it)."""
@@ -168,6 +195,7 @@ class Agent:
             ("waystation_agent_spool_write_errors_total", (), c, self.write_errors),
             ("waystation_agent_held_dropped_samples_total", (), c, self.held_dropped_samples),
             ("waystation_agent_late_samples_total", (), c, self.summarizer.dropped_samples),
+            ("waystation_agent_unencodable_samples_total", (), c, self.unencodable_samples),
             ("waystation_agent_cpu_seconds_total", (), c, round(usage.ru_utime + usage.ru_stime, 3)),
             ("waystation_agent_resident_memory_bytes", (), g, _rss_bytes()),
         ]
@@ -192,9 +220,11 @@ class Agent:
         try:
             while not self.stop_event.wait(max(0.0, next_flush + grace - time.time())):
                 self.flush(int(next_flush * 1000))
+                now = time.time()
                 next_flush += every
-                while next_flush <= time.time():
-                    next_flush += every
+                if next_flush <= now or next_flush - now > every + grace:
+                    # Missed boundaries, or the wall clock stepped back: realign to the clock.
+                    next_flush = (now // every + 1) * every
         finally:
             self.runner.stop()
             self.flush(int(time.time() * 1000), final=True)

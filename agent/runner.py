@@ -100,3 +100,6 @@ class Runner:
                 with self.lock:
                     self.errors[(name, "overrun")] += skipped
                 next_tick = tick + (skipped + 1) * interval
+            elif next_tick - now > interval:
+                # The wall clock stepped back: sample on the new clock, not hours from now.
+                next_tick = (now // interval + 1) * interval

@@ -118,7 +118,7 @@ class SmartSourceConfig:
 class NetworkSourceConfig:
     """[sources.network]: interface counters plus bounded active probes."""
 
-    enabled: bool = False  # becomes true once the source module lands
+    enabled: bool = True
     interval: Duration = Duration(10.0)
     # host:port targets for TCP-connect probes; empty probes the collector's host and port.
     probe_targets: tuple[str, ...] = ()

@@ -68,18 +68,36 @@ class SystemSourceConfig:
 
 @dataclass(frozen=True)
 class ScrapeSourceConfig:
-    name: str = ""
-    url: str = ""
+    """A [[sources.scrape]] entry: one /metrics page, optionally through a model-server preset."""
+
+    name: str = ""  # becomes job=...; defaults to the preset's name
+    url: str = ""  # defaults to the preset's URL
+    # vllm | triton | tgi | torchserve: default URL and metric allow-list (agent/sources/scrape_presets.py)
+    preset: str = ""
     interval: Duration = Duration(10.0)
     timeout: Duration = Duration(5.0)
-    allow: tuple[str, ...] = ()  # regexes over metric names; empty allows all
+    allow: tuple[str, ...] = ()  # regexes over metric names; empty: the preset's list, else all
     deny: tuple[str, ...] = ()
+    # Series kept per scrape; families that would go past it are dropped whole and counted
+    # in waystation_scrape_series_dropped_total{job}.
+    max_series: int = 10_000
 
     def __post_init__(self) -> None:
+        if self.preset:
+            from agent.sources.scrape_presets import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"preset {self.preset!r} is not one of {', '.join(sorted(PRESETS))}")
+            if not self.name:
+                object.__setattr__(self, "name", self.preset)
+            if not self.url:
+                object.__setattr__(self, "url", PRESETS[self.preset].url)
         if not _NAME.match(self.name):
             raise ValueError(f"name {self.name!r} must be a short identifier (it becomes job=...)")
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url {self.url!r} must start with http:// or https://")
+        if self.max_series < 1:
+            raise ValueError("max_series must be at least 1")
         for pattern in self.allow + self.deny:
             try:
                 re.compile(pattern)

@@ -52,6 +52,8 @@ def _compile(patterns: Iterable[str | re.Pattern[str]]) -> re.Pattern[str] | Non
     return re.compile("|".join(f"(?:{s})" for s in sources))
 
 
+SERIES_DROPPED = "waystation_scrape_series_dropped_total"
+
 # Labels the fleet owns: job is set here, site and node by the collector from the signed header.
 RESERVED_LABELS = ("job", "site", "node")
 
@@ -80,6 +82,34 @@ def parse(
 
     Raises ValueError on a page prometheus_client cannot parse.
     """
+    return [s for family in parse_families(text, job, allow, deny, ts_ms) for s in family]
+
+
+def limit_series(families: Iterable[list[Sample]], max_series: int) -> tuple[list[Sample], int]:
+    """Keep whole families, in page order, while they fit in max_series; return (kept, dropped).
+
+    A family that does not fit is dropped whole (half a histogram would give wrong
+    quantiles) and later, smaller families may still fit: the family whose labels
+    exploded goes, the rest of the server's metrics stay.
+    """
+    kept: list[Sample] = []
+    dropped = 0
+    for family in families:
+        if len(kept) + len(family) <= max_series:
+            kept.extend(family)
+        else:
+            dropped += len(family)
+    return kept, dropped
+
+
+def parse_families(
+    text: str,
+    job: str,
+    allow: Sequence[str | re.Pattern[str]],
+    deny: Sequence[str | re.Pattern[str]],
+    ts_ms: int,
+) -> list[list[Sample]]:
+    """parse(), grouped by metric family in page order (families left empty are omitted)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     allow_re = _compile(allow)
@@ -91,8 +121,9 @@ def parse(
     created = {f.name + "_created" for f in families if f.type in _HAS_CREATED}
     decided: dict[str, bool] = {}
     seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
-    out: list[Sample] = []
+    grouped: list[list[Sample]] = []
     for fam in families:
+        out: list[Sample] = []
         suffixes = _SUFFIX_TYPES.get(fam.type, {"": MetricType.UNTYPED})
         renamed_counter = (
             fam.type == "counter"
@@ -123,19 +154,33 @@ def parse(
             seen.add((name, labels))
             ts = ts_ms if s.timestamp is None else round(float(s.timestamp) * 1000)
             out.append(Sample(name, labels, mtype, float(s.value), ts))
-    return out
+        if out:
+            grouped.append(out)
+    return grouped
 
 
 class Scrape:
-    """A [[sources.scrape]] entry: one /metrics URL, its samples labelled job=<name>."""
+    """A [[sources.scrape]] entry: one /metrics URL, its samples labelled job=<name>.
+
+    With a preset (vllm, triton, tgi, torchserve) the config already carries the preset's
+    URL; here the preset's family list becomes the allow-list unless `allow` is given.
+    Every collect() also emits waystation_scrape_series_dropped_total{job}: series beyond
+    max_series dropped so far (a counter from 0, so rate() sees the first drop).
+    """
 
     def __init__(self, config: ScrapeSourceConfig, env: SourceEnv) -> None:
         self.config = config
         self.env = env
         self.name = config.name
+        allow: tuple[str, ...] = config.allow
+        if not allow and config.preset:
+            from agent.sources.scrape_presets import PRESETS
+
+            allow = PRESETS[config.preset].allow()
         # Compiled once; parse() accepts compiled patterns as they are.
-        self._allow = [re.compile(p) for p in config.allow]
+        self._allow = [re.compile(p) for p in allow]
         self._deny = [re.compile(p) for p in config.deny]
+        self.series_dropped = 0
 
     def probe(self) -> str | None:
         """None if prometheus_client's parser imports; the endpoint itself may come later."""
@@ -149,5 +194,12 @@ class Scrape:
         """GET the page once and parse it; called from this source's worker thread."""
         body = self.env.http_get(self.config.url, float(self.config.timeout))
         text = body.decode("utf-8", errors="replace")
-        return parse(text, self.name, self._allow, self._deny, round(now * 1000))
+        return self.parse_page(text, round(now * 1000))
 
+    def parse_page(self, text: str, ts_ms: int) -> list[Sample]:
+        """One page through this entry's allow/deny lists and series limit (pure but for the count)."""
+        families = parse_families(text, self.name, self._allow, self._deny, ts_ms)
+        kept, dropped = limit_series(families, self.config.max_series)
+        self.series_dropped += dropped
+        kept.append(Sample(SERIES_DROPPED, (("job", self.name),), C, float(self.series_dropped), ts_ms))
+        return kept

@@ -238,7 +238,9 @@ def test_collect_over_real_http(served_page: tuple[str, bytes]) -> None:
     assert source.name == "triton"
     assert source.probe() is None
     samples = source.collect(1_700_000_000.5)
-    assert len(samples) == len(sample_lines(body.decode()))
+    # Every page line, plus the source's own dropped-series counter (nothing dropped).
+    assert len(samples) == len(sample_lines(body.decode())) + 1
+    assert samples[-1].name == "waystation_scrape_series_dropped_total" and samples[-1].value == 0
     assert {s.ts_ms for s in samples} == {1_700_000_000_500}
     assert {dict(s.labels)["job"] for s in samples} == {"triton"}
 

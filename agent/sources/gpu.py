@@ -20,6 +20,7 @@ rather than dcgm-exporter's sticky last-XID gauge.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -342,6 +343,9 @@ class Gpu:
         """Initialise NVML and find the GPUs; called once from the runner's thread."""
         nvml: Any = self.env.extra.get("nvml")
         if nvml is None:
+            # Most nodes have no GPU: say so without paying for importing pynvml (footprint).
+            if not os.path.exists(os.path.join(self.env.proc_root, "driver", "nvidia", "version")):
+                return "unavailable: no NVIDIA driver loaded (no /proc/driver/nvidia/version)"
             try:
                 import pynvml
             except ImportError:

@@ -548,3 +548,19 @@ def test_pynvml_is_imported_only_by_probe() -> None:
     code = ("import sys\nfrom agent.sources.gpu import Gpu\nassert 'pynvml' not in sys.modules\n"
             "import agent.daemon\nassert 'pynvml' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_no_driver_is_said_without_importing_pynvml(tmp_path: Path) -> None:
+    """A node without the NVIDIA driver pays nothing for the GPU source (agent footprint)."""
+    code = (
+        "import sys\n"
+        "from agent.config import GpuSourceConfig\n"
+        "from agent.sources.base import SourceEnv\n"
+        "from agent.sources.gpu import Gpu\n"
+        f"print(Gpu(GpuSourceConfig(), SourceEnv(proc_root={str(tmp_path)!r})).probe())\n"
+        "print('pynvml' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    reason, imported = out.stdout.splitlines()
+    assert reason.startswith("unavailable: no NVIDIA driver loaded") and imported == "False"

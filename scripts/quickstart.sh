@@ -33,6 +33,15 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 "$bin/waystation-collector" serve --data-dir "$run_dir/collector" --listen "$listen" &
 pids+=($!)
+"$bin/python" - "$listen" <<'PY'
+import sys, time, urllib.request
+for _ in range(100):
+    try:
+        urllib.request.urlopen(f"http://{sys.argv[1]}/healthz", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.1)
+PY
 "$bin/waystation-agent" run --config "$agent_conf" &
 pids+=($!)
 

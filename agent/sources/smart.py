@@ -1,0 +1,497 @@
+"""Disk health through smartctl, interpreted by pySMART, under smartctl_exporter's names.
+
+Every smartctl invocation goes through one runner, `(args, timeout) -> (exit status,
+stdout bytes)`: `run_smartctl` by default, `env.extra["smartctl_runner"]` in tests,
+which replay recorded outputs. pySMART does the interpretation: it gets a `Smartctl`
+subclass whose low-level `generic_call` goes through that runner (the same injection
+point pySMART's own tests use). `device_samples()` maps one parsed pySMART Device to
+samples and is pure.
+
+Rules that keep SMART harmless on a production node:
+- never wake a sleeping disk: every call that reads a device carries `-n standby`, so
+  smartctl answers "Device is in STANDBY mode" (exit bit 1) instead of spinning it up;
+  the source then reports the power mode and skips the read;
+- every call has a timeout, and a device's calls share one budget of `timeout`, so a
+  collect() takes at most timeout x (devices + 1); a device that timed out or failed is
+  counted in waystation_smart_device_errors_total{device,reason} and skipped, the others
+  go on;
+- missing permissions (smartctl exit bit 1 with "Permission denied"/"Operation not
+  permitted") are reported as such: the agent needs CAP_SYS_RAWIO (ATA/SCSI) and
+  CAP_SYS_ADMIN (NVMe), as packaging/systemd/waystation-agent.service grants.
+pySMART (~12 MB) is imported only when this source is built.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import SmartSourceConfig
+from agent.sources.base import Labels, Sample, SourceEnv
+from agent.wire import MetricType
+
+G = MetricType.GAUGE
+C = MetricType.COUNTER
+
+SmartctlRunner = Callable[[Sequence[str], float], tuple[int, bytes]]
+
+CAPS_HINT = (
+    "the agent needs CAP_SYS_RAWIO (ATA/SCSI) and CAP_SYS_ADMIN (NVMe) to read SMART; "
+    "see packaging/systemd/waystation-agent.service (AmbientCapabilities)"
+)
+CAP_SYS_RAWIO = 17
+CAP_SYS_ADMIN = 21
+
+# smartctl exit status bits (smartctl(8) "RETURN VALUES").
+EXIT_CMDLINE = 1 << 0  # command line did not parse
+EXIT_OPEN = 1 << 1  # device open failed, or device in a low-power mode (with -n)
+EXIT_FAILING = 1 << 3  # SMART status check returned "DISK FAILING"
+
+ERRORS_METRIC = "waystation_smart_device_errors_total"
+POWER_MODE_METRIC = "smartctl_device_power_mode"
+
+_LOW_POWER = re.compile(r"Device is in (.+?) mode")
+_POWER_MODE_LINE = re.compile(r"^Power mode (?:is|was):\s+(.+?)\s*$")
+_ATA_ERROR_COUNT = re.compile(r"^ATA Error Count:\s+(\d+)")
+_SCAN_LINE = re.compile(r"^(\S+)\s+-d\s+(\S+)")
+_PERMISSION = ("Permission denied", "Operation not permitted")
+
+
+def run_smartctl(args: Sequence[str], timeout: float, smartctl: str = "smartctl") -> tuple[int, bytes]:
+    """The one place smartctl is started: (exit status, stdout+stderr); raises TimeoutExpired."""
+    env = {**os.environ, "LANG": "C", "LC_ALL": "C"}
+    proc = subprocess.run(  # noqa: S603 (configured binary, fixed arguments)
+        [smartctl, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, env=env, check=False
+    )
+    return proc.returncode, proc.stdout
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device to read: its path and smartctl -d type ("" lets smartctl detect it)."""
+
+    name: str
+    type: str = ""
+
+
+class SmartctlFailure(Exception):
+    """A device could not be read; `reason` labels the error counter."""
+
+    reason = "error"
+
+
+class SmartctlTimeout(SmartctlFailure):
+    reason = "timeout"
+
+
+class SmartctlPermission(SmartctlFailure):
+    reason = "permission"
+
+
+class SmartctlOpenFailed(SmartctlFailure):
+    reason = "open"
+
+
+class LowPowerMode(Exception):
+    """The device sleeps; smartctl -n standby declined to wake it."""
+
+    def __init__(self, mode: str, exit_status: int) -> None:
+        super().__init__(mode)
+        self.mode = mode
+        self.exit_status = exit_status
+
+
+# ---- pure helpers ---------------------------------------------------------------------
+
+
+def parse_scan(lines: Iterable[str]) -> list[DeviceSpec]:
+    """`smartctl --scan-open` lines -> devices; commented-out (failed) lines are skipped."""
+    out: list[DeviceSpec] = []
+    for line in lines:
+        m = _SCAN_LINE.match(line.strip())
+        if m and not line.lstrip().startswith("#") and "failed:" not in line:
+            out.append(DeviceSpec(m.group(1), m.group(2)))
+    return out
+
+
+def scan_failures(lines: Iterable[str]) -> list[tuple[str, str]]:
+    """(device, message) for scan lines smartctl could not open (`# /dev/sda -d ... failed: ...`)."""
+    out = []
+    for line in lines:
+        if "failed:" in line:
+            m = _SCAN_LINE.match(line.lstrip("# ").strip())
+            out.append((m.group(1) if m else line.strip(), line.strip()))
+    return out
+
+
+def device_label(name: str, dev_type: str) -> str:
+    """smartctl_exporter's device label: /dev/bus/0 + megaraid,1 -> bus_0_megaraid_1."""
+    label = re.sub(r"^/dev/(?:disk/by-id/|disk/by-path/|)", "", name).replace("/", "_")
+    if "," in dev_type:
+        label += "_" + dev_type.replace(",", "_")
+    return label
+
+
+def low_power_mode(lines: Iterable[str]) -> str | None:
+    """"Device is in STANDBY mode, exit(2)" -> "STANDBY"."""
+    for line in lines:
+        m = _LOW_POWER.search(line)
+        if m:
+            return normalize_power_mode(m.group(1))
+    return None
+
+
+def normalize_power_mode(text: str) -> str:
+    return re.sub(r"[^A-Z0-9]+", "_", text.upper()).strip("_")
+
+
+def power_mode_line(lines: Iterable[str]) -> str | None:
+    """"Power mode is:    ACTIVE or IDLE" (printed with -n for ATA) -> "ACTIVE_OR_IDLE"."""
+    for line in lines:
+        m = _POWER_MODE_LINE.match(line)
+        if m:
+            return normalize_power_mode(m.group(1))
+    return None
+
+
+def ata_error_count(lines: Iterable[str]) -> int | None:
+    """The ATA error log's count: "ATA Error Count: 7731 (...)" or 0 for "No Errors Logged"."""
+    in_log = False
+    for line in lines:
+        m = _ATA_ERROR_COUNT.match(line)
+        if m:
+            return int(m.group(1))
+        if line.startswith("SMART Error Log Version"):
+            in_log = True
+        elif in_log and line.strip() == "No Errors Logged":
+            return 0
+    return None
+
+
+def classify_failure(rc: int, lines: Sequence[str], device: str) -> LowPowerMode | SmartctlFailure | None:
+    """What a non-zero exit means for reading this device; None when the output is usable."""
+    if rc & EXIT_OPEN:
+        mode = low_power_mode(lines)
+        if mode is not None:
+            return LowPowerMode(mode, rc)
+        text = "\n".join(lines)
+        if any(p in text for p in _PERMISSION):
+            return SmartctlPermission(f"smartctl {device}: permission denied: {CAPS_HINT}")
+        last = next((ln.strip() for ln in reversed(lines) if ln.strip()), f"exit status {rc}")
+        return SmartctlOpenFailed(f"smartctl {device}: {last}")
+    if rc & EXIT_CMDLINE:
+        last = next((ln.strip() for ln in reversed(lines) if ln.strip()), f"exit status {rc}")
+        return SmartctlFailure(f"smartctl {device}: {last}")
+    return None
+
+
+def attribute_flags(flags: int) -> tuple[str, str]:
+    """ATA attribute flag word -> smartctl's short ("PO--CK") and long forms."""
+    bits = (("P", "prefailure"), ("O", "updated_online"), ("S", "performance"),
+            ("R", "error_rate"), ("C", "event_count"), ("K", "auto_keep"))
+    short = "".join(c if flags & (1 << i) else "-" for i, (c, _) in enumerate(bits))
+    long = ",".join(name for i, (_, name) in enumerate(bits) if flags & (1 << i))
+    return short, long
+
+
+def protocol_of(dev_type: str, nvme: bool, scsi: bool) -> str:
+    """smartctl JSON's device.protocol: ATA, SCSI or NVMe."""
+    if nvme:
+        return "NVMe"
+    if scsi:
+        return "SCSI"
+    return "ATA"
+
+
+def _int(value: object) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(str(value).replace(",", "").split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def device_samples(dev: Any, spec: DeviceSpec, ts_ms: int, exit_status: int, lines: Sequence[str]) -> list[Sample]:
+    """One pySMART Device (already read) -> smartctl_exporter-named samples. Pure."""
+    from pySMART.interface import AtaAttributes, NvmeAttributes, SCSIAttributes
+
+    label = device_label(spec.name, spec.type)
+    dev_l: Labels = (("device", label),)
+    out: list[Sample] = []
+
+    def add(name: str, value: float | int | None, extra: Labels = (), mtype: MetricType = G) -> None:
+        if value is not None:
+            out.append(Sample(name, dev_l + extra, mtype, float(value), ts_ms))
+
+    attrs = dev.if_attributes
+    nvme = isinstance(attrs, NvmeAttributes)
+    scsi = isinstance(attrs, SCSIAttributes)
+    interface = spec.type or (dev.smartctl_interface or "")
+    model, serial = dev.model or "", dev.serial or ""
+    family = dev.family or ""
+    out.append(Sample("smartctl_device", dev_l + (
+        ("interface", interface), ("protocol", protocol_of(interface, nvme, scsi)),
+        ("model_family", family), ("model_name", model), ("serial_number", serial),
+        ("firmware_version", dev.firmware or "")), G, 1.0, ts_ms))
+    if dev.assessment in ("PASS", "WARN", "FAIL"):
+        add("smartctl_device_smart_status", 0 if dev.assessment == "FAIL" else 1)
+    add("smartctl_device_smartctl_exit_status", exit_status)
+    add(POWER_MODE_METRIC, 1, (("power_mode", power_mode_line(lines) or "ACTIVE"),))
+    add("smartctl_device_temperature", dev.temperature, (("temperature_type", "current"),))
+    if dev._capacity is not None:  # the exact byte count; .size is parsed from the rounded string
+        add("smartctl_device_capacity_bytes", dev._capacity)
+    if not nvme:
+        add("smartctl_device_rotation_rate", 0 if dev.is_ssd and dev.rotation_rate is None else dev.rotation_rate)
+
+    if nvme:
+        add("smartctl_device_power_on_seconds", None if attrs.powerOnHours is None else attrs.powerOnHours * 3600)
+        add("smartctl_device_power_cycle_count", attrs.powerCycles, mtype=C)
+        add("smartctl_device_percentage_used", attrs.percentageUsed)
+        add("smartctl_device_available_spare", attrs.availableSpare)
+        add("smartctl_device_available_spare_threshold", attrs.availableSpareThreshold)
+        add("smartctl_device_critical_warning", attrs.criticalWarning)
+        add("smartctl_device_media_errors", attrs.integrityErrors, mtype=C)
+        add("smartctl_device_num_err_log_entries", attrs.errorEntries, mtype=C)
+        # NVMe data units are 1000 blocks of 512 bytes; smartctl_exporter multiplies the same way.
+        add("smartctl_device_bytes_read",
+            None if attrs.dataUnitsRead is None else attrs.dataUnitsRead * 512_000, mtype=C)
+        add("smartctl_device_bytes_written",
+            None if attrs.dataUnitsWritten is None else attrs.dataUnitsWritten * 512_000, mtype=C)
+    elif isinstance(attrs, AtaAttributes):
+        by_id = {a.num: a for a in attrs.legacyAttributes if a is not None}
+        for num, a in sorted(by_id.items()):
+            short, long = attribute_flags(a.flags)
+            base: Labels = (("attribute_name", a.name), ("attribute_flags_short", short),
+                            ("attribute_flags_long", long), ("attribute_id", str(num)))
+            for kind, value in (("value", a.value_int), ("worst", a.worst), ("thresh", a.thresh), ("raw", a.raw_int)):
+                add("smartctl_device_attribute", value, base + (("attribute_value_type", kind),))
+        if 9 in by_id:
+            hours = _int(by_id[9].raw)
+            add("smartctl_device_power_on_seconds", None if hours is None else hours * 3600)
+        if 12 in by_id:
+            add("smartctl_device_power_cycle_count", by_id[12].raw_int, mtype=C)
+        add("smartctl_device_error_log_count", ata_error_count(lines), (("error_log_type", "summary"),))
+    elif scsi:
+        diag = attrs.diagnostics
+        ident: Labels = (("model_family", family), ("model_name", model), ("serial_number", serial))
+        add("smartctl_device_power_on_seconds", None if diag.Power_On_Hours is None else diag.Power_On_Hours * 3600)
+        add("smartctl_device_power_cycle_count", diag.Start_Stop_Cycles, mtype=C)
+        add("smartctl_scsi_grown_defect_list", diag.Reallocated_Sector_Ct, ident)
+        add("smartctl_read_total_uncorrected_errors", diag.Uncorrected_Reads, ident, C)
+        add("smartctl_write_total_uncorrected_errors", diag.Uncorrected_Writes, ident, C)
+    return out
+
+
+def standby_samples(spec: DeviceSpec, mode: str, exit_status: int, ts_ms: int) -> list[Sample]:
+    """A sleeping device: its power mode and smartctl's exit status, nothing read."""
+    dev_l: Labels = (("device", device_label(spec.name, spec.type)),)
+    return [
+        Sample(POWER_MODE_METRIC, dev_l + (("power_mode", mode),), G, 1.0, ts_ms),
+        Sample("smartctl_device_smartctl_exit_status", dev_l, G, float(exit_status), ts_ms),
+    ]
+
+
+def capability_problem(proc_root: str) -> str | None:
+    """Why this process cannot read SMART (not root and no CAP_SYS_RAWIO), else None."""
+    if os.geteuid() == 0:
+        return None
+    try:
+        with open(os.path.join(proc_root, "self", "status")) as f:
+            cap_eff = next((int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:")), 0)
+    except OSError:
+        return None
+    if not cap_eff & (1 << CAP_SYS_RAWIO):
+        return f"not root and without CAP_SYS_RAWIO: {CAPS_HINT}"
+    return None
+
+
+# ---- raw I/O ----------------------------------------------------------------------------
+
+
+def _load_pysmart() -> Any:
+    """Import pySMART without letting it change the agent's LANG (it sets LANG=C on import)."""
+    saved = os.environ.get("LANG")
+    try:
+        import pySMART
+    finally:
+        if saved is None:
+            os.environ.pop("LANG", None)
+        else:
+            os.environ["LANG"] = saved
+    return pySMART
+
+
+def _runner_smartctl_class() -> Any:
+    from pySMART.smartctl import Smartctl
+
+    class RunnerSmartctl(Smartctl):  # type: ignore[misc]
+        """pySMART's smartctl wrapper, with every call going through our runner.
+
+        One instance reads one device: it adds `-n standby` to device reads, gives the
+        device's calls one shared time budget, answers a repeated call (pySMART's
+        classification re-reads `--all` for SCSI and MegaRAID) from what it already has,
+        and turns exit statuses that make the output useless into exceptions.
+        """
+
+        def __init__(self, runner: SmartctlRunner, timeout: float, device: str = "", real_type: str = "") -> None:
+            super().__init__(smartctl_path="smartctl", options=[], sudo=False)
+            self.runner = runner
+            self.deadline = time.monotonic() + timeout
+            self.device = device
+            self.real_type = real_type  # a -d type pySMART does not know (cciss,N, usbjmicron)
+            self.cache: dict[tuple[str, ...], tuple[list[str], int]] = {}
+            self.failure: BaseException | None = None
+            self.all_lines: list[str] = []
+            self.all_status = 0
+
+        def generic_call(self, params: list[str], pass_options: bool = False) -> tuple[list[str], int]:
+            args = list(params)
+            if self.real_type and "-d" in args[:-1]:
+                i = args.index("-d")
+                if args[i + 1] != "test":
+                    args[i + 1] = self.real_type
+            if not any(a.startswith("--scan") for a in args) and "test" not in args and "-V" not in args:
+                args = ["-n", "standby", *args]
+            key = tuple(args)
+            if key in self.cache:
+                return self.cache[key]
+            if self.failure is not None:  # one timeout ends this device's read
+                raise self.failure
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                self.failure = SmartctlTimeout(f"smartctl {self.device}: time budget spent")
+                raise self.failure
+            try:
+                rc, raw = self.runner(args, remaining)
+            except subprocess.TimeoutExpired as exc:
+                self.failure = SmartctlTimeout(f"smartctl {self.device}: timed out after {exc.timeout:.0f}s")
+                raise self.failure from exc
+            lines: list[str] = self._decode_output(raw)
+            problem = classify_failure(rc, lines, self.device or " ".join(args))
+            if problem is not None:
+                raise problem
+            if "--all" in args:
+                self.all_lines, self.all_status = lines, rc
+            self.cache[key] = (lines, rc)
+            return lines, rc
+
+    return RunnerSmartctl
+
+
+def pysmart_type(dev_type: str) -> str | None:
+    """The -d type to hand pySMART, which knows only some; the real one is put back per call."""
+    from pySMART.utils import smartctl_isvalid_type
+
+    if not dev_type:
+        return None
+    if smartctl_isvalid_type(dev_type.lower()):
+        return dev_type
+    return "nvme" if dev_type.startswith(("nvme", "snt")) else "sat"
+
+
+@dataclass
+class DeviceRead:
+    """The outcome of reading one device."""
+
+    spec: DeviceSpec
+    samples: list[Sample]
+    error: SmartctlFailure | None = None
+
+
+def read_device(runner: SmartctlRunner, spec: DeviceSpec, timeout: float, ts_ms: int) -> DeviceRead:
+    """Read one device through pySMART; failures come back in .error, never raised."""
+    pysmart = _load_pysmart()
+    real = spec.type if spec.type and pysmart_type(spec.type) != spec.type else ""
+    sm = _runner_smartctl_class()(runner, timeout, spec.name, real)
+    try:
+        dev = pysmart.Device(spec.name, interface=pysmart_type(spec.type), smartctl=sm)
+    except LowPowerMode as exc:
+        return DeviceRead(spec, standby_samples(spec, exc.mode, exc.exit_status, ts_ms))
+    except SmartctlFailure as exc:
+        return DeviceRead(spec, [], exc)
+    except Exception as exc:  # noqa: BLE001 (pySMART on an output it cannot parse)
+        return DeviceRead(spec, [], SmartctlFailure(f"smartctl {spec.name}: unparseable output: {exc!r}"))
+    if not sm.all_lines:
+        return DeviceRead(spec, [], SmartctlOpenFailed(f"smartctl {spec.name}: no data (device missing?)"))
+    if dev.if_attributes is None and dev.model is None:
+        return DeviceRead(spec, [], SmartctlFailure(f"smartctl {spec.name}: no SMART data in the output"))
+    resolved = spec if spec.type else DeviceSpec(spec.name, dev.smartctl_interface or "")
+    return DeviceRead(spec, device_samples(dev, resolved, ts_ms, sm.all_status, sm.all_lines))
+
+
+class Smart:
+    """[sources.smart]: per-device SMART health, read at most every interval (10 m)."""
+
+    name = "smart"
+
+    def __init__(self, config: SmartSourceConfig, env: SourceEnv) -> None:
+        self.config = config
+        self.env = env
+        injected = env.extra.get("smartctl_runner")
+        self.runner: SmartctlRunner = (
+            injected if callable(injected) else functools.partial(run_smartctl, smartctl=config.smartctl)
+        )
+        self.errors: dict[tuple[str, str], int] = {}  # (device, reason) -> count since start
+
+    @property
+    def timeout(self) -> float:
+        return float(self.config.timeout)
+
+    def probe(self) -> str | None:
+        if "smartctl_runner" not in self.env.extra:
+            if shutil.which(self.config.smartctl) is None:
+                return f"unavailable: smartctl not found at {self.config.smartctl!r} (apt-get install smartmontools)"
+            problem = capability_problem(self.env.proc_root)
+            if problem is not None:
+                return f"unavailable: {problem}"
+        try:
+            _load_pysmart()
+        except ImportError:
+            return "unavailable: pySMART not installed (pip install pySMART)"
+        try:
+            rc, out = self.runner(["-V"], self.timeout)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"unavailable: smartctl not runnable: {exc}"
+        if rc != 0 or b"smartctl" not in out:
+            return f"unavailable: smartctl -V exited {rc}"
+        return None
+
+    def devices(self) -> tuple[list[DeviceSpec], list[DeviceRead]]:
+        """The configured devices, or what `smartctl --scan-open` finds (plus scan failures)."""
+        if self.config.devices:
+            return [DeviceSpec(d.name, d.type) for d in self.config.devices], []
+        sm = _runner_smartctl_class()(self.runner, self.timeout, "--scan-open")
+        lines, _ = sm.generic_call(["--scan-open"])
+        failed = []
+        for name, msg in scan_failures(lines):
+            err: SmartctlFailure = (SmartctlPermission(f"smartctl {name}: permission denied: {CAPS_HINT}")
+                                    if any(p in msg for p in _PERMISSION) else SmartctlOpenFailed(msg))
+            failed.append(DeviceRead(DeviceSpec(name), [], err))
+        return parse_scan(lines), failed
+
+    def collect(self, now: float) -> list[Sample]:
+        ts_ms = int(now * 1000)
+        _load_pysmart()
+        specs, reads = self.devices()
+        reads += [read_device(self.runner, spec, self.timeout, ts_ms) for spec in specs]
+        out: list[Sample] = []
+        for r in reads:
+            out += r.samples
+            if r.error is not None:
+                key = (device_label(r.spec.name, r.spec.type), r.error.reason)
+                self.errors[key] = self.errors.get(key, 0) + 1
+        for (device, reason), count in sorted(self.errors.items()):
+            out.append(Sample(ERRORS_METRIC, (("device", device), ("reason", reason)), C, float(count), ts_ms))
+        failed = [r.error for r in reads if r.error is not None]
+        if reads and len(failed) == len(reads) and all(isinstance(e, SmartctlPermission) for e in failed):
+            # Nothing readable and the reason is permissions: fail loudly, once per interval.
+            raise SmartctlPermission(f"no device readable: {CAPS_HINT}")
+        return out

@@ -155,10 +155,44 @@ GPU_METRICS = (
 OPTIONAL_LABELS = {name: ("GPU_I_ID", "GPU_I_PROFILE") for name in (
     "DCGM_FI_DEV_FB_TOTAL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_RESERVED")}
 
-# ---- SMART: TO BE FILLED when agent/sources/smart.py lands (being written in parallel). ----
-# Add its smartctl_exporter-named entries here with source "smart"; tests/unit/test_catalog.py
-# skips the SMART direction while this is empty and the module is absent.
-SMART: list[Metric] = []
+# ---- SMART (agent/sources/smart.py): smartctl_exporter's names and labels. ----
+SMART_INFO = ("device", "interface", "protocol", "model_family", "model_name", "serial_number", "firmware_version")
+SMART_IDENT = ("device", "model_family", "model_name", "serial_number")
+# smartctl_exporter exposes every SMART value as a gauge (counts included); kept so for its dashboards.
+SMART: list[Metric] = (
+    _m("smart", SMART_INFO, ("smartctl_device", G, "", "Device info."))
+    + _m("smart", DEV,
+         ("smartctl_device_smart_status", G, "", "General SMART status: 1 passed, 0 failed."),
+         ("smartctl_device_smartctl_exit_status", G, "", "Exit status of smartctl on the device."),
+         ("smartctl_device_capacity_bytes", G, "bytes", "Device capacity in bytes."),
+         ("smartctl_device_rotation_rate", G, "rpm", "Device rotation rate (0 for solid state)."),
+         ("smartctl_device_power_on_seconds", G, "seconds", "Device power on seconds."),
+         ("smartctl_device_power_cycle_count", G, "", "Device power cycle count (start-stop cycles for SCSI)."),
+         ("smartctl_device_percentage_used", G, "percent", "NVMe: device write percentage used."),
+         ("smartctl_device_available_spare", G, "percent", "NVMe: remaining spare capacity, normalized percentage."),
+         ("smartctl_device_available_spare_threshold", G, "percent", "NVMe: available spare threshold."),
+         ("smartctl_device_critical_warning", G, "", "NVMe: critical warning bits of the controller."),
+         ("smartctl_device_media_errors", G, "", "NVMe: unrecovered data integrity errors."),
+         ("smartctl_device_num_err_log_entries", G, "", "NVMe: error information log entries over the life."),
+         ("smartctl_device_bytes_read", G, "bytes", "NVMe: bytes read (data units x 512000)."),
+         ("smartctl_device_bytes_written", G, "bytes", "NVMe: bytes written (data units x 512000)."))
+    + _m("smart", DEV + ("temperature_type",),
+         ("smartctl_device_temperature", G, "celsius", "Device temperature celsius."))
+    + _m("smart", DEV + ("power_mode",),
+         ("smartctl_device_power_mode", G, "", "1 for the device's current power mode (STANDBY: not read)."))
+    + _m("smart", DEV + ("error_log_type",),
+         ("smartctl_device_error_log_count", G, "", "ATA: SMART error log count."))
+    + _m("smart", DEV + ("attribute_name", "attribute_flags_short", "attribute_flags_long", "attribute_id",
+                         "attribute_value_type"),
+         ("smartctl_device_attribute", G, "", "ATA SMART attribute: value, worst, thresh or raw."))
+    + _m("smart", SMART_IDENT,
+         ("smartctl_scsi_grown_defect_list", G, "", "SCSI: grown defect list count."),
+         ("smartctl_read_total_uncorrected_errors", G, "", "SCSI: read total uncorrected errors."),
+         ("smartctl_write_total_uncorrected_errors", G, "", "SCSI: write total uncorrected errors."))
+    + _m("smart", ("device", "reason"),
+         ("waystation_smart_device_errors_total", C, "",
+          "Devices smartctl could not read (timeout, permission, open, error) since the agent started."))
+)
 
 SCRAPE = _m("scrape", ("job",),
             ("waystation_scrape_series_dropped_total", C, "",

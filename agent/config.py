@@ -125,7 +125,7 @@ class SmartDeviceConfig:
 class SmartSourceConfig:
     """[sources.smart]: SMART health through smartctl; slow, so off the other sources' path."""
 
-    enabled: bool = False  # becomes true once the source module lands
+    enabled: bool = True
     interval: Duration = Duration(600.0)
     timeout: Duration = Duration(30.0)  # per smartctl call
     smartctl: str = "smartctl"

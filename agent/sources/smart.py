@@ -220,7 +220,10 @@ def _int(value: object) -> int | None:
 
 
 def device_samples(dev: Any, spec: DeviceSpec, ts_ms: int, exit_status: int, lines: Sequence[str]) -> list[Sample]:
-    """One pySMART Device (already read) -> smartctl_exporter-named samples. Pure."""
+    """One pySMART Device (already read) -> smartctl_exporter-named samples. Pure.
+
+    All gauges, counts included, as smartctl_exporter exposes them (no _total names).
+    """
     from pySMART.interface import AtaAttributes, NvmeAttributes, SCSIAttributes
 
     label = device_label(spec.name, spec.type)
@@ -253,18 +256,18 @@ def device_samples(dev: Any, spec: DeviceSpec, ts_ms: int, exit_status: int, lin
 
     if nvme:
         add("smartctl_device_power_on_seconds", None if attrs.powerOnHours is None else attrs.powerOnHours * 3600)
-        add("smartctl_device_power_cycle_count", attrs.powerCycles, mtype=C)
+        add("smartctl_device_power_cycle_count", attrs.powerCycles)
         add("smartctl_device_percentage_used", attrs.percentageUsed)
         add("smartctl_device_available_spare", attrs.availableSpare)
         add("smartctl_device_available_spare_threshold", attrs.availableSpareThreshold)
         add("smartctl_device_critical_warning", attrs.criticalWarning)
-        add("smartctl_device_media_errors", attrs.integrityErrors, mtype=C)
-        add("smartctl_device_num_err_log_entries", attrs.errorEntries, mtype=C)
+        add("smartctl_device_media_errors", attrs.integrityErrors)
+        add("smartctl_device_num_err_log_entries", attrs.errorEntries)
         # NVMe data units are 1000 blocks of 512 bytes; smartctl_exporter multiplies the same way.
         add("smartctl_device_bytes_read",
-            None if attrs.dataUnitsRead is None else attrs.dataUnitsRead * 512_000, mtype=C)
+            None if attrs.dataUnitsRead is None else attrs.dataUnitsRead * 512_000)
         add("smartctl_device_bytes_written",
-            None if attrs.dataUnitsWritten is None else attrs.dataUnitsWritten * 512_000, mtype=C)
+            None if attrs.dataUnitsWritten is None else attrs.dataUnitsWritten * 512_000)
     elif isinstance(attrs, AtaAttributes):
         by_id = {a.num: a for a in attrs.legacyAttributes if a is not None}
         for num, a in sorted(by_id.items()):
@@ -277,16 +280,16 @@ def device_samples(dev: Any, spec: DeviceSpec, ts_ms: int, exit_status: int, lin
             hours = _int(by_id[9].raw)
             add("smartctl_device_power_on_seconds", None if hours is None else hours * 3600)
         if 12 in by_id:
-            add("smartctl_device_power_cycle_count", by_id[12].raw_int, mtype=C)
+            add("smartctl_device_power_cycle_count", by_id[12].raw_int)
         add("smartctl_device_error_log_count", ata_error_count(lines), (("error_log_type", "summary"),))
     elif scsi:
         diag = attrs.diagnostics
         ident: Labels = (("model_family", family), ("model_name", model), ("serial_number", serial))
         add("smartctl_device_power_on_seconds", None if diag.Power_On_Hours is None else diag.Power_On_Hours * 3600)
-        add("smartctl_device_power_cycle_count", diag.Start_Stop_Cycles, mtype=C)
+        add("smartctl_device_power_cycle_count", diag.Start_Stop_Cycles)
         add("smartctl_scsi_grown_defect_list", diag.Reallocated_Sector_Ct, ident)
-        add("smartctl_read_total_uncorrected_errors", diag.Uncorrected_Reads, ident, C)
-        add("smartctl_write_total_uncorrected_errors", diag.Uncorrected_Writes, ident, C)
+        add("smartctl_read_total_uncorrected_errors", diag.Uncorrected_Reads, ident)
+        add("smartctl_write_total_uncorrected_errors", diag.Uncorrected_Writes, ident)
     return out
 
 

@@ -91,6 +91,26 @@ def scrape_run() -> Emitted:
     return out
 
 
+def smart_run() -> Emitted:
+    """Every recorded smartctl text output replayed through the SMART source, plus its
+    standby, error and timeout scenarios (tests/unit/test_smart_source.py)."""
+    from tests.unit import test_smart_source as t
+
+    out: Emitted = []
+    for folder in t.SINGLE:
+        data = t.case(folder)
+        out += [("smart", s) for s in t.collect_one(folder, data["name"], data.get("interface", ""))[0]]
+    for name, dev_type, path in (("/dev/sda", "usbjmicron", "ST910021AS.txt.health_failed"),
+                                 ("/dev/sdb", "sat", "sea7200.7_80G_kolesn-a.37.errors")):
+        names = {t.file_name([*(["-d", dev_type]), "--all", name]): t.OTHER / path}
+        out += [("smart", s) for s in t.collect_one(None, name, dev_type, names=names)[0]]  # type: ignore[arg-type]
+    answers = {"_-d_sat_--all__dev_sdc": t.json_case("sata_standby_nocheck-standby_sdc.json"),
+               "_-d_test__dev_nonexistent": t.json_case("error_unable-to-detect-device-type.json")}
+    out += [("smart", s) for s in t.collect_one(None, "/dev/sdc", "sat", answers=answers)[0]]  # type: ignore[arg-type]
+    out += [("smart", s) for s in t.collect_one(None, "/dev/nonexistent", "", answers=answers)[0]]  # type: ignore[arg-type]
+    return out
+
+
 def agent_run(tmp_path: Path) -> Emitted:
     """self_metrics() with every conditional series present: spool backlog, an ack, an error."""
     config = AgentConfig(node="n1", state_dir=str(tmp_path),
@@ -111,7 +131,7 @@ def agent_run(tmp_path: Path) -> Emitted:
 
 @pytest.fixture(scope="module")
 def emitted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emitted]:
-    yield (system_run() + network_run() + gpu_run() + scrape_run()
+    yield (system_run() + network_run() + gpu_run() + scrape_run() + smart_run()
            + agent_run(tmp_path_factory.mktemp("agent")))
 
 

@@ -341,19 +341,56 @@ class Limits:
 
 
 _MTYPES = {int(m): m for m in MetricType}
+# i / 10**k as a C-level callable per scale (int.__rtruediv__ is correctly rounded, like i / f).
+_DIVIDE_BY_POWER_OF_TEN = [(10**k).__rtruediv__ for k in range(10)]
 
 
 def _truncated(pos: int, want: int) -> WireError:
     return WireError("malformed", f"payload truncated at byte {pos} (wanted {want} more)")
 
 
-def decode_series(raw: bytes, limits: Limits = Limits()) -> list[Series]:
+@dataclass
+class _SeriesTable:
+    strings: list[str]
+    heads_bytes: bytes  # the series count and table exactly as sent
+    heads: list[tuple[str, int, tuple[tuple[str, str], ...], int]]  # name, type, labels, column
+    max_col: int
+
+
+class SeriesTableCache:
+    """One sender's recently seen series tables, so identities are not rebuilt per batch.
+
+    A node sends the same series set batch after batch: its string table and series table
+    bytes repeat exactly, only timestamps and values change. decode_series with a cache
+    reuses the decoded names and labels when both byte ranges match a confirmed entry.
+    The caller confirms a table (confirm()) only after it validated the series decoded
+    from it, and reads `hit` to skip validating them again. Not thread-safe: one per sender."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self.hit = False
+        self._entries: dict[bytes, _SeriesTable] = {}
+        self._pending: tuple[bytes, _SeriesTable] | None = None
+
+    def confirm(self) -> None:
+        if self._pending is not None:
+            key, table = self._pending
+            self._entries.pop(key, None)
+            self._entries[key] = table
+            while len(self._entries) > self.size:
+                del self._entries[next(iter(self._entries))]
+            self._pending = None
+
+
+def decode_series(
+    raw: bytes, limits: Limits = Limits(), cache: SeriesTableCache | None = None
+) -> list[Series]:
     """Decode an uncompressed data payload; raises WireError naming what was wrong.
 
     This is the collector's hot path: per-series work is kept to a few C-level calls
-    (unpack_from, array.frombytes, accumulate), never a Python loop per sample."""
+    (unpack_from, array.frombytes, accumulate), never a Python loop per sample, and with a
+    cache a repeated series table costs two byte comparisons instead of a decode."""
     buf = bytes(raw)
-    size = len(buf)
     r = _Reader(buf)
     (n_strings,) = r.unpack(_U32)
     if n_strings > limits.max_series * (2 * limits.max_labels + 1):
@@ -365,11 +402,16 @@ def decode_series(raw: bytes, limits: Limits = Limits()) -> list[Series]:
     if n_strings and max(lengths) > limits.max_string_len:
         raise WireError("limit", f"string of {max(lengths)} bytes exceeds {limits.max_string_len}")
     blob = bytes(r.take(sum(lengths)))
-    try:
-        offsets = list(accumulate(lengths, initial=0))
-        strings = [blob[a:b].decode("utf-8") for a, b in zip(offsets, offsets[1:], strict=False)]
-    except UnicodeDecodeError as exc:
-        raise WireError("malformed", "a string in the payload is not UTF-8") from exc
+    table_key = buf[: r.pos]
+    known = cache._entries.get(table_key) if cache is not None else None
+    if known is not None:
+        strings = known.strings
+    else:
+        try:
+            offsets = list(accumulate(lengths, initial=0))
+            strings = [blob[a:b].decode("utf-8") for a, b in zip(offsets, offsets[1:], strict=False)]
+        except UnicodeDecodeError as exc:
+            raise WireError("malformed", "a string in the payload is not UTF-8") from exc
 
     (n_cols,) = r.unpack(_U32)
     if n_cols > limits.max_series:
@@ -393,6 +435,30 @@ def decode_series(raw: bytes, limits: Limits = Limits()) -> list[Series]:
             raise WireError("malformed", "timestamp column leaves the int64 range")
         cols.append(ts)
 
+    table_at = r.pos
+    if (
+        known is not None
+        and known.max_col < n_cols
+        and buf[table_at : table_at + len(known.heads_bytes)] == known.heads_bytes
+    ):
+        heads = known.heads
+        pos = table_at + len(known.heads_bytes)
+    else:
+        known = None
+        heads, pos = _decode_heads(buf, r, strings, n_cols, limits)
+    if cache is not None:
+        cache.hit = known is not None
+        cache._pending = None if known is not None else (
+            table_key,
+            _SeriesTable(strings, buf[table_at:pos], heads, max((h[3] for h in heads), default=-1)),
+        )
+    return _decode_values(buf, pos, heads, cols, limits)
+
+
+def _decode_heads(
+    buf: bytes, r: _Reader, strings: list[str], n_cols: int, limits: Limits
+) -> tuple[list[tuple[str, int, tuple[tuple[str, str], ...], int]], int]:
+    size = len(buf)
     (n_series,) = r.unpack(_U32)
     if n_series > limits.max_series:
         raise WireError("limit", f"{n_series} series exceeds {limits.max_series}")
@@ -401,7 +467,7 @@ def decode_series(raw: bytes, limits: Limits = Limits()) -> list[Series]:
     label_size = _LABEL.size
     iter_labels = _LABEL.iter_unpack
     max_labels = limits.max_labels
-    heads: list[tuple[str, int, tuple[tuple[str, str], ...], tuple[int, ...]]] = []
+    heads: list[tuple[str, int, tuple[tuple[str, str], ...], int]] = []
     try:
         for _ in range(n_series):
             name_i, mtype, n_labels, col = head_unpack(buf, pos)
@@ -413,12 +479,24 @@ def decode_series(raw: bytes, limits: Limits = Limits()) -> list[Series]:
                 raise _truncated(pos, stop - pos)
             labels = tuple([(strings[k], strings[v]) for k, v in iter_labels(buf[pos:stop])])
             pos = stop
-            heads.append((strings[name_i], mtype, labels, cols[col]))
+            if col >= n_cols:
+                raise IndexError
+            heads.append((strings[name_i], mtype, labels, col))
     except struct.error as exc:
         raise _truncated(pos, 11) from exc
     except IndexError as exc:
         raise WireError("malformed", "series refers to a missing string or column") from exc
+    return heads, pos
 
+
+def _decode_values(
+    buf: bytes,
+    pos: int,
+    heads: list[tuple[str, int, tuple[tuple[str, str], ...], int]],
+    cols: list[tuple[int, ...]],
+    limits: Limits,
+) -> list[Series]:
+    size = len(buf)
     series: list[Series] = []
     append = series.append
     samples = 0
@@ -426,7 +504,8 @@ def decode_series(raw: bytes, limits: Limits = Limits()) -> list[Series]:
     const_unpack = _CONST.unpack_from
     scaled_unpack = _SCALED_HEAD.unpack_from
     mtypes = _MTYPES
-    for name, mtype, labels, ts in heads:
+    for name, mtype, labels, col in heads:
+        ts = cols[col]
         n = len(ts)
         samples += n
         if samples > max_samples:
@@ -462,15 +541,18 @@ def decode_series(raw: bytes, limits: Limits = Limits()) -> list[Series]:
                         arr.byteswap()
                     pos = stop
                     ints = list(accumulate(arr, initial=first))
-                    if not -MAX_SCALED <= min(ints) <= max(ints) <= MAX_SCALED:
+                    # Narrow deltas from a first value well inside the range cannot leave it;
+                    # only other cases pay for the scan.
+                    if not (width <= 4 and n < 1 << 21 and -(1 << 52) <= first <= 1 << 52) and not (
+                        -MAX_SCALED <= min(ints) <= max(ints) <= MAX_SCALED
+                    ):
                         raise WireError("malformed", "scaled value outside +-2**53")
                 else:
                     ints = [first]
                     if not -MAX_SCALED <= first <= MAX_SCALED:
                         raise WireError("malformed", "scaled value outside +-2**53")
                 if k:
-                    factor = 10**k
-                    values = tuple([i / factor for i in ints])
+                    values = tuple(map(_DIVIDE_BY_POWER_OF_TEN[k], ints))
                 else:
                     values = tuple(map(float, ints))
             elif mode == 2:  # FLOAT64

@@ -197,6 +197,9 @@ def _wire_refusal(
     return _Refusal(result, exc.detail, header, signed)
 
 
+MAX_CACHED_NODES = 100_000
+
+
 class Ingest:
     """The POST /v1/batches handler; `keys` is a connection used only for key lookups."""
 
@@ -218,6 +221,9 @@ class Ingest:
             max_samples=limits.max_samples_per_batch,
             max_labels=limits.max_labels_per_series,
         )
+        # Per verified node: its series table repeats batch after batch, so names and labels
+        # are decoded and validated once, not per batch.
+        self.tables: dict[tuple[str, str], wire.SeriesTableCache] = {}
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
@@ -281,11 +287,18 @@ class Ingest:
         backlog = None
         try:
             if h.kind == wire.Kind.DATA:
-                series = wire.decode_series(raw, self.wire_limits)
+                table = self.tables.get((h.site, h.node))
+                if table is None:
+                    if len(self.tables) >= MAX_CACHED_NODES:
+                        self.tables.clear()
+                    table = self.tables[(h.site, h.node)] = wire.SeriesTableCache()
+                series = wire.decode_series(raw, self.wire_limits, table)
                 wire.check_counts(frame, series)
-                problem = schema_problem(series)
-                if problem:
-                    raise _Refusal("schema", problem, h, signed=True)
+                if not table.hit:
+                    problem = schema_problem(series)
+                    if problem:
+                        raise _Refusal("schema", problem, h, signed=True)
+                    table.confirm()
                 backlog = reported_backlog(series)
             elif h.kind == wire.Kind.DROP_RECEIPT:
                 drop = wire.decode_drop_receipt(raw)

@@ -1001,3 +1001,30 @@ if __name__ == "__main__":
     print("public key", pub.hex(), "key id", wire.key_id(pub).hex(), "hash", wire.batch_hash(example_batch()).hex())
     print(f"<!-- BEGIN example-hex -->\n```text\n{example_hexdump()}\n```\n<!-- END example-hex -->")
     print(f"<!-- BEGIN example-annotated -->\n```text\n{example_annotated()}\n```\n<!-- END example-annotated -->")
+
+
+def test_series_table_cache_reuses_identities_only_when_confirmed_and_identical() -> None:
+    ts1 = (1_700_000_000_000,)
+    ts2 = (1_700_000_060_000,)
+    shape = [("node_load1", (("job", "node"),)), ("up", (("job", "vllm"), ("model", "m")))]
+
+    def batch(ts: tuple[int, ...], values: tuple[float, float], names: list[tuple[str, Any]] = shape) -> bytes:
+        return wire.encode_series([wire.Series(n, lb, wire.MetricType.GAUGE, ts, (v,))
+                                   for (n, lb), v in zip(names, values, strict=True)])
+
+    cache = wire.SeriesTableCache()
+    first = wire.decode_series(batch(ts1, (1.5, 1.0)), cache=cache)
+    assert not cache.hit
+    again = wire.decode_series(batch(ts2, (2.5, 0.0)), cache=cache)
+    assert not cache.hit, "an unconfirmed table is never trusted"
+    cache.confirm()
+    third = wire.decode_series(batch(ts1, (3.25, 1.0)), cache=cache)
+    assert cache.hit
+    assert [(s.name, s.labels, s.timestamps_ms, s.values) for s in third] == [
+        ("node_load1", (("job", "node"),), ts1, (3.25,)), ("up", (("job", "vllm"), ("model", "m")), ts1, (1.0,))]
+    assert again[0].labels is third[0].labels and first[0].labels is not third[0].labels  # reused
+    assert again[1].values == (0.0,)
+    # Same strings, different series table (labels swapped between series): decoded afresh.
+    swapped = [("node_load1", (("job", "vllm"),)), ("up", (("job", "node"), ("model", "m")))]
+    other = wire.decode_series(batch(ts1, (1.0, 2.0), swapped), cache=cache)
+    assert not cache.hit and [s.labels for s in other] == [lb for _, lb in swapped]

@@ -9,7 +9,6 @@ The source adds `-n standby` to every device read; the recordings were taken wit
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 from agent.config import SmartDeviceConfig, SmartSourceConfig
 from agent.sources import smart
 from agent.sources.base import Sample, SourceEnv
+from tests.fakes.smartctl import VERSION, Replay, file_name, read_recording  # noqa: F401
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "smartctl"
 if not SHARED.exists():
@@ -29,50 +29,6 @@ SINGLE = sorted(p for p in (DATASET / "singletests").iterdir() if p.is_dir())
 LISTING = DATASET / "listingtests" / "linux_multiple_devices"
 OTHER = SHARED / "text" / "other"
 TS = 1_700_000_000_000
-
-VERSION = b"smartctl 7.3 2022-02-28 r5338 [x86_64-linux] (local build)\n"
-
-
-def file_name(args: Sequence[str]) -> str:
-    return re.sub(r"[/\\:]", "_", "_" + "_".join(args))
-
-
-class Replay:
-    """A stand-in runner: argument list -> recorded file; records every call it gets."""
-
-    def __init__(self, folder: Path | None, names: dict[str, Path] | None = None,
-                 answers: dict[str, tuple[int, bytes]] | None = None) -> None:
-        self.folder = folder
-        self.names = names or {}
-        self.answers = answers or {}
-        self.calls: list[list[str]] = []
-
-    def __call__(self, args: Sequence[str], timeout: float) -> tuple[int, bytes]:
-        assert timeout > 0
-        args = list(args)
-        self.calls.append(args)
-        if args == ["-V"]:
-            return 0, VERSION
-        if not (args[0].startswith("--scan") or "test" in args):
-            assert args[:2] == ["-n", "standby"], f"device read without -n standby: {args}"
-            args = args[2:]
-        name = file_name(args)
-        if name in self.answers:
-            return self.answers[name]
-        path = self.names.get(name) or (self.folder / name if self.folder else None)
-        if path is None or not path.exists():
-            raise FileNotFoundError(f"no recording {name} for: smartctl {' '.join(args)}")
-        return 0, read_recording(path)
-
-
-def read_recording(path: Path) -> bytes:
-    """The file's bytes; a checkout without symlink support stores a link as its target path."""
-    data = path.read_bytes()
-    if len(data) < 256 and b"\n" not in data and not path.is_symlink():
-        target = path.parent / data.decode()
-        if target.is_file():
-            return target.read_bytes()
-    return data
 
 
 def by_name(samples: list[Sample], name: str, **labels: str) -> list[Sample]:

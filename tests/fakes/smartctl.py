@@ -1,0 +1,56 @@
+"""A stand-in smartctl runner replaying recorded outputs (no SMART disks on these machines).
+
+An argument list maps to a recorded file by pySMART's own test rule: `_` + the arguments
+joined by `_`, with `/`, `\\` and `:` as `_`. Used by the SMART tests, the catalog test and
+bench/agent_fixture_run.py.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+VERSION = b"smartctl 7.3 2022-02-28 r5338 [x86_64-linux] (local build)\n"
+
+
+def file_name(args: Sequence[str]) -> str:
+    return re.sub(r"[/\\:]", "_", "_" + "_".join(args))
+
+
+class Replay:
+    """A stand-in runner: argument list -> recorded file; records every call it gets."""
+
+    def __init__(self, folder: Path | None, names: dict[str, Path] | None = None,
+                 answers: dict[str, tuple[int, bytes]] | None = None) -> None:
+        self.folder = folder
+        self.names = names or {}
+        self.answers = answers or {}
+        self.calls: list[list[str]] = []
+
+    def __call__(self, args: Sequence[str], timeout: float) -> tuple[int, bytes]:
+        assert timeout > 0
+        args = list(args)
+        self.calls.append(args)
+        if args == ["-V"]:
+            return 0, VERSION
+        if not (args[0].startswith("--scan") or "test" in args):
+            assert args[:2] == ["-n", "standby"], f"device read without -n standby: {args}"
+            args = args[2:]
+        name = file_name(args)
+        if name in self.answers:
+            return self.answers[name]
+        path = self.names.get(name) or (self.folder / name if self.folder else None)
+        if path is None or not path.exists():
+            raise FileNotFoundError(f"no recording {name} for: smartctl {' '.join(args)}")
+        return 0, read_recording(path)
+
+
+def read_recording(path: Path) -> bytes:
+    """The file's bytes; a checkout without symlink support stores a link as its target path."""
+    data = path.read_bytes()
+    if len(data) < 256 and b"\n" not in data and not path.is_symlink():
+        target = path.parent / data.decode()
+        if target.is_file():
+            return target.read_bytes()
+    return data

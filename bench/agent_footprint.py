@@ -44,6 +44,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--interval", default="10s")
+    ap.add_argument("--all-sources", action="store_true",
+                    help="also GPU (8+1+1 recorded GPUs), SMART (a recorded NVMe, read every interval) "
+                         "and network, via bench/agent_fixture_run.py")
     args = ap.parse_args()
     prometheus = need("prometheus", "prometheus")
     node_exporter = need("prometheus-node-exporter", "prometheus-node-exporter")
@@ -76,11 +79,19 @@ def main() -> int:
             f'site = "bench"\nnode = "footprint"\nstate_dir = "{work}/agent"\n'
             f'[uplink]\nurl = "http://127.0.0.1:{coll_port}"\n'
             f'[sources.system]\ninterval = "{args.interval}"\n'
-            f'[[sources.scrape]]\nname = "node"\nurl = "http://127.0.0.1:{ne_port}/metrics"\n'
+            + (f'[sources.gpu]\ninterval = "{args.interval}"\n'
+               f'[sources.smart]\ninterval = "{args.interval}"\n'
+               '[[sources.smart.devices]]\nname = "/dev/nvme0"\ntype = "nvme"\n'
+               f'[sources.network]\ninterval = "{args.interval}"\n'
+               if args.all_sources else
+               '[sources.gpu]\nenabled = false\n[sources.smart]\nenabled = false\n'
+               '[sources.network]\nenabled = false\n')
+            + f'[[sources.scrape]]\nname = "node"\nurl = "http://127.0.0.1:{ne_port}/metrics"\n'
             f'interval = "{args.interval}"\n')
         enroll_agent(work, work / "collector", cfg, "bench", "footprint")
-        ws = stack.enter_context(process(
-            [sys.executable, "-m", "agent", "run", "--config", str(cfg)], work / "agent.log", ENV))
+        runner = ([sys.executable, str(Path(__file__).parent / "agent_fixture_run.py")] if args.all_sources
+                  else [sys.executable, "-m", "agent", "run"])
+        ws = stack.enter_context(process([*runner, "--config", str(cfg)], work / "agent.log", ENV))
         time.sleep(20)  # start-up costs are not steady state
         pids = {"waystation-agent": [ws.pid], "node_exporter + Prometheus agent": [ne.pid, pa.pid]}
         cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}

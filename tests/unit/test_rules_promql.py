@@ -19,6 +19,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent import wire
 from agent.catalog import CATALOG, OPTIONAL_LABELS
 from agent.summarize import WINDOW_SUFFIXES
 from collector.exposition import FleetCollector, FleetState
@@ -27,6 +28,7 @@ from collector.ledger import NodeState
 
 REPO = Path(__file__).resolve().parents[2]
 RULES_DIR = REPO / "rules"
+PROBE = "checker_probe_series"
 
 # Every fleet series carries site and node (the collector adds them); Prometheus adds the
 # scrape target's job and instance to everything it scrapes.
@@ -188,6 +190,7 @@ def collector_names() -> dict[str, Known]:
     """The collector's own families, read from what its collectors really expose."""
     fleet = FleetState(max_series_per_node=10)
     fleet.update_node(NodeState(site="s", node="n", backlog_batches=1.0, backlog_bytes=1.0))
+    fleet.apply("s", "n", [wire.Series(PROBE, (), wire.MetricType.GAUGE, (0,), (1.0,))])  # per-node families
     registry = CollectorRegistry()
     registry.register(FleetCollector(fleet))
     registry.register(IngestMetrics())
@@ -195,7 +198,7 @@ def collector_names() -> dict[str, Known]:
     text = generate_latest(registry).decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.endswith("_created"):
+            if sample.name.endswith("_created") or sample.name == PROBE:
                 continue
             kind = "counter" if family.type == "counter" else "gauge"
             prev = known.get(sample.name)
@@ -330,6 +333,7 @@ def test_collector_and_agent_names_are_known() -> None:
     for name in ("waystation_node_last_seen_timestamp_seconds", "waystation_node_tamper_events_total",
                  "waystation_ingest_batches_total", "waystation_node_reported_backlog_batches",
                  "waystation_agent_uplink_last_ack_timestamp_seconds", "smartctl_device_smart_status",
-                 "waystation_gpu_xid_errors_total", "DCGM_FI_DEV_GPU_TEMP:window_max"):
+                 "waystation_gpu_xid_errors_total", "DCGM_FI_DEV_GPU_TEMP:window_max",
+                 "waystation_exposition_series_dropped_total", "waystation_node_gap_seqs"):
         assert name in KNOWN, name
     assert "result" in KNOWN["waystation_ingest_batches_total"].labels

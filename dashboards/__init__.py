@@ -1,0 +1,2 @@
+"""Grafana dashboards as code: each *.dashboard.py defines `dashboard`; `python -m dashboards`
+writes the committed *.json beside it."""

@@ -1,0 +1,59 @@
+"""Telemetry pipeline: what the collector ingests, how far behind each node is, what was
+lost (drop receipts), and clock offsets."""
+
+from dashboards.common import (
+    Layout,
+    build,
+    datasource_var,
+    site_var,
+    table,
+    timeseries,
+)
+
+S = 'site=~"$site"'
+R = "$__rate_interval"
+L = Layout()
+
+panels = [
+    timeseries(L, "Collector ingest by result", [
+        (f"sum by (result) (rate(waystation_ingest_batches_total[{R}]))", "{{result}}"),
+    ], unit="ops"),
+    timeseries(L, "Collector ingest volume", [
+        (f"rate(waystation_ingest_samples_total[{R}])", "samples/s"),
+        (f"rate(waystation_ingest_bytes_total[{R}])", "bytes/s"),
+    ]),
+    timeseries(L, "Watermark lag per node (seqs)", [
+        (f"site_node:waystation_watermark_lag:seqs{{{S}}} > 0", "{{site}}/{{node}}"),
+    ], description="Highest recorded seq minus complete-through seq: batches still to arrive (backfill)."),
+    timeseries(L, "Gaps per node (seqs)", [
+        (f"waystation_node_gap_seqs{{{S}}} > 0", "{{site}}/{{node}}"),
+    ], description="Seqs below the highest neither recorded nor covered by a drop receipt."),
+    timeseries(L, "Drop receipts", [
+        (f"increase(waystation_node_dropped_batches_total{{{S}}}[1h]) > 0", "{{site}}/{{node}} batches"),
+        (f"increase(waystation_node_dropped_samples_total{{{S}}}[1h]) > 0", "{{site}}/{{node}} samples"),
+    ], description="Data evicted from full spools, per the nodes' signed drop receipts (per hour)."),
+    timeseries(L, "Clock offset estimate", [
+        (f"site_node:waystation_clock_offset_seconds:estimate{{{S}}}", "{{site}}/{{node}}"),
+    ], unit="s", description="Agent minus collector clock, minus about one flush interval."),
+    timeseries(L, "Reported backlog", [
+        (f"waystation_node_reported_backlog_bytes{{{S}}} > 0", "{{site}}/{{node}}"),
+    ], unit="bytes"),
+    timeseries(L, "Uplink failures and refusals", [
+        (f"sum by (site) (rate(waystation_agent_uplink_failures_total{{{S}}}[{R}]))", "failures {{site}}"),
+        (f"sum by (site) (rate(waystation_agent_uplink_rejected_batches_total{{{S}}}[{R}]))", "refused {{site}}"),
+    ], unit="ops"),
+    table(L, "Nodes", [
+        (f"site_node:waystation_node_last_seen:age_seconds{{{S}}}", ""),
+        (f"max by (site, node) (waystation_node_highest_seq{{{S}}})", ""),
+        (f"site_node:waystation_watermark_lag:seqs{{{S}}}", ""),
+        (f"max by (site, node) (waystation_node_gap_seqs{{{S}}})", ""),
+        (f"max by (site, node) (waystation_exposition_series{{{S}}})", ""),
+        (f"max by (site, node) (waystation_exposition_series_dropped_total{{{S}}})", ""),
+    ], h=10, description="Per node: seconds since last batch, highest seq, watermark lag, gaps, exposed series, "
+                         "series not exposed."),
+]
+
+dashboard = build(
+    "Waystation / Telemetry pipeline", "waystation-pipeline", panels, [datasource_var(), site_var()],
+    "Collector ingest, per-node watermark lag and gaps, drop receipts, clock offsets.",
+)

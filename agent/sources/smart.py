@@ -377,7 +377,9 @@ def _runner_smartctl_class() -> Any:
             except subprocess.TimeoutExpired as exc:
                 self.failure = SmartctlTimeout(f"smartctl {self.device}: timed out after {exc.timeout:.0f}s")
                 raise self.failure from exc
-            lines: list[str] = self._decode_output(raw)
+            # Not pySMART's _decode_output: its chardet guess costs ~22 MB of tables per agent,
+            # and smartctl under LANG=C writes ASCII.
+            lines: list[str] = raw.decode("utf-8", errors="replace").splitlines()
             problem = classify_failure(rc, lines, self.device or " ".join(args))
             if problem is not None:
                 raise problem

@@ -9,7 +9,9 @@ The source adds `-n standby` to every device read; the recordings were taken wit
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -344,3 +346,22 @@ def test_probe_runs_the_real_smartctl() -> None:
 def test_attribute_flags() -> None:
     assert smart.attribute_flags(0x33) == ("PO--CK", "prefailure,updated_online,event_count,auto_keep")
     assert smart.attribute_flags(0x22) == ("-O---K", "updated_online,auto_keep")
+
+
+def test_reading_devices_never_runs_charset_detection() -> None:
+    """pySMART's own decoder guesses the charset with chardet, whose tables cost ~22 MB of
+    agent memory; the source decodes smartctl's ASCII itself (agent footprint)."""
+    code = (
+        "import tracemalloc\n"
+        "from tests.unit.test_smart_source import DATASET, collect_one\n"
+        "NVME = DATASET / 'singletests' / 'nvme_0'\n"
+        "tracemalloc.start()\n"
+        "samples, _ = collect_one(NVME, '/dev/nvme0', 'nvme')\n"
+        "assert samples\n"
+        "print(tracemalloc.get_traced_memory()[1])\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo,
+                         env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) < 8 * 2**20, "reading one device allocated more than 8 MiB"

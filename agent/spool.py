@@ -95,6 +95,9 @@ class Spool:
                                       isolation_level=None)
             return
         self.db = sqlite3.connect(str(path), timeout=timeout_s, isolation_level=None)
+        # Three connections (main loop, two lanes) each keep a page cache: 2 MB apiece by
+        # default. The agent appends and reads a row at a time; 256 KiB is plenty.
+        self.db.execute("PRAGMA cache_size=-256")
         self.db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed seq must survive power loss, or it could be reused after it was sent.
         self.db.execute("PRAGMA synchronous=FULL")

@@ -91,7 +91,9 @@ def main() -> int:
         enroll_agent(work, work / "collector", cfg, "bench", "footprint")
         runner = ([sys.executable, str(Path(__file__).parent / "agent_fixture_run.py")] if args.all_sources
                   else [sys.executable, "-m", "agent", "run"])
-        ws = stack.enter_context(process([*runner, "--config", str(cfg)], work / "agent.log", ENV))
+        # As packaging/systemd/waystation-agent.service runs it.
+        agent_env = dict(ENV, MALLOC_ARENA_MAX="2")
+        ws = stack.enter_context(process([*runner, "--config", str(cfg)], work / "agent.log", agent_env))
         time.sleep(20)  # start-up costs are not steady state
         pids = {"waystation-agent": [ws.pid], "node_exporter + Prometheus agent": [ne.pid, pa.pid]}
         cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}

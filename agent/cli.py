@@ -1,4 +1,4 @@
-"""waystation-agent: run | keygen | check-config | status."""
+"""waystation-agent: run | keygen | rotate-key | check-config | status."""
 
 from __future__ import annotations
 
@@ -41,6 +41,22 @@ def cmd_keygen(config: AgentConfig, args: argparse.Namespace) -> int:
     print(f"wrote node key {config.key_path} (key id {keys.describe(key)})")
     print("enroll it on the collector with:")
     print(f"  {keys.enroll_command(config.site, config.node, key)}")
+    return 0
+
+
+def cmd_rotate_key(config: AgentConfig, args: argparse.Namespace) -> int:
+    if not config.key_path.exists():
+        print(f"waystation-agent rotate-key: no key at {config.key_path} to rotate from", file=sys.stderr)
+        return 1
+    try:
+        key = keys.generate(config.next_key_path)
+    except keys.KeyError_:
+        print(f"waystation-agent rotate-key: a rotation is already pending ({config.next_key_path})",
+              file=sys.stderr)
+        return 1
+    print(f"new key {keys.describe(key)} written to {config.next_key_path}")
+    print("the agent announces it in its chain (signed by the current key) at its next flush and")
+    print("then signs with it; the collector enrolls it from that batch, nothing to do there.")
     return 0
 
 
@@ -155,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": (cmd_run, "sample, seal, spool and forward until stopped"),
         "keygen": (cmd_keygen, "create this node's signing key and print its enroll command"),
         "check-config": (cmd_check_config, "validate the config and print what it means"),
+        "rotate-key": (cmd_rotate_key, "replace the node key; the running agent announces and switches"),
         "status": (cmd_status, "spool depth, oldest unsent window, last ack, last error"),
     }
     for name, (_, help_text) in commands.items():

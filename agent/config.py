@@ -187,6 +187,11 @@ class AgentConfig:
         return self.state_path / "node.key"
 
     @property
+    def next_key_path(self) -> Path:
+        """A key `rotate-key` made and the running agent has not switched to yet."""
+        return self.state_path / "node.key.next"
+
+    @property
     def spool_path(self) -> Path:
         return self.state_path / "spool.db"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from agent import wire
+from agent import keys, wire
 from agent.config import AgentConfig
 from agent.runner import Runner, Scheduled
 from agent.sources.base import Source, SourceEnv
@@ -204,6 +204,30 @@ class Agent:
     def flush(self, now_ms: int, final: bool = False) -> None:
         series = self.summarizer.flush_all() if final else self.summarizer.flush(now_ms)
         self.store(series + self.self_metrics(now_ms))
+        self._rotate_if_asked()
+
+    def _rotate_if_asked(self) -> None:
+        """Switch to the key `waystation-agent rotate-key` left, announcing it in the chain first.
+
+        Order matters for a crash at any point: the spool records the announcement in the
+        same transaction as the rotation batch, and the key file is replaced only after it."""
+        path = self.config.next_key_path
+        if not path.exists():
+            return
+        spool = self._open_spool()
+        if spool is None:
+            return
+        try:
+            new = keys.load(path)
+            seq = spool.append_key_rotation(self.key, new, self.config.site, self.config.node)
+            os.replace(path, self.config.key_path)
+        except (keys.KeyError_, sqlite3.Error, OSError) as exc:
+            log.error("key rotation not done yet: %s", exc)
+            return
+        self.key = new
+        self.uplink.identity = (new, self.config.site, self.config.node)
+        log.info("rotated to key %s%s", keys.describe(new), f" (announced in batch {seq})" if seq else "")
+        self.uplink.notify()
 
     def run(self) -> None:
         log.info(
@@ -211,6 +235,7 @@ class Agent:
             self.config.site, self.config.node, self.config.state_dir, self.config.uplink.url,
         )
         self._open_spool()
+        self._rotate_if_asked()  # finish a rotation a stop or crash interrupted
         self.runner.start()
         self.uplink.start()
         every = self.config.summary.flush_every

@@ -215,14 +215,21 @@ class Spool:
         return seq
 
     def append_key_rotation(self, old: SigningKey, new: SigningKey, site: str, node: str) -> int:
-        """Announce `new` in the chain, signed by `old`; later batches must be signed by `new`."""
+        """Announce `new` in the chain, signed by `old`; later batches must be signed by `new`.
+
+        Idempotent per new key: the spool remembers which key it announced, so an agent that
+        died between announcing and switching key files does not announce it twice."""
         now_ms = int(time.time() * 1000)
+        new_id = wire.key_id(bytes(new.verify_key))
         with self._write():
+            if self._meta("announced_key") == new_id:
+                return 0
             seq, prev = self._chain_head()
             frame = wire.encode_key_rotation(
                 wire.BatchContext(old, site, node, seq, prev, now_ms, time.monotonic_ns()), new
             )
             self._insert(wire.parse_frame(frame), frame, now_ms)
+            self._set_meta("announced_key", new_id)
         return seq
 
     def _chain_head(self) -> tuple[int, bytes]:
@@ -370,10 +377,6 @@ class Spool:
                 "(SELECT seq FROM batches WHERE state = 'rejected' ORDER BY seq DESC LIMIT ?)",
                 (MAX_REJECTED_KEPT,),
             )
-
-    def record_error(self, error: str) -> None:
-        with self._write():
-            self._record_error(error)
 
     def _record_error(self, error: str) -> None:
         self._set_meta("last_error", error)

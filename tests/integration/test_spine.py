@@ -296,3 +296,41 @@ def test_agent_delivers_over_tls_with_its_ca_file(tmp_path: Path) -> None:
     finally:
         stranger.stop()
         collector.stop()
+
+
+def test_key_rotation_while_running(tmp_path: Path) -> None:
+    """rotate-key: the running agent announces the new key in its chain, signed by the old one,
+    switches to it, and the collector takes it from that batch without an enroll step."""
+    collector, agent = _pair(tmp_path, FAST)
+    collector.start()
+    agent.start()
+    try:
+        wait_for(lambda: (_node(collector).get("complete_through") or 0) >= 2, 30, "first acks")
+        old_key = agent.state_dir.joinpath("node.key").read_bytes()
+        r = agent.cli("rotate-key")
+        assert r.returncode == 0, r.stderr
+        new_id = r.stdout.split()[2]
+        assert agent.cli("rotate-key").returncode == 1  # one pending rotation at a time
+
+        def rotated() -> dict[str, object] | None:
+            node = _node(collector)
+            states = {k["key_id"]: k for k in node.get("keys", [])}  # type: ignore[union-attr]
+            return node if new_id in states and len(states) == 2 else None
+
+        node = wait_for(rotated, 30, "the collector to learn the new key")
+        assert agent.state_dir.joinpath("node.key").read_bytes() != old_key
+        assert not agent.state_dir.joinpath("node.key.next").exists()
+        after = int(node["highest_seq"])  # type: ignore[call-overload]
+        wait_for(lambda: (n := _node(collector)) and n["complete_through"] >= after + 3
+                 and n["complete_through"] == n["highest_seq"], 30, "batches signed by the new key")
+        rows = _ledger(collector)
+        rotation = [r for r in rows if r[1] == wire.Kind.KEY_ROTATION]
+        assert len(rotation) == 1
+        later = [wire.parse_frame(r[3]).header.key_id.hex() for r in rows if r[0] > rotation[0][0]]
+        assert later and set(later) == {new_id}
+        results = {lb["result"]: v for n, lb, v in _samples(collector.metrics())
+                   if n == "waystation_ingest_batches_total"}
+        assert results.get("revoked", 0) == 0 and results.get("conflict", 0) == 0
+    finally:
+        agent.stop()
+        collector.stop()

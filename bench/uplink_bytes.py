@@ -17,6 +17,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -70,8 +71,7 @@ def main() -> int:
         )
         (work / "receiver.yml").write_text("global:\n  scrape_interval: 1h\n")
         collector_dir = work / "collector"
-        procs = []
-        with process([node_exporter, f"--web.listen-address=127.0.0.1:{ne_port}"],
+        with ExitStack() as agents, process([node_exporter, f"--web.listen-address=127.0.0.1:{ne_port}"],
                      work / "ne.log"):
             wait_http(ne_url)
             with process([prometheus, "--config.file", str(work / "receiver.yml"),
@@ -92,19 +92,18 @@ def main() -> int:
                         f'site = "bench"\nnode = "flush-{flush}"\nstate_dir = "{work}/agent-{i}"\n'
                         f'[uplink]\nurl = "http://127.0.0.1:{coll_port}"\n'
                         f'[summary]\nwindow = "1s"\nflush_interval = "{flush}"\n'
-                        f'[sources.system]\nenabled = false\n'
+                        # Only the scrape: every byte sent is charged to node_exporter's samples.
+                        '[sources.system]\nenabled = false\n[sources.gpu]\nenabled = false\n'
+                        '[sources.smart]\nenabled = false\n[sources.network]\nenabled = false\n'
                         f'[[sources.scrape]]\nname = "node"\nurl = "{ne_url}"\ninterval = "1s"\n'
                     )
                     enroll_agent(work, collector_dir, cfg, "bench", f"flush-{flush}")
-                    procs.append(process([sys.executable, "-m", "agent", "run", "--config",
-                                          str(cfg)], work / f"agent-{i}.log"))
-                for p in procs:
-                    p.__enter__()
+                    agents.enter_context(process([sys.executable, "-m", "agent", "run", "--config",
+                                                  str(cfg)], work / f"agent-{i}.log"))
                 print(f"measuring for {args.minutes:g} minutes ...", flush=True)
                 time.sleep(args.minutes * 60)
                 page = get(f"http://127.0.0.1:{agent_port}/metrics")
-                for p in procs:
-                    p.__exit__(None, None, None)
+                agents.close()
                 time.sleep(2)
         prom_bytes = metric_value(page, "prometheus_remote_storage_bytes_total")
         prom_samples = metric_value(page, "prometheus_remote_storage_samples_total")

@@ -7,7 +7,6 @@ durations ("10s", "5m", "1h30m") and sizes ("512MiB", "10MB") are parsed here.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import tomllib
 import types
@@ -133,6 +132,8 @@ def build(cls: type[T], table: dict[str, Any], file: str = "<config>", prefix: s
     kwargs: dict[str, Any] = {}
     for key, value in table.items():
         if key not in fields:
+            import difflib  # only for the error message
+
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
             hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
             valid = ", ".join(sorted(fields))

@@ -14,16 +14,15 @@ set aside as rejected (kept for audit) and the error is recorded for `status`.
 
 from __future__ import annotations
 
-import email.utils
 import http.client
 import json
 import logging
 import random
-import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 from nacl.signing import SigningKey
@@ -31,6 +30,9 @@ from nacl.signing import SigningKey
 from agent import wire
 from agent.config import UplinkConfig
 from agent.spool import Claimed, Spool
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("waystation.uplink")
 
@@ -74,6 +76,8 @@ class _Connection:
         self.timeout = float(config.timeout)
         self.context: ssl.SSLContext | None = None
         if self.https:
+            import ssl  # OpenSSL costs ~3.5 MB of RSS: loaded only for an https uplink
+
             self.context = ssl.create_default_context(cafile=config.ca_file or None)
             if config.client_cert:
                 self.context.load_cert_chain(config.client_cert, config.client_key or None)
@@ -130,6 +134,8 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
     value = value.strip()
     if value.isdigit():
         return min(float(value), _MAX_RETRY_AFTER_S)
+    import email.utils  # rare (collectors send delta-seconds): not worth its import at start
+
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError):

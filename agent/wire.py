@@ -6,7 +6,6 @@ implementation. Everything here is pure: bytes in, bytes or dataclasses out.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -18,6 +17,7 @@ from itertools import accumulate
 from typing import Any, NamedTuple
 
 import zstandard
+from nacl.bindings import crypto_hash_sha256
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -155,12 +155,12 @@ class KeyRotation:
 
 def key_id(public_key: bytes) -> bytes:
     """The 8-byte id of an Ed25519 public key: the head of its SHA-256."""
-    return hashlib.sha256(public_key).digest()[:KEY_ID_LEN]
+    return crypto_hash_sha256(public_key)[:KEY_ID_LEN]
 
 
 def batch_hash(frame: bytes) -> bytes:
     """The chain hash of a batch: SHA-256 over the whole frame, signature included."""
-    return hashlib.sha256(frame).digest()
+    return crypto_hash_sha256(frame)
 
 
 def rotation_proof_message(site: str, node: str, old_key_id: bytes, new_public_key: bytes) -> bytes:

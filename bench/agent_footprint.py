@@ -21,7 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    ENV,
     cpu_seconds,
     enroll_agent,
     free_port,
@@ -91,9 +90,7 @@ def main() -> int:
         enroll_agent(work, work / "collector", cfg, "bench", "footprint")
         runner = ([sys.executable, str(Path(__file__).parent / "agent_fixture_run.py")] if args.all_sources
                   else [sys.executable, "-m", "agent", "run"])
-        # As packaging/systemd/waystation-agent.service runs it.
-        agent_env = dict(ENV, MALLOC_ARENA_MAX="2")
-        ws = stack.enter_context(process([*runner, "--config", str(cfg)], work / "agent.log", agent_env))
+        ws = stack.enter_context(process([*runner, "--config", str(cfg)], work / "agent.log"))
         time.sleep(20)  # start-up costs are not steady state
         pids = {"waystation-agent": [ws.pid], "node_exporter + Prometheus agent": [ne.pid, pa.pid]}
         cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}

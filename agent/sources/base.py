@@ -34,14 +34,53 @@ class Sample:
     ts_ms: int
 
 
-def http_get(url: str, timeout: float, headers: dict[str, str] | None = None) -> bytes:
-    """GET a URL and return the body; raises OSError (or a subclass) on any failure."""
-    import urllib.request
+# A /metrics page beyond this is a misconfigured or exploding target, not telemetry to keep.
+MAX_BODY_BYTES = 32 * 1024 * 1024
 
-    req = urllib.request.Request(url, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (configured URL)
-        body: bytes = resp.read()
+
+class HTTPStatusError(OSError):
+    """The target answered, but not with 200."""
+
+
+def http_get(url: str, timeout: float, headers: dict[str, str] | None = None,
+             max_bytes: int = MAX_BODY_BYTES) -> bytes:
+    """GET a URL and return the body; raises OSError (or a subclass) on any failure.
+
+    http.client, not urllib.request: the uplink already loads it, and urllib.request would
+    add ~1 MB of RSS (and OpenSSL) to every agent. Redirects are not followed: a /metrics
+    endpoint that redirects is misconfigured, and the error says where it points.
+    """
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise OSError(f"{url}: not an http(s) URL")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        import ssl
+
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
+                                           context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Accept": "text/plain;version=0.0.4;q=1,*/*;q=0.1",
+                                           "User-Agent": "waystation-agent/1", **(headers or {})})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            where = resp.getheader("Location")
+            raise HTTPStatusError(f"{url}: HTTP {resp.status} {resp.reason}"
+                                  + (f" (redirects to {where})" if where else ""))
+        body = resp.read(max_bytes + 1)
+        if len(body) > max_bytes:
+            raise OSError(f"{url}: body larger than {max_bytes} bytes")
         return body
+    except http.client.HTTPException as exc:
+        raise OSError(f"{url}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        conn.close()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 from agent.config import ScrapeSourceConfig
+from agent.sources import promtext
 from agent.sources.base import Sample, SourceEnv
 from agent.wire import MetricType
 
@@ -33,16 +34,11 @@ _SUFFIX_TYPES: dict[str, dict[str, MetricType]] = {
 _HAS_CREATED = ("counter", "histogram", "gaugehistogram", "summary")
 
 
-def _counter_type_names(text: str) -> set[str]:
-    """Names declared `# TYPE <name> counter`, as written on the page."""
-    names: set[str] = set()
-    # Only "\n" ends a line in this format; label values may hold other line breaks.
-    for line in text.split("\n"):
-        if line.startswith("#") and "TYPE" in line:
-            parts = line.split()
-            if len(parts) == 4 and parts[1] == "TYPE" and parts[3] == "counter":
-                names.add(parts[2])
-    return names
+def _base(family: promtext.Family) -> str:
+    """The name a family's suffixes hang off: a counter declared `foo_total` owns `foo_created`."""
+    if family.type == "counter" and family.name.endswith("_total"):
+        return family.name[:-6]
+    return family.name
 
 
 def _compile(patterns: Iterable[str | re.Pattern[str]]) -> re.Pattern[str] | None:
@@ -80,7 +76,7 @@ def parse(
 ) -> list[Sample]:
     """Page text -> samples; allow/deny regexes fullmatch the sample name (empty allow = all).
 
-    Raises ValueError on a page prometheus_client cannot parse.
+    Raises ValueError on a malformed page, naming the line.
     """
     return [s for family in parse_families(text, job, allow, deny, ts_ms) for s in family]
 
@@ -110,33 +106,21 @@ def parse_families(
     ts_ms: int,
 ) -> list[list[Sample]]:
     """parse(), grouped by metric family in page order (families left empty are omitted)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     allow_re = _compile(allow)
     deny_re = _compile(deny)
-    families = list(text_string_to_metric_families(text))
-    # prometheus_client renames the samples of `# TYPE foo counter` to foo_total; the page
-    # said foo, so that is what we keep.
-    declared_counters = _counter_type_names(text)
-    created = {f.name + "_created" for f in families if f.type in _HAS_CREATED}
+    families = promtext.parse(text)
+    created = {_base(f) + "_created" for f in families if f.type in _HAS_CREATED}
     decided: dict[str, bool] = {}
     seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
     grouped: list[list[Sample]] = []
     for fam in families:
         out: list[Sample] = []
         suffixes = _SUFFIX_TYPES.get(fam.type, {"": MetricType.UNTYPED})
-        renamed_counter = (
-            fam.type == "counter"
-            and fam.name + "_total" not in declared_counters
-            and fam.name in declared_counters
-        )
-        for s in fam.samples:
-            name = s.name
-            if renamed_counter and name == fam.name + "_total":
-                name = fam.name
+        base = _base(fam)
+        for name, scraped_labels, value, ts in fam.samples:
             if name in created:
                 continue
-            mtype = suffixes.get(name[len(fam.name):] if name.startswith(fam.name) else "")
+            mtype = suffixes.get(name[len(base):] if name.startswith(base) else "")
             if mtype is None:
                 mtype = MetricType.UNTYPED
             ok = decided.get(name)
@@ -147,13 +131,12 @@ def parse_families(
                 decided[name] = ok
             if not ok:
                 continue
-            labels = _with_job(dict(s.labels), job)
+            labels = _with_job(scraped_labels, job)
             # A repeated series in one page: Prometheus keeps the first and drops the rest.
             if (name, labels) in seen:
                 continue
             seen.add((name, labels))
-            ts = ts_ms if s.timestamp is None else round(float(s.timestamp) * 1000)
-            out.append(Sample(name, labels, mtype, float(s.value), ts))
+            out.append(Sample(name, labels, mtype, value, ts_ms if ts is None else ts))
         if out:
             grouped.append(out)
     return grouped
@@ -183,11 +166,7 @@ class Scrape:
         self.series_dropped = 0
 
     def probe(self) -> str | None:
-        """None if prometheus_client's parser imports; the endpoint itself may come later."""
-        try:
-            import prometheus_client.parser  # noqa: F401
-        except ImportError:
-            return "unavailable: prometheus_client not installed"
+        """Always runnable: the endpoint may come up later, and each failed GET is counted."""
         return None
 
     def collect(self, now: float) -> list[Sample]:

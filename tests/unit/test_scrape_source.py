@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import ScrapeSourceConfig
-from agent.sources.base import Sample, SourceEnv
+from agent.sources.base import HTTPStatusError, Sample, SourceEnv, http_get
 from agent.sources.scrape import Scrape, parse
 from agent.wire import MetricType
 
@@ -209,6 +209,12 @@ def served_page() -> Iterator[tuple[str, bytes]]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path == "/moved":
+                self.send_response(301)
+                self.send_header("Location", "/metrics")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if self.path != "/metrics":
                 self.send_error(404)
                 return
@@ -245,5 +251,16 @@ def test_collect_over_real_http(served_page: tuple[str, bytes]) -> None:
     assert {dict(s.labels)["job"] for s in samples} == {"triton"}
 
     missing = Scrape(ScrapeSourceConfig(name="t", url=base + "/nope"), SourceEnv())
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="/nope: HTTP 404"):
         missing.collect(0.0)
+
+
+def test_http_get_names_what_went_wrong(served_page: tuple[str, bytes]) -> None:
+    base, body = served_page
+    assert http_get(base + "/metrics", 5) == body
+    with pytest.raises(HTTPStatusError, match=r"HTTP 301 .*\(redirects to /metrics\)"):
+        http_get(base + "/moved", 5)
+    with pytest.raises(OSError, match=f"body larger than {len(body) - 1} bytes"):
+        http_get(base + "/metrics", 5, max_bytes=len(body) - 1)
+    with pytest.raises(OSError, match="not an http"):
+        http_get("ftp://127.0.0.1/metrics", 5)

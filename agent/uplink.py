@@ -18,11 +18,11 @@ import http.client
 import json
 import logging
 import random
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 from nacl.signing import SigningKey
@@ -30,9 +30,6 @@ from nacl.signing import SigningKey
 from agent import wire
 from agent.config import UplinkConfig
 from agent.spool import Claimed, Spool
-
-if TYPE_CHECKING:
-    import ssl
 
 log = logging.getLogger("waystation.uplink")
 
@@ -76,8 +73,6 @@ class _Connection:
         self.timeout = float(config.timeout)
         self.context: ssl.SSLContext | None = None
         if self.https:
-            import ssl  # OpenSSL costs ~3.5 MB of RSS: loaded only for an https uplink
-
             self.context = ssl.create_default_context(cafile=config.ca_file or None)
             if config.client_cert:
                 self.context.load_cert_chain(config.client_cert, config.client_key or None)

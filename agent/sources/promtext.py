@@ -1,9 +1,10 @@
 """The Prometheus text exposition format (0.0.4) -> metric families. Pure.
 
 Why our own and not prometheus_client.parser: importing that module runs
-prometheus_client/__init__, which loads its HTTP server, WSGI and push-gateway code, and
-with the rest it costs every agent about 1.5 MB of RSS for a 150-line job. The collector,
-which has no such budget, still uses prometheus_client.
+prometheus_client/__init__, which loads its HTTP server, WSGI and push-gateway code: 0.8 MB
+more RSS in the running agent (measured), for a 150-line job; ours is also about 4x faster
+on a node_exporter page. The collector, which has no such budget, still uses
+prometheus_client.
 
 Grouping follows prometheus_client's text parser (a sample belongs to the family declared
 just before it if its name is one of the family's sample names, otherwise it is a

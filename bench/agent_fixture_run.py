@@ -1,8 +1,9 @@
-"""`waystation-agent run` with GPU and SMART answered from recorded fixtures.
+"""`waystation-agent run` with the GPU answered from recorded fixtures.
 
-These machines have no NVIDIA GPU and no SMART disks, so for measuring the agent with
-every source enabled the NVML module and the smartctl runner are the recorded-data
-stand-ins the tests use (tests/fakes/); everything else is the real agent.
+These machines have no NVIDIA GPU, so for measuring the agent with every source enabled
+the NVML module is the recorded-data stand-in the tests use (tests/fakes/nvml.py);
+everything else is the real agent. (SMART needs no stand-in here: its reads run in a
+child process whose smartctl the config names, tests/fakes/smartctl-replay.)
 
     python bench/agent_fixture_run.py --config agent.toml
 """
@@ -23,9 +24,6 @@ from agent.config import load_agent_config  # noqa: E402
 from agent.daemon import Agent  # noqa: E402
 from agent.sources.base import SourceEnv  # noqa: E402
 from tests.fakes.nvml import XMLS, FakeNvml, load  # noqa: E402
-from tests.fakes.smartctl import Replay  # noqa: E402
-
-SMART_CASES = REPO.parent / "shared" / "fixtures" / "smartctl" / "text" / "pysmart" / "tests" / "dataset"
 
 
 def main() -> int:
@@ -33,10 +31,7 @@ def main() -> int:
     ap.add_argument("--config", type=Path, required=True)
     args = ap.parse_args()
     config = load_agent_config(args.config)
-    env = SourceEnv(extra={
-        "nvml": FakeNvml(*load(*XMLS)),
-        "smartctl_runner": Replay(SMART_CASES / "singletests" / "nvme_0"),
-    })
+    env = SourceEnv(extra={"nvml": FakeNvml(*load(*XMLS))})
     agent = Agent(config, keys.load(config.key_path), env)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=agent.stop_event.set).start())
     agent.run()

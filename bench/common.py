@@ -76,11 +76,13 @@ def process(args: list[str], log: Path, env: dict[str, str] | None = None) -> It
                 proc.wait()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU seconds a process has used so far (from /proc)."""
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """User+system CPU seconds a process has used so far (from /proc), with those of its
+    children that have exited (the agent's SMART reader, say) unless `children` is False."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def rss_bytes(pid: int) -> int:

@@ -18,18 +18,27 @@ Rules that keep SMART harmless on a production node:
 - missing permissions (smartctl exit bit 1 with "Permission denied"/"Operation not
   permitted") are reported as such: the agent needs CAP_SYS_RAWIO (ATA/SCSI) and
   CAP_SYS_ADMIN (NVMe), as packaging/systemd/waystation-agent.service grants.
-pySMART (~12 MB) is imported only when this source is built.
+The agent itself never imports pySMART: each read runs in a short-lived child process,
+`python -m agent.sources.smart_reader` (JSON request on stdin, one JSON line per device on
+stdout). pySMART with what it imports costs ~3.5 MB of RSS, which would otherwise stay
+resident for a read every 10 minutes; and a read that stalls past what smartctl's own
+timeout can stop (a disk in uninterruptible I/O, pySMART on odd output) is killed with
+its process instead of holding a thread of the agent. A runner injected in
+`env.extra["smartctl_runner"]` (tests) reads in-process.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
 import re
-import shutil
+import select
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +62,8 @@ CAP_SYS_ADMIN = 21
 EXIT_CMDLINE = 1 << 0  # command line did not parse
 EXIT_OPEN = 1 << 1  # device open failed, or device in a low-power mode (with -n)
 EXIT_FAILING = 1 << 3  # SMART status check returned "DISK FAILING"
+
+log = logging.getLogger("waystation.smart")
 
 ERRORS_METRIC = "waystation_smart_device_errors_total"
 POWER_MODE_METRIC = "smartctl_device_power_mode"
@@ -432,6 +443,185 @@ def read_device(runner: SmartctlRunner, spec: DeviceSpec, timeout: float, ts_ms:
     return DeviceRead(spec, device_samples(dev, resolved, ts_ms, sm.all_status, sm.all_lines))
 
 
+def scan_devices(runner: SmartctlRunner, timeout: float) -> tuple[list[DeviceSpec], list[DeviceRead]]:
+    """What `smartctl --scan-open` finds, plus the devices it could not open (as failed reads)."""
+    sm = _runner_smartctl_class()(runner, timeout, "--scan-open")
+    lines, _ = sm.generic_call(["--scan-open"])
+    failed = []
+    for name, msg in scan_failures(lines):
+        err: SmartctlFailure = (SmartctlPermission(f"smartctl {name}: permission denied: {CAPS_HINT}")
+                                if any(p in msg for p in _PERMISSION) else SmartctlOpenFailed(msg))
+        failed.append(DeviceRead(DeviceSpec(name), [], err))
+    return parse_scan(lines), failed
+
+
+def read_devices(runner: SmartctlRunner, configured: Sequence[DeviceSpec], timeout: float, ts_ms: int,
+                 starting: Callable[[DeviceSpec], None] = lambda _spec: None) -> Iterator[DeviceRead]:
+    """Every device's read, one at a time: the configured devices, or a scan's.
+
+    `starting(spec)` is called before each device is read, so whoever watches the reads
+    knows which device a stall belongs to.
+    """
+    specs = list(configured)
+    if not specs:
+        specs, failed = scan_devices(runner, timeout)
+        yield from failed
+    for spec in specs:
+        starting(spec)
+        yield read_device(runner, spec, timeout, ts_ms)
+
+
+# ---- the reader child process: its wire format -----------------------------------------
+
+_ERROR_CLASSES: dict[str, type[SmartctlFailure]] = {
+    cls.reason: cls for cls in (SmartctlFailure, SmartctlTimeout, SmartctlPermission, SmartctlOpenFailed)}
+
+
+def read_to_json(r: DeviceRead) -> str:
+    return json.dumps({"read": {
+        "name": r.spec.name, "type": r.spec.type,
+        "samples": [[s.name, s.labels, int(s.mtype), s.value, s.ts_ms] for s in r.samples],
+        "error": None if r.error is None else [r.error.reason, str(r.error)]}})
+
+
+def read_from_json(doc: dict[str, Any]) -> DeviceRead:
+    """One `{"read": ...}` line -> DeviceRead; KeyError/TypeError/ValueError on a malformed one."""
+    spec = DeviceSpec(str(doc["name"]), str(doc["type"]))
+    samples = [Sample(str(name), tuple((str(k), str(v)) for k, v in labels), MetricType(mtype), float(value),
+                      int(ts)) for name, labels, mtype, value, ts in doc["samples"]]
+    error = None
+    if doc["error"] is not None:
+        reason, message = doc["error"]
+        error = _ERROR_CLASSES.get(reason, SmartctlFailure)(str(message))
+    return DeviceRead(spec, samples, error)
+
+
+class SmartReaderError(Exception):
+    """The reader child process failed before it read any device."""
+
+
+# Beyond smartctl's own timeout, what the child may take per reply line: interpreter start
+# and pySMART's import on a busy node.
+READER_GRACE_S = 10.0
+# More output than any device's read can produce means the child has gone wrong.
+READER_MAX_OUTPUT = 8 * 1024 * 1024
+
+
+def reader_command() -> list[str]:
+    return [sys.executable, "-m", "agent.sources.smart_reader"]
+
+
+def _package_root() -> str:
+    """The folder holding the agent package: the child's cwd, so `-m` finds this same code."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def which(program: str) -> str | None:
+    """shutil.which without importing shutil (which loads the bz2 and lzma libraries)."""
+    dirs = [""] if os.sep in program else os.environ.get("PATH", os.defpath).split(os.pathsep)
+    for d in dirs:
+        path = os.path.join(d, program) if d else program
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+class ReaderProcess:
+    """One run of the reader child: send the request, yield its reads as they come.
+
+    Every reply line must arrive within `line_timeout` of the previous one (smartctl's
+    timeout plus READER_GRACE_S), so a run takes at most (devices + 1) x line_timeout; a
+    child that misses it is killed, and the device it was reading is counted as timed out.
+    """
+
+    def __init__(self, command: Sequence[str], request: dict[str, Any], line_timeout: float) -> None:
+        self.command = list(command)
+        self.request = request
+        self.line_timeout = line_timeout
+        self.reading: DeviceSpec | None = None  # announced and not yet answered
+        self.chatter: list[str] = []  # lines that are not replies: a traceback, a warning
+
+    def reads(self) -> Iterator[DeviceRead]:
+        proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
+            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=_package_root(), close_fds=True)
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(json.dumps(self.request).encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the child died at once; its output says why
+            for line in self._lines(proc.stdout.fileno()):
+                yield from self._reply(line)
+            try:
+                rc = proc.wait(self.line_timeout)
+            except subprocess.TimeoutExpired:  # output closed, process lingering
+                proc.kill()
+                rc = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        if self.reading is not None:
+            spec, self.reading = self.reading, None
+            yield DeviceRead(spec, [], SmartctlFailure(
+                f"SMART reader exited {rc} while reading {spec.name}: {self.said()}"))
+        elif rc != 0:
+            raise SmartReaderError(f"SMART reader exited {rc}: {self.said()}")
+
+    def said(self) -> str:
+        return " | ".join(self.chatter[-5:]) or "no output"
+
+    def _reply(self, line: str) -> Iterator[DeviceRead]:
+        try:
+            doc = json.loads(line) if line.startswith("{") else None
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            self.chatter.append(line.strip()[:300])
+            del self.chatter[:-20]  # the end of a traceback says what went wrong
+            return
+        if "reading" in doc:
+            self.reading = DeviceSpec(*doc["reading"])
+        elif "read" in doc:
+            self.reading = None
+            try:
+                yield read_from_json(doc["read"])
+            except (KeyError, TypeError, ValueError) as exc:
+                self.chatter.append(f"malformed reply {line[:200]!r}: {exc!r}")
+
+    def _lines(self, fd: int) -> Iterator[str]:
+        """The child's output lines; kills nothing itself, raises SmartctlTimeout on a stall."""
+        buf = b""
+        total = 0
+        deadline = time.monotonic() + self.line_timeout
+        while True:
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                deadline = time.monotonic() + self.line_timeout
+                yield line.decode("utf-8", errors="replace")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                what = f"reading {self.reading.name}" if self.reading else "before any reply"
+                raise SmartctlTimeout(
+                    f"SMART reader stalled {what} for {self.line_timeout:.0f}s; killed ({self.said()})")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            total += len(chunk)
+            if not chunk or total > READER_MAX_OUTPUT:
+                if buf:
+                    yield buf.decode("utf-8", errors="replace")
+                if chunk:
+                    self.chatter.append(f"output beyond {READER_MAX_OUTPUT} bytes; cut off")
+                return
+            buf += chunk
+
+
 class Smart:
     """[sources.smart]: per-device SMART health, read at most every interval (10 m)."""
 
@@ -441,9 +631,11 @@ class Smart:
         self.config = config
         self.env = env
         injected = env.extra.get("smartctl_runner")
+        self.in_process = callable(injected)
         self.runner: SmartctlRunner = (
             injected if callable(injected) else functools.partial(run_smartctl, smartctl=config.smartctl)
         )
+        self.reader_command = reader_command()
         self.errors: dict[tuple[str, str], int] = {}  # (device, reason) -> count since start
 
     @property
@@ -451,15 +643,15 @@ class Smart:
         return float(self.config.timeout)
 
     def probe(self) -> str | None:
-        if "smartctl_runner" not in self.env.extra:
-            if shutil.which(self.config.smartctl) is None:
+        if not self.in_process:
+            if which(self.config.smartctl) is None:
                 return f"unavailable: smartctl not found at {self.config.smartctl!r} (apt-get install smartmontools)"
             problem = capability_problem(self.env.proc_root)
             if problem is not None:
                 return f"unavailable: {problem}"
-        try:
-            _load_pysmart()
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("pySMART") is None:
             return "unavailable: pySMART not installed (pip install pySMART)"
         try:
             rc, out = self.runner(["-V"], self.timeout)
@@ -469,24 +661,32 @@ class Smart:
             return f"unavailable: smartctl -V exited {rc}"
         return None
 
-    def devices(self) -> tuple[list[DeviceSpec], list[DeviceRead]]:
-        """The configured devices, or what `smartctl --scan-open` finds (plus scan failures)."""
-        if self.config.devices:
-            return [DeviceSpec(d.name, d.type) for d in self.config.devices], []
-        sm = _runner_smartctl_class()(self.runner, self.timeout, "--scan-open")
-        lines, _ = sm.generic_call(["--scan-open"])
-        failed = []
-        for name, msg in scan_failures(lines):
-            err: SmartctlFailure = (SmartctlPermission(f"smartctl {name}: permission denied: {CAPS_HINT}")
-                                    if any(p in msg for p in _PERMISSION) else SmartctlOpenFailed(msg))
-            failed.append(DeviceRead(DeviceSpec(name), [], err))
-        return parse_scan(lines), failed
+    def configured(self) -> list[DeviceSpec]:
+        return [DeviceSpec(d.name, d.type) for d in self.config.devices]
+
+    def reads(self, ts_ms: int) -> Iterator[DeviceRead]:
+        if self.in_process:
+            yield from read_devices(self.runner, self.configured(), self.timeout, ts_ms)
+            return
+        request = {"smartctl": self.config.smartctl, "timeout": self.timeout, "ts_ms": ts_ms,
+                   "devices": [[d.name, d.type] for d in self.configured()]}
+        child = ReaderProcess(self.reader_command, request, self.timeout + READER_GRACE_S)
+        try:
+            yield from child.reads()
+        except SmartctlTimeout as exc:
+            if child.reading is None:
+                raise
+            yield DeviceRead(child.reading, [], exc)
 
     def collect(self, now: float) -> list[Sample]:
         ts_ms = int(now * 1000)
-        _load_pysmart()
-        specs, reads = self.devices()
-        reads += [read_device(self.runner, spec, self.timeout, ts_ms) for spec in specs]
+        reads: list[DeviceRead] = []
+        try:
+            reads.extend(self.reads(ts_ms))
+        except (SmartReaderError, SmartctlTimeout) as exc:
+            if not reads:
+                raise
+            log.warning("smart: %s (the %d devices read before are kept)", exc, len(reads))
         out: list[Sample] = []
         for r in reads:
             out += r.samples

@@ -1,0 +1,167 @@
+"""The SMART source as the agent runs it: reads in a child process, smartctl a real executable.
+
+The child (`python -m agent.sources.smart_reader`) runs pySMART over a stand-in smartctl,
+tests/fakes/smartctl-replay, which answers from the recordings in ../shared/fixtures/smartctl/
+(read in place). Its reads must equal the in-process reads of the unit tests, sample for
+sample; a child that stalls or dies must cost the agent one device's read, never the source.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.config import SmartDeviceConfig, SmartSourceConfig
+from agent.sources import smart
+from agent.sources.base import Sample, SourceEnv
+from tests.fakes.smartctl import Replay
+from tests.unit.test_smart_source import DATASET, LISTING, SINGLE, TS, by_name, case, json_case, value
+
+REPO = Path(__file__).resolve().parents[2]
+REPLAY = REPO / "tests" / "fakes" / "smartctl-replay"
+
+
+def child_source(monkeypatch: pytest.MonkeyPatch, *folders: Path, devices: tuple[SmartDeviceConfig, ...] = (),
+                 timeout: float = 10.0) -> smart.Smart:
+    monkeypatch.setenv("SMARTCTL_REPLAY", ":".join(map(str, folders)))
+    config = SmartSourceConfig(smartctl=str(REPLAY), devices=devices, timeout=timeout)  # type: ignore[arg-type]
+    source = smart.Smart(config, SourceEnv())
+    assert not source.in_process
+    return source
+
+
+def in_process(folder: Path, devices: tuple[SmartDeviceConfig, ...]) -> list[Sample]:
+    source = smart.Smart(SmartSourceConfig(devices=devices), SourceEnv(extra={"smartctl_runner": Replay(folder)}))
+    return source.collect(TS / 1000)
+
+
+@pytest.mark.parametrize("folder", SINGLE, ids=[p.name for p in SINGLE])
+def test_child_reads_equal_in_process_reads(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = case(folder)
+    devices = (SmartDeviceConfig(data["name"], data.get("interface", "")),)
+    got = child_source(monkeypatch, folder, devices=devices).collect(TS / 1000)
+    assert by_name(got, "smartctl_device")
+    assert got == in_process(folder, devices)
+
+
+def test_child_scans_when_no_devices_are_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    got = child_source(monkeypatch, LISTING).collect(TS / 1000)
+    assert {dict(s.labels)["device"] for s in by_name(got, "smartctl_device")} == {
+        "nvme0", "nvme1", "bus_0_sat+megaraid_60"}
+    assert got == in_process(LISTING, ())
+
+
+def test_standby_and_failing_devices_through_the_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, doc in (("_-d_sat_--all__dev_sdc", "sata_standby_nocheck-standby_sdc.json"),
+                      ("_-d_test__dev_nonexistent", "error_unable-to-detect-device-type.json")):
+        rc, text = json_case(doc)
+        (tmp_path / name).write_bytes(text)
+        (tmp_path / f"{name}.exit").write_text(str(rc))
+    devices = (SmartDeviceConfig("/dev/sdc", "sat"), SmartDeviceConfig("/dev/nonexistent", ""),
+               SmartDeviceConfig("/dev/nvme0", "nvme"))
+    source = child_source(monkeypatch, tmp_path, DATASET / "singletests" / "nvme_0", devices=devices)
+    samples = source.collect(TS / 1000)
+    sdc = [s for s in samples if dict(s.labels)["device"] == "sdc"]
+    assert {s.name for s in sdc} == {"smartctl_device_power_mode", "smartctl_device_smartctl_exit_status"}
+    assert value(sdc, "smartctl_device_power_mode", power_mode="STANDBY") == 1
+    assert value(sdc, "smartctl_device_smartctl_exit_status") == 2
+    assert value(samples, smart.ERRORS_METRIC, device="nonexistent", reason="error") == 1
+    assert value(samples, "smartctl_device_percentage_used", device="nvme0") == 28
+
+
+def test_smartctl_timeout_inside_the_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """smartctl stalls on one disk: the child's own timeout kills it; the next disk is read."""
+    stall = tmp_path / "smartctl"
+    stall.write_text(f'#!/bin/sh\ncase "$*" in *sdz*) exec sleep 30 ;; esac\nexec "{REPLAY}" "$@"\n')
+    stall.chmod(0o755)
+    devices = (SmartDeviceConfig("/dev/sdz", "scsi"), SmartDeviceConfig("/dev/nvme0", "nvme"))
+    source = child_source(monkeypatch, DATASET / "singletests" / "nvme_0", devices=devices, timeout=1.0)
+    source.config = SmartSourceConfig(smartctl=str(stall), devices=devices, timeout=1.0)  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    samples = source.collect(TS / 1000)
+    assert time.monotonic() - t0 < 20
+    assert value(samples, smart.ERRORS_METRIC, device="sdz", reason="timeout") == 1
+    assert value(samples, "smartctl_device_temperature", device="nvme0") == 42
+
+
+def fake_reader(tmp_path: Path, body: str) -> list[str]:
+    """A reader command standing in for a child that misbehaves; it records its pid."""
+    script = tmp_path / "reader.py"
+    script.write_text(f"import os, sys, time\nopen({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\n"
+                      f"sys.stdin.read()\n{body}\n")
+    return [sys.executable, str(script)]
+
+
+def gone(pid: int) -> bool:
+    """Killed and reaped: no process, not even a zombie, is left behind."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_stalled_child_is_killed_and_reads_before_it_are_kept(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    nvme = smart.read_device(Replay(DATASET / "singletests" / "nvme_0"), smart.DeviceSpec("/dev/nvme0", "nvme"),
+                             10.0, TS)
+    body = (f"print({smart.read_to_json(nvme)!r}, flush=True)\n"
+            "print('{\"reading\": [\"/dev/sdq\", \"sat\"]}', flush=True)\n"
+            "time.sleep(60)")
+    monkeypatch.setattr(smart, "READER_GRACE_S", 0.5)
+    devices = (SmartDeviceConfig("/dev/nvme0", "nvme"), SmartDeviceConfig("/dev/sdq", "sat"))
+    source = child_source(monkeypatch, tmp_path, devices=devices, timeout=0.5)
+    source.reader_command = fake_reader(tmp_path, body)
+    t0 = time.monotonic()
+    samples = source.collect(TS / 1000)
+    assert time.monotonic() - t0 < 10
+    assert value(samples, "smartctl_device_percentage_used", device="nvme0") == 28
+    assert value(samples, smart.ERRORS_METRIC, device="sdq", reason="timeout") == 1
+    assert gone(int((tmp_path / "pid").read_text()))
+
+
+def test_child_that_stalls_before_any_reply_fails_the_collect(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(smart, "READER_GRACE_S", 0.5)
+    source = child_source(monkeypatch, tmp_path, timeout=0.5)
+    source.reader_command = fake_reader(tmp_path, "print('importing', flush=True)\ntime.sleep(60)")
+    with pytest.raises(smart.SmartctlTimeout, match="stalled before any reply.*importing"):
+        source.collect(TS / 1000)
+    assert gone(int((tmp_path / "pid").read_text()))
+
+
+def test_child_that_dies_names_what_it_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = child_source(monkeypatch, tmp_path)
+    source.reader_command = fake_reader(tmp_path, "raise SystemExit('pySMART could not be imported')")
+    with pytest.raises(smart.SmartReaderError, match="exited 1: pySMART could not be imported"):
+        source.collect(TS / 1000)
+    # Dying in the middle of a device counts that device, not the source.
+    source.reader_command = fake_reader(
+        tmp_path, "print('{\"reading\": [\"/dev/sdq\", \"sat\"]}', flush=True)\nprint('Segmentation fault')\n"
+                  "sys.exit(139)")
+    samples = source.collect(TS / 1000)
+    assert value(samples, smart.ERRORS_METRIC, device="sdq", reason="error") == 1
+
+
+def test_the_agent_process_never_imports_pysmart() -> None:
+    """The point of the child: pySMART (~3.5 MB resident with what it imports) stays out of
+    the agent, which only spawns the reader."""
+    code = (
+        "import os, sys\n"
+        "from agent.config import SmartDeviceConfig, SmartSourceConfig\n"
+        "from agent.sources import smart\n"
+        "from agent.sources.base import SourceEnv\n"
+        f"config = SmartSourceConfig(smartctl={str(REPLAY)!r}, devices=(SmartDeviceConfig('/dev/nvme0', 'nvme'),))\n"
+        "source = smart.Smart(config, SourceEnv())\n"
+        "assert os.geteuid() != 0 or source.probe() is None, source.probe()\n"
+        "samples = source.collect(1700000000.0)\n"
+        "heavy = ('pySMART', 'humanfriendly', 'chardet')\n"
+        "print(len(samples), sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), SMARTCTL_REPLAY=str(DATASET / "singletests" / "nvme_0"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    count, modules = out.stdout.split(" ", 1)
+    assert int(count) > 10
+    assert modules.strip() == "[]"

@@ -237,3 +237,57 @@ def test_icmp_where_permitted_else_said_once(listeners: dict[str, int], caplog: 
 def test_probe_reports_a_missing_proc_tree(tmp_path: Path) -> None:
     source = Network(agent_config(("127.0.0.1:1",)), SourceEnv(proc_root=str(tmp_path)))
     assert (source.probe() or "").startswith("unavailable")
+
+
+ICMP_IN_NAMESPACE = r"""
+import fcntl, json, socket, struct
+from tests.unit.test_network_source import ENV, agent_config, values
+from agent.sources.network import Network
+
+# A fresh network namespace: bring loopback up (SIOCGIFFLAGS/SIOCSIFFLAGS) and let every
+# group open ICMP datagram sockets, as an operator's ping_group_range would.
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    flags = struct.unpack("16sH", fcntl.ioctl(s, 0x8913, struct.pack("16sH", b"lo", 0)))[1]
+    fcntl.ioctl(s, 0x8914, struct.pack("16sH", b"lo", flags | 1))
+with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+    f.write("0 2147483647")
+targets = []
+for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    try:
+        listener = socket.socket(family)
+        listener.bind((host, 0))
+    except OSError:
+        continue
+    listener.listen()
+    port = listener.getsockname()[1]
+    targets.append(f"{host}:{port}" if family == socket.AF_INET else f"[{host}]:{port}")
+source = Network(agent_config(tuple(targets), count=3, icmp=True), ENV)
+v = values(source.collect(1700000000.0))
+print(json.dumps({"problem": source.icmp_problem, "values": {"|".join(k): x for k, x in v.items()}}))
+"""
+
+
+def test_icmp_probe_succeeds_where_ping_group_range_permits() -> None:
+    """This machine's ping_group_range forbids ICMP datagram sockets; a network namespace
+    of the test's own, where it permits them, shows the probes' success path end to end."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("creating a network namespace (unshare -n) needs root")
+    repo = HERE.parents[1]
+    out = subprocess.run(["unshare", "-n", sys.executable, "-c", ICMP_IN_NAMESPACE], capture_output=True,
+                         text=True, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), timeout=60)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["problem"] is None
+    v = {tuple(k.split("|")): x for k, x in doc["values"].items()}
+    hosts = {k[1].split(",", 1)[1] for k in v if k[0] == "probe_success" and k[1].startswith("icmp,")}
+    assert "127.0.0.1" in hosts
+    for host in hosts:
+        assert v[("probe_success", f"icmp,{host}")] == 1
+        assert v[("waystation_probe_loss_ratio", f"icmp,{host}")] == 0
+        lo, mean, hi = (v[("waystation_probe_rtt_seconds", f"icmp,{s},{host}")] for s in ("min", "mean", "max"))
+        assert 0 < lo <= mean <= hi < 1.0

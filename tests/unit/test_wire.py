@@ -1028,3 +1028,30 @@ def test_series_table_cache_reuses_identities_only_when_confirmed_and_identical(
     swapped = [("node_load1", (("job", "vllm"),)), ("up", (("job", "node"), ("model", "m")))]
     other = wire.decode_series(batch(ts1, (1.0, 2.0), swapped), cache=cache)
     assert not cache.hit and [s.labels for s in other] == [lb for _, lb in swapped]
+
+
+def test_compression_context_is_capped_without_costing_bytes() -> None:
+    """wire.compress caps zstd's match-finder tables (the agent's peak RSS at each flush):
+    on a batch the size of an agent's minute, the frame is as small as level 19's own
+    parameters make it, from a context less than half the size."""
+    from agent.sources import promtext
+
+    page = (Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "metrics" / "node_exporter.prom")
+    rng = random.Random(7)
+    series = [
+        Series(name, tuple(sorted(labels.items())), MetricType.GAUGE, tuple(1_700_000_000_000 + 10_000 * i
+                                                                             for i in range(6)),
+               tuple(value + rng.choice((0.0, 0.0, 1.0, 0.5)) * i for i in range(6)))
+        for fam in promtext.parse(page.read_text()) for name, labels, value, _ in fam.samples
+    ][:2500]
+    raw = wire.encode_series(series)
+    assert 100_000 < len(raw) < 1_000_000
+    ours = wire.compress(raw, 19)
+    assert zstandard.ZstdDecompressor().decompress(ours) == raw
+    assert zstandard.get_frame_parameters(ours).content_size == len(raw)
+    default = zstandard.ZstdCompressor(level=19).compress(raw)
+    assert len(ours) <= len(default) * 1.01
+    full = zstandard.ZstdCompressionParameters.from_level(19, source_size=len(raw))
+    capped = zstandard.ZstdCompressionParameters.from_level(
+        19, source_size=len(raw), hash_log=wire.ZSTD_TABLE_LOG_MAX, chain_log=wire.ZSTD_TABLE_LOG_MAX)
+    assert capped.estimated_compression_context_size() * 2 < full.estimated_compression_context_size()

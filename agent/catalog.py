@@ -191,7 +191,7 @@ SMART: list[Metric] = (
          ("smartctl_write_total_uncorrected_errors", G, "", "SCSI: write total uncorrected errors."))
     + _m("smart", ("device", "reason"),
          ("waystation_smart_device_errors_total", C, "",
-          "Devices smartctl could not read (timeout, permission, open, error) since the agent started."))
+          "Devices smartctl could not read (timeout, stalled, permission, open, error) since the agent started."))
 )
 
 SCRAPE = _m("scrape", ("job",),

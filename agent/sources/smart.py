@@ -19,11 +19,14 @@ Rules that keep SMART harmless on a production node:
   permitted") are reported as such: the agent needs CAP_SYS_RAWIO (ATA/SCSI) and
   CAP_SYS_ADMIN (NVMe), as packaging/systemd/waystation-agent.service grants.
 The agent itself never imports pySMART: each read runs in a short-lived child process,
-`python -m agent.sources.smart_reader` (JSON request on stdin, one JSON line per device on
-stdout). pySMART with what it imports costs ~3.5 MB of RSS, which would otherwise stay
-resident for a read every 10 minutes; and a read that stalls past what smartctl's own
-timeout can stop (a disk in uninterruptible I/O, pySMART on odd output) is killed with
-its process instead of holding a thread of the agent. A runner injected in
+`python -m agent.sources.smart_reader` (JSON request on stdin, JSON lines on stdout; see
+that module). pySMART with what it imports costs ~3.5 MB of RSS, which would otherwise stay
+resident for a read every 10 minutes. The child also contains a read that stalls past what
+smartctl's own timeout can stop (pySMART on odd output, a disk in uninterruptible I/O):
+each reply must come within the timeout plus READER_GRACE_S, or the child's whole process
+group is killed, that device is counted as a timeout, and a new child reads the devices
+after it. A device whose smartctl outlives SIGKILL (stuck in the kernel) is then skipped,
+counted as "stalled", until that process is gone. A runner injected in
 `env.extra["smartctl_runner"]` (tests) reads in-process.
 """
 
@@ -35,6 +38,7 @@ import logging
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -108,6 +112,13 @@ class SmartctlPermission(SmartctlFailure):
 
 class SmartctlOpenFailed(SmartctlFailure):
     reason = "open"
+
+
+class SmartctlStalled(SmartctlFailure):
+    """An earlier read of this device is stuck past SIGKILL (uninterruptible I/O); not retried
+    while that smartctl lives, so stuck processes do not pile up one per interval."""
+
+    reason = "stalled"
 
 
 class LowPowerMode(Exception):
@@ -455,26 +466,35 @@ def scan_devices(runner: SmartctlRunner, timeout: float) -> tuple[list[DeviceSpe
     return parse_scan(lines), failed
 
 
-def read_devices(runner: SmartctlRunner, configured: Sequence[DeviceSpec], timeout: float, ts_ms: int,
-                 starting: Callable[[DeviceSpec], None] = lambda _spec: None) -> Iterator[DeviceRead]:
-    """Every device's read, one at a time: the configured devices, or a scan's.
+def _ignore(_: object) -> None:
+    return None
 
-    `starting(spec)` is called before each device is read, so whoever watches the reads
-    knows which device a stall belongs to.
+
+def read_devices(runner: SmartctlRunner, configured: Sequence[DeviceSpec], timeout: float, ts_ms: int,
+                 skip: Sequence[DeviceSpec] = (), listed: Callable[[list[DeviceSpec]], None] = _ignore,
+                 starting: Callable[[DeviceSpec], None] = _ignore) -> Iterator[DeviceRead]:
+    """Every device's read, one at a time: the configured devices, or a scan's; not `skip`.
+
+    `listed(specs)` is told the devices about to be read, and `starting(spec)` each one
+    before it is read, so whoever watches the reads knows which device a stall belongs to
+    and which are left after it.
     """
     specs = list(configured)
     if not specs:
         specs, failed = scan_devices(runner, timeout)
         yield from failed
+    specs = [s for s in specs if s not in skip]
+    listed(specs)
     for spec in specs:
         starting(spec)
         yield read_device(runner, spec, timeout, ts_ms)
 
 
-# ---- the reader child process: its wire format -----------------------------------------
+# ---- the reader child process ---------------------------------------------------------
 
 _ERROR_CLASSES: dict[str, type[SmartctlFailure]] = {
-    cls.reason: cls for cls in (SmartctlFailure, SmartctlTimeout, SmartctlPermission, SmartctlOpenFailed)}
+    cls.reason: cls
+    for cls in (SmartctlFailure, SmartctlTimeout, SmartctlPermission, SmartctlOpenFailed, SmartctlStalled)}
 
 
 def read_to_json(r: DeviceRead) -> str:
@@ -496,24 +516,45 @@ def read_from_json(doc: dict[str, Any]) -> DeviceRead:
     return DeviceRead(spec, samples, error)
 
 
+def spec_list(value: object) -> list[DeviceSpec]:
+    """[[name, type], ...] from a request or reply -> specs; TypeError/ValueError when malformed."""
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list of [name, type], got {value!r:.100}")
+    return [DeviceSpec(str(name), str(dev_type)) for name, dev_type in value]
+
+
 class SmartReaderError(Exception):
     """The reader child process failed before it read any device."""
 
 
-# Beyond smartctl's own timeout, what the child may take per reply line: interpreter start
-# and pySMART's import on a busy node.
+class ReaderAborted(SmartctlFailure):
+    """The child was killed or died while reading `spec`; `reason` says how."""
+
+    def __init__(self, message: str, spec: DeviceSpec, reason: str) -> None:
+        super().__init__(message)
+        self.spec = spec
+        self.reason = reason
+
+
+# Beyond smartctl's own timeout, what the child may take per reply: interpreter start and
+# pySMART's import on a busy node.
 READER_GRACE_S = 10.0
-# More output than any device's read can produce means the child has gone wrong.
-READER_MAX_OUTPUT = 8 * 1024 * 1024
+# One device's reply is tens of KB; a line beyond this means the child has gone wrong.
+READER_MAX_LINE = 4 * 1024 * 1024
 
 
-def reader_command() -> list[str]:
-    return [sys.executable, "-m", "agent.sources.smart_reader"]
+def reader_command() -> tuple[list[str], dict[str, str] | None]:
+    """The child's command line and environment (None: the agent's own).
 
-
-def _package_root() -> str:
-    """The folder holding the agent package: the child's cwd, so `-m` finds this same code."""
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    The child runs with cwd "/" so its first sys.path entry shadows nothing; when the agent
+    runs from a checkout rather than an installed package, PYTHONPATH points the child at
+    the same code.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = None
+    if root not in sys.path[1:]:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    return [sys.executable, "-m", "agent.sources.smart_reader"], env
 
 
 def which(program: str) -> str | None:
@@ -522,29 +563,55 @@ def which(program: str) -> str | None:
     for d in dirs:
         path = os.path.join(d, program) if d else program
         if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
+            return os.path.abspath(path)
     return None
+
+
+def process_group_alive(pgid: int, proc_root: str = "/proc") -> bool:
+    """Whether any process of the group is still running (zombies do not count)."""
+    try:
+        pids = [p for p in os.listdir(proc_root) if p.isdigit()]
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            with open(os.path.join(proc_root, pid, "stat")) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 class ReaderProcess:
     """One run of the reader child: send the request, yield its reads as they come.
 
-    Every reply line must arrive within `line_timeout` of the previous one (smartctl's
-    timeout plus READER_GRACE_S), so a run takes at most (devices + 1) x line_timeout; a
-    child that misses it is killed, and the device it was reading is counted as timed out.
+    Every reply (a JSON line) must arrive within `line_timeout` of the previous one; other
+    output (a warning, a traceback) does not extend that. A child that misses the deadline
+    or dies mid-device has its whole process group killed (smartctl included) and ends the
+    run with ReaderAborted for the device it was reading; `devices` then tells which were
+    left after it.
     """
 
-    def __init__(self, command: Sequence[str], request: dict[str, Any], line_timeout: float) -> None:
+    def __init__(self, command: Sequence[str], env: dict[str, str] | None, request: dict[str, Any],
+                 line_timeout: float) -> None:
         self.command = list(command)
+        self.env = env
         self.request = request
         self.line_timeout = line_timeout
+        self.devices: list[DeviceSpec] | None = None  # what the child said it would read
         self.reading: DeviceSpec | None = None  # announced and not yet answered
+        self.pgid = 0
         self.chatter: list[str] = []  # lines that are not replies: a traceback, a warning
+        self.deadline = 0.0
 
     def reads(self) -> Iterator[DeviceRead]:
         proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
             self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            cwd=_package_root(), close_fds=True)
+            cwd="/", env=self.env, close_fds=True, start_new_session=True)
+        self.pgid = proc.pid
+        self.deadline = time.monotonic() + self.line_timeout
         try:
             assert proc.stdin is not None and proc.stdout is not None
             try:
@@ -555,25 +622,38 @@ class ReaderProcess:
             for line in self._lines(proc.stdout.fileno()):
                 yield from self._reply(line)
             try:
-                rc = proc.wait(self.line_timeout)
+                rc = proc.wait(max(0.1, self.deadline - time.monotonic()))
             except subprocess.TimeoutExpired:  # output closed, process lingering
-                proc.kill()
-                rc = proc.wait()
+                rc = self._kill(proc)
+        except SmartctlFailure as exc:  # a stall or a runaway line: the group goes
+            self._kill(proc)
+            if self.reading is None:
+                raise
+            raise ReaderAborted(str(exc), self.reading, exc.reason) from exc
         finally:
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                self._kill(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
         if self.reading is not None:
-            spec, self.reading = self.reading, None
-            yield DeviceRead(spec, [], SmartctlFailure(
-                f"SMART reader exited {rc} while reading {spec.name}: {self.said()}"))
-        elif rc != 0:
+            raise ReaderAborted(f"SMART reader exited {rc} while reading {self.reading.name}: {self.said()}",
+                                self.reading, "error")
+        if rc != 0:
             raise SmartReaderError(f"SMART reader exited {rc}: {self.said()}")
+
+    def _kill(self, proc: subprocess.Popen[bytes]) -> int:
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return proc.wait()
 
     def said(self) -> str:
         return " | ".join(self.chatter[-5:]) or "no output"
+
+    def _noise(self, text: str) -> None:
+        self.chatter.append(text.strip()[:300])
+        del self.chatter[:-20]  # the end of a traceback says what went wrong
 
     def _reply(self, line: str) -> Iterator[DeviceRead]:
         try:
@@ -581,43 +661,55 @@ class ReaderProcess:
         except ValueError:
             doc = None
         if not isinstance(doc, dict):
-            self.chatter.append(line.strip()[:300])
-            del self.chatter[:-20]  # the end of a traceback says what went wrong
+            self._noise(line)
             return
-        if "reading" in doc:
-            self.reading = DeviceSpec(*doc["reading"])
-        elif "read" in doc:
-            self.reading = None
-            try:
-                yield read_from_json(doc["read"])
-            except (KeyError, TypeError, ValueError) as exc:
-                self.chatter.append(f"malformed reply {line[:200]!r}: {exc!r}")
+        self.deadline = time.monotonic() + self.line_timeout
+        try:
+            if "devices" in doc:
+                self.devices = spec_list(doc["devices"])
+            elif "reading" in doc:
+                self.reading = spec_list([doc["reading"]])[0]
+            elif "read" in doc:
+                read = read_from_json(doc["read"])
+                self.reading = None
+                yield read
+            else:
+                self._noise(line)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._noise(f"malformed reply {line[:200]!r}: {exc!r}")
+            if "read" in doc and self.reading is not None:
+                spec, self.reading = self.reading, None
+                yield DeviceRead(spec, [], SmartctlFailure(f"SMART reader: malformed reply for {spec.name}: {exc!r}"))
 
     def _lines(self, fd: int) -> Iterator[str]:
-        """The child's output lines; kills nothing itself, raises SmartctlTimeout on a stall."""
-        buf = b""
-        total = 0
-        deadline = time.monotonic() + self.line_timeout
+        """The child's output lines until it closes it; SmartctlTimeout when the deadline
+        passes, SmartctlFailure for a line beyond READER_MAX_LINE."""
+        buf = bytearray()
+        scanned = 0  # buf[:scanned] holds no newline
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         while True:
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                deadline = time.monotonic() + self.line_timeout
+            nl = buf.find(b"\n", scanned)
+            if nl >= 0:
+                line = bytes(buf[:nl])
+                del buf[:nl + 1]
+                scanned = 0
                 yield line.decode("utf-8", errors="replace")
-            remaining = deadline - time.monotonic()
+                continue
+            scanned = len(buf)
+            if len(buf) > READER_MAX_LINE:
+                raise SmartctlFailure(f"SMART reader wrote a line beyond {READER_MAX_LINE} bytes; killed")
+            remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 what = f"reading {self.reading.name}" if self.reading else "before any reply"
                 raise SmartctlTimeout(
                     f"SMART reader stalled {what} for {self.line_timeout:.0f}s; killed ({self.said()})")
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if not ready:
+            if not poller.poll(remaining * 1000):
                 continue
             chunk = os.read(fd, 65536)
-            total += len(chunk)
-            if not chunk or total > READER_MAX_OUTPUT:
+            if not chunk:
                 if buf:
                     yield buf.decode("utf-8", errors="replace")
-                if chunk:
-                    self.chatter.append(f"output beyond {READER_MAX_OUTPUT} bytes; cut off")
                 return
             buf += chunk
 
@@ -635,8 +727,9 @@ class Smart:
         self.runner: SmartctlRunner = (
             injected if callable(injected) else functools.partial(run_smartctl, smartctl=config.smartctl)
         )
-        self.reader_command = reader_command()
+        self.reader_command, self.reader_env = reader_command()
         self.errors: dict[tuple[str, str], int] = {}  # (device, reason) -> count since start
+        self.stuck: dict[DeviceSpec, int] = {}  # device -> process group of a read killed mid-device
 
     @property
     def timeout(self) -> float:
@@ -668,22 +761,40 @@ class Smart:
         if self.in_process:
             yield from read_devices(self.runner, self.configured(), self.timeout, ts_ms)
             return
-        request = {"smartctl": self.config.smartctl, "timeout": self.timeout, "ts_ms": ts_ms,
-                   "devices": [[d.name, d.type] for d in self.configured()]}
-        child = ReaderProcess(self.reader_command, request, self.timeout + READER_GRACE_S)
-        try:
-            yield from child.reads()
-        except SmartctlTimeout as exc:
-            if child.reading is None:
-                raise
-            yield DeviceRead(child.reading, [], exc)
+        for spec, pgid in list(self.stuck.items()):
+            if process_group_alive(pgid, self.env.proc_root):
+                yield DeviceRead(spec, [], SmartctlStalled(
+                    f"smartctl {spec.name}: a read from an earlier interval is still stuck (process group {pgid}); "
+                    "not read again until it ends"))
+            else:
+                del self.stuck[spec]
+        smartctl = which(self.config.smartctl) or self.config.smartctl
+        devices = self.configured()  # empty: the child scans
+        while True:
+            request = {"smartctl": smartctl, "timeout": self.timeout, "ts_ms": ts_ms,
+                       "devices": [[d.name, d.type] for d in devices],
+                       "skip": [[d.name, d.type] for d in self.stuck]}
+            child = ReaderProcess(self.reader_command, self.reader_env, request, self.timeout + READER_GRACE_S)
+            try:
+                yield from child.reads()
+                return
+            except ReaderAborted as exc:
+                yield DeviceRead(exc.spec, [], SmartctlTimeout(str(exc)) if exc.reason == "timeout"
+                                 else SmartctlFailure(str(exc)))
+                if exc.reason == "timeout":
+                    self.stuck[exc.spec] = child.pgid
+                listed = child.devices or []
+                devices = listed[listed.index(exc.spec) + 1:] if exc.spec in listed else []
+                if not devices:
+                    return
+                log.warning("smart: %s; reading the %d devices after it in a new reader", exc, len(devices))
 
     def collect(self, now: float) -> list[Sample]:
         ts_ms = int(now * 1000)
         reads: list[DeviceRead] = []
         try:
             reads.extend(self.reads(ts_ms))
-        except (SmartReaderError, SmartctlTimeout) as exc:
+        except (SmartReaderError, SmartctlFailure) as exc:
             if not reads:
                 raise
             log.warning("smart: %s (the %d devices read before are kept)", exc, len(reads))

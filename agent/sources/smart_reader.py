@@ -1,9 +1,14 @@
 """The SMART reader child: `python -m agent.sources.smart_reader`, started by the smart source.
 
-Reads a JSON request on stdin ({"smartctl", "timeout", "ts_ms", "devices": [[name, type]]},
-no devices meaning a scan) and writes one JSON line per event on stdout:
-`{"reading": [name, type]}` before a device is read, then `{"read": {...}}` with its
-samples or error. pySMART is imported here, never in the agent (see agent/sources/smart.py).
+Request on stdin, one JSON object:
+    {"smartctl": path, "timeout": seconds per device, "ts_ms": sample timestamp,
+     "devices": [[name, type], ...] (empty: scan), "skip": [[name, type], ...]}
+Replies on stdout, one JSON object per line:
+    {"devices": [[name, type], ...]}   the devices it is about to read, once
+    {"reading": [name, type]}          before each device
+    {"read": {...}}                    that device's samples or error (smart.read_to_json)
+Anything else it prints (a warning, a traceback) is reported by the agent as the reader's
+own words. pySMART is imported here, never in the agent (see agent/sources/smart.py).
 """
 
 from __future__ import annotations
@@ -12,18 +17,26 @@ import functools
 import json
 import sys
 
-from agent.sources.smart import DeviceSpec, read_devices, read_to_json, run_smartctl
+from agent.sources.smart import DeviceSpec, _load_pysmart, read_devices, read_to_json, run_smartctl, spec_list
+
+
+def reply(doc: object) -> None:
+    print(json.dumps(doc), flush=True)
 
 
 def main() -> int:
+    _load_pysmart()  # before the first reply, so its import is not charged to a device's time
     request = json.load(sys.stdin)
     runner = functools.partial(run_smartctl, smartctl=str(request["smartctl"]))
-    configured = [DeviceSpec(str(name), str(dev_type)) for name, dev_type in request["devices"]]
+
+    def listed(specs: list[DeviceSpec]) -> None:
+        reply({"devices": [[s.name, s.type] for s in specs]})
 
     def starting(spec: DeviceSpec) -> None:
-        print(json.dumps({"reading": [spec.name, spec.type]}), flush=True)
+        reply({"reading": [spec.name, spec.type]})
 
-    for read in read_devices(runner, configured, float(request["timeout"]), int(request["ts_ms"]), starting):
+    for read in read_devices(runner, spec_list(request["devices"]), float(request["timeout"]),
+                             int(request["ts_ms"]), spec_list(request.get("skip", [])), listed, starting):
         print(read_to_json(read), flush=True)
     return 0
 

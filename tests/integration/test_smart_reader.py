@@ -97,9 +97,140 @@ def fake_reader(tmp_path: Path, body: str) -> list[str]:
     return [sys.executable, str(script)]
 
 
-def gone(pid: int) -> bool:
-    """Killed and reaped: no process, not even a zombie, is left behind."""
+def gone(pid: int, within: float = 5.0) -> bool:
+    """Killed and reaped: no process, not even a zombie, is left behind (orphans are reaped
+    by init, so give that a moment)."""
+    deadline = time.monotonic() + within
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     return not Path(f"/proc/{pid}").exists()
+
+
+# A reader that stalls on /dev/sdz the way a disk stuck in the kernel makes it stall: its
+# smartctl (a `sleep` here) never returns. Every other request is served by the real reader.
+# It logs each request it gets, and the pid of the smartctl it left behind.
+STALLING_READER = r"""
+import json, os, subprocess, sys, time
+sys.path.insert(0, {repo!r})
+request = json.load(sys.stdin)
+with open({log!r}, "a") as f:
+    f.write(json.dumps(request) + "\n")
+devices = [d for d in request["devices"] if d not in request["skip"]]
+if ["/dev/sdz", "sat"] in devices:
+    print(json.dumps({{"devices": devices}}), flush=True)
+    for d in devices:
+        print(json.dumps({{"reading": d}}), flush=True)
+        if d[0] == "/dev/sdz":
+            smartctl = subprocess.Popen(["sleep", "300"])
+            open({pid!r}, "w").write(str(smartctl.pid))
+            time.sleep(300)
+        print(json.dumps({{"read": {{"name": d[0], "type": d[1], "samples": [], "error": ["open", "x"]}}}}),
+              flush=True)
+else:
+    import io
+    from agent.sources import smart_reader
+    sys.stdin = io.StringIO(json.dumps(request))
+    sys.exit(smart_reader.main())
+"""
+
+
+def stalling_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> smart.Smart:
+    monkeypatch.setattr(smart, "READER_GRACE_S", 3.0)
+    devices = (SmartDeviceConfig("/dev/sda", "sat"), SmartDeviceConfig("/dev/sdz", "sat"),
+               SmartDeviceConfig("/dev/nvme0", "nvme"))
+    missing = tmp_path / "_-d_sat_--all__dev_sda"
+    missing.write_text("smartctl 7.3\n\nSmartctl open device: /dev/sda failed: No such device\n")
+    (tmp_path / "_-d_sat_--all__dev_sda.exit").write_text("2")
+    source = child_source(monkeypatch, tmp_path, DATASET / "singletests" / "nvme_0", devices=devices, timeout=0.5)
+    script = tmp_path / "stalling_reader.py"
+    script.write_text(STALLING_READER.format(repo=str(REPO), log=str(tmp_path / "requests"),
+                                             pid=str(tmp_path / "smartctl.pid")))
+    source.reader_command = [sys.executable, str(script)]
+    return source
+
+
+def requests(tmp_path: Path) -> list[list[str]]:
+    """The device names of each request the reader got, in order."""
+    import json
+
+    lines = (tmp_path / "requests").read_text().splitlines()
+    return [[d[0] for d in json.loads(line)["devices"] if d not in json.loads(line)["skip"]] for line in lines]
+
+
+def test_a_stalled_disk_costs_only_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader stalls on the second of three disks: its process group (its smartctl
+    included) is killed, that disk is counted as a timeout, and a new reader reads the
+    disk after it."""
+    source = stalling_source(tmp_path, monkeypatch)
+    t0 = time.monotonic()
+    samples = source.collect(TS / 1000)
+    assert time.monotonic() - t0 < 15
+    assert value(samples, smart.ERRORS_METRIC, device="sda", reason="open") == 1
+    assert value(samples, smart.ERRORS_METRIC, device="sdz", reason="timeout") == 1
+    assert value(samples, "smartctl_device_percentage_used", device="nvme0") == 28
+    assert requests(tmp_path) == [["/dev/sda", "/dev/sdz", "/dev/nvme0"], ["/dev/nvme0"]]
+    assert gone(int((tmp_path / "smartctl.pid").read_text())), "the stalled smartctl was left running"
+
+
+def test_a_disk_whose_read_outlives_sigkill_is_not_read_again(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A smartctl stuck in the kernel survives SIGKILL; reading that disk again would leave
+    one more stuck process every interval. Stand-in for the survivor: a process group of
+    the test's own."""
+    source = stalling_source(tmp_path, monkeypatch)
+    survivor = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        source.stuck[smart.DeviceSpec("/dev/sdz", "sat")] = survivor.pid
+        samples = source.collect(TS / 1000)
+        assert value(samples, smart.ERRORS_METRIC, device="sdz", reason="stalled") == 1
+        assert value(samples, "smartctl_device_percentage_used", device="nvme0") == 28
+        assert requests(tmp_path) == [["/dev/sda", "/dev/nvme0"]]
+    finally:
+        survivor.kill()
+        survivor.wait()
+    # Once it is gone, the disk is tried again (and here stalls again).
+    samples = source.collect(TS / 1000 + 600)
+    assert requests(tmp_path)[1:] == [["/dev/sda", "/dev/sdz", "/dev/nvme0"], ["/dev/nvme0"]]
+    assert value(samples, smart.ERRORS_METRIC, device="sdz", reason="timeout") == 1
+    assert value(samples, smart.ERRORS_METRIC, device="sdz", reason="stalled") == 1
+
+
+def test_chatter_does_not_extend_the_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(smart, "READER_GRACE_S", 1.0)
+    source = child_source(monkeypatch, tmp_path, timeout=0.5)
+    source.reader_command = fake_reader(tmp_path, "while True:\n    print('warning: slow', flush=True)\n"
+                                                  "    time.sleep(0.2)")
+    t0 = time.monotonic()
+    with pytest.raises(smart.SmartctlTimeout, match="stalled before any reply.*warning: slow"):
+        source.collect(TS / 1000)
+    assert time.monotonic() - t0 < 6
+    assert gone(int((tmp_path / "pid").read_text()))
+
+
+def test_malformed_and_runaway_replies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nvme = smart.read_device(Replay(DATASET / "singletests" / "nvme_0"), smart.DeviceSpec("/dev/nvme0", "nvme"),
+                             10.0, TS)
+    source = child_source(monkeypatch, tmp_path)
+    # A reading line that is not a device is ignored; a read that does not parse counts
+    # the device announced; the good read is kept.
+    source.reader_command = fake_reader(tmp_path, (
+        "print('{\"reading\": 5}', flush=True)\n"
+        f"print({smart.read_to_json(nvme)!r}, flush=True)\n"
+        "print('{\"reading\": [\"/dev/sdq\", \"sat\"]}', flush=True)\n"
+        "print('{\"read\": {\"name\": \"/dev/sdq\"}}', flush=True)\n"))
+    samples = source.collect(TS / 1000)
+    assert value(samples, "smartctl_device_percentage_used", device="nvme0") == 28
+    assert value(samples, smart.ERRORS_METRIC, device="sdq", reason="error") == 1
+    # A line beyond READER_MAX_LINE: the child is killed, the device it was reading counted.
+    monkeypatch.setattr(smart, "READER_MAX_LINE", 100_000)
+    source.reader_command = fake_reader(tmp_path, (
+        "print('{\"reading\": [\"/dev/sdq\", \"sat\"]}', flush=True)\n"
+        "sys.stdout.write('x' * 1_000_000)\nsys.stdout.flush()\ntime.sleep(60)"))
+    t0 = time.monotonic()
+    samples = source.collect(TS / 1000)
+    assert time.monotonic() - t0 < 10
+    assert value(samples, smart.ERRORS_METRIC, device="sdq", reason="error") == 2
+    assert gone(int((tmp_path / "pid").read_text()))
 
 
 def test_stalled_child_is_killed_and_reads_before_it_are_kept(tmp_path: Path,
@@ -109,7 +240,7 @@ def test_stalled_child_is_killed_and_reads_before_it_are_kept(tmp_path: Path,
     body = (f"print({smart.read_to_json(nvme)!r}, flush=True)\n"
             "print('{\"reading\": [\"/dev/sdq\", \"sat\"]}', flush=True)\n"
             "time.sleep(60)")
-    monkeypatch.setattr(smart, "READER_GRACE_S", 0.5)
+    monkeypatch.setattr(smart, "READER_GRACE_S", 3.0)
     devices = (SmartDeviceConfig("/dev/nvme0", "nvme"), SmartDeviceConfig("/dev/sdq", "sat"))
     source = child_source(monkeypatch, tmp_path, devices=devices, timeout=0.5)
     source.reader_command = fake_reader(tmp_path, body)
@@ -123,7 +254,7 @@ def test_stalled_child_is_killed_and_reads_before_it_are_kept(tmp_path: Path,
 
 def test_child_that_stalls_before_any_reply_fails_the_collect(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(smart, "READER_GRACE_S", 0.5)
+    monkeypatch.setattr(smart, "READER_GRACE_S", 3.0)
     source = child_source(monkeypatch, tmp_path, timeout=0.5)
     source.reader_command = fake_reader(tmp_path, "print('importing', flush=True)\ntime.sleep(60)")
     with pytest.raises(smart.SmartctlTimeout, match="stalled before any reply.*importing"):

@@ -1032,8 +1032,9 @@ def test_series_table_cache_reuses_identities_only_when_confirmed_and_identical(
 
 def test_compression_context_is_capped_without_costing_bytes() -> None:
     """wire.compress caps zstd's match-finder tables (the agent's peak RSS at each flush):
-    on a batch the size of an agent's minute, the frame is as small as level 19's own
-    parameters make it, from a context less than half the size."""
+    on a batch the size of an agent's minute the frame is as small as level 19's own
+    parameters make it, from a context less than half the size. Bigger batches, where the
+    cap would cost bytes, keep zstd's own parameters."""
     from agent.sources import promtext
 
     page = (Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "metrics" / "node_exporter.prom")
@@ -1043,15 +1044,19 @@ def test_compression_context_is_capped_without_costing_bytes() -> None:
                                                                              for i in range(6)),
                tuple(value + rng.choice((0.0, 0.0, 1.0, 0.5)) * i for i in range(6)))
         for fam in promtext.parse(page.read_text()) for name, labels, value, _ in fam.samples
-    ][:2500]
-    raw = wire.encode_series(series)
-    assert 100_000 < len(raw) < 1_000_000
-    ours = wire.compress(raw, 19)
-    assert zstandard.ZstdDecompressor().decompress(ours) == raw
-    assert zstandard.get_frame_parameters(ours).content_size == len(raw)
-    default = zstandard.ZstdCompressor(level=19).compress(raw)
-    assert len(ours) <= len(default) * 1.01
-    full = zstandard.ZstdCompressionParameters.from_level(19, source_size=len(raw))
-    capped = zstandard.ZstdCompressionParameters.from_level(
-        19, source_size=len(raw), hash_log=wire.ZSTD_TABLE_LOG_MAX, chain_log=wire.ZSTD_TABLE_LOG_MAX)
+    ]
+    small = wire.encode_series(series[:2500])
+    assert 100_000 < len(small) <= wire.ZSTD_CAP_MAX_INPUT
+    ours = wire.compress(small, 19)
+    assert zstandard.ZstdDecompressor().decompress(ours) == small
+    assert zstandard.get_frame_parameters(ours).content_size == len(small)
+    assert len(ours) <= len(zstandard.ZstdCompressor(level=19).compress(small)) * 1.01
+    capped = wire.zstd_parameters(19, len(small))
+    full = zstandard.ZstdCompressionParameters.from_level(19, source_size=len(small))
+    assert (capped.hash_log, capped.chain_log) == (wire.ZSTD_TABLE_LOG_MAX, wire.ZSTD_TABLE_LOG_MAX)
     assert capped.estimated_compression_context_size() * 2 < full.estimated_compression_context_size()
+    big = wire.encode_series(series * 4)
+    assert len(big) > wire.ZSTD_CAP_MAX_INPUT
+    uncapped = wire.zstd_parameters(19, len(big))
+    default = zstandard.ZstdCompressionParameters.from_level(19, source_size=len(big))
+    assert (uncapped.hash_log, uncapped.chain_log) == (default.hash_log, default.chain_log)

@@ -118,7 +118,7 @@ def create_app(config: CollectorConfig) -> web.Application:
     app = web.Application(client_max_size=config.limits.max_body_bytes + 1)
     app[CONFIG] = config
     registry = CollectorRegistry(auto_describe=False)
-    fleet = FleetState(config.limits.max_series_per_node)
+    fleet = FleetState(config.limits.max_series_per_node, config.limits.series_ttl)
     app[REGISTRY] = registry
     app[FLEET] = fleet
     app[METRICS] = metrics = IngestMetrics()

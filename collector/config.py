@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.tomlconfig import ConfigError, Size, load
+from agent.tomlconfig import ConfigError, Duration, Size, load
 
 __all__ = ["CollectorConfig", "ConfigError", "LimitsConfig", "load_config", "parse_listen"]
 
@@ -42,6 +42,9 @@ class LimitsConfig:
     max_labels_per_series: int = 64
     # Cardinality cap on the exposed latest state of one node; excess series are counted.
     max_series_per_node: int = 100_000
+    # A series the node has not sent for this long (against the node's newest sample)
+    # leaves the exposition; counted in waystation_exposition_series_expired_total.
+    series_ttl: Duration = Duration(900.0)
     # Verified batches waiting for the group commit; beyond it posts get 503 + Retry-After.
     max_pending_commits: int = 4096
 
@@ -57,6 +60,8 @@ class LimitsConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.series_ttl < 60:
+            raise ValueError("series_ttl must be at least 60s (a node samples every few seconds to minutes)")
 
 
 @dataclass(frozen=True)

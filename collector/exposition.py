@@ -8,6 +8,7 @@ apply accepted batches and ledger outcomes; the /metrics handler calls
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -91,13 +92,25 @@ class _NodeLatest:
     # (name, labels as sent) -> entry: skips re-normalizing labels for series seen before.
     by_raw: dict[tuple[str, Labels], _Entry] = field(default_factory=dict)
     dropped_series: int = 0
+    expired_series: int = 0
+    newest_ms: int = -(1 << 63)  # the node's newest sample time, on its own clock
+    swept_ms: int = -(1 << 63)
+
+
+# How often, in the node's sample time, a node's series are checked against the TTL.
+SWEEP_EVERY_MS = 60_000
 
 
 class FleetState:
     """Latest value of every fleet series per node, plus each node's ledger accounting."""
 
-    def __init__(self, max_series_per_node: int) -> None:
+    def __init__(self, max_series_per_node: int, series_ttl_s: float = 900.0) -> None:
         self.max_series_per_node = max_series_per_node
+        # A series the node has not sent for this long, measured against the node's own
+        # newest sample (so clock skew between node and collector does not matter), leaves
+        # the exposition: label churn (a model unloaded, a GPU gone) cannot fill the
+        # max_series_per_node cap, and Prometheus does not keep scraping a dead value.
+        self.series_ttl_ms = int(series_ttl_s * 1000)
         self._latest: dict[tuple[str, str], _NodeLatest] = {}
         self._states: dict[tuple[str, str], NodeState] = {}
 
@@ -114,23 +127,48 @@ class FleetState:
         latest = self._latest.get((site, node))
         return len(latest.entries) if latest else 0
 
-    def apply(self, site: str, node: str, series: Iterable[wire.Series]) -> None:
-        """Take each series' newest point where it is newer than what is held (backfill is older)."""
+    def apply(self, site: str, node: str, series: Iterable[wire.Series], now_ms: int | None = None) -> None:
+        """Take each series' newest point where it is newer than what is held (backfill is older).
+
+        `now_ms` (the collector's clock) bounds how far a node's clock may run ahead and still
+        move its newest sample time: one batch stamped in the far future must not expire
+        every other series of the node.
+        """
         latest = self._latest.get((site, node))
         if latest is None:
             latest = self._latest[(site, node)] = _NodeLatest()
         by_raw = latest.by_raw
+        newest = latest.newest_ms
+        horizon = (int(time.time() * 1000) if now_ms is None else now_ms) + self.series_ttl_ms
+        floor = newest - self.series_ttl_ms
         for s in series:
+            ts = s.timestamps_ms[-1]
+            if newest < ts < horizon:
+                newest = ts
             entry = by_raw.get((s.name, s.labels))
             if entry is None:
+                if ts < floor:
+                    continue  # backfill of a series long gone: it would expire at once
                 entry = self._entry(latest, site, node, s)
                 if entry is None:
                     continue
-            ts = s.timestamps_ms[-1]
             if ts > entry.ts_ms:
                 entry.ts_ms = ts
                 entry.value = s.values[-1]
                 entry.mtype = s.mtype
+        latest.newest_ms = newest
+        if newest - latest.swept_ms >= SWEEP_EVERY_MS:
+            self._expire(latest)
+
+    def _expire(self, latest: _NodeLatest) -> None:
+        latest.swept_ms = latest.newest_ms
+        cutoff = latest.newest_ms - self.series_ttl_ms
+        stale = [identity for identity, e in latest.entries.items() if e.ts_ms < cutoff]
+        if stale:
+            for identity in stale:
+                del latest.entries[identity]
+            latest.by_raw.clear()  # only a cache; it may point at expired entries
+            latest.expired_series += len(stale)
 
     def _entry(self, latest: _NodeLatest, site: str, node: str, s: wire.Series) -> _Entry | None:
         if s.name.startswith(RESERVED_PREFIXES):
@@ -162,9 +200,10 @@ class FleetState:
                 fam.samples.append(Sample(e.name, dict(e.labels), e.value))
         return iter(families.values())
 
-    def dropped_series(self) -> Iterator[tuple[str, str, int]]:
+    def dropped_series(self) -> Iterator[tuple[str, str, int, int]]:
+        """(site, node, dropped, expired) per node."""
         for (site, node), latest in self._latest.items():
-            yield site, node, latest.dropped_series
+            yield site, node, latest.dropped_series, latest.expired_series
 
 
 def _family(name: str, mtype: wire.MetricType) -> Metric:
@@ -256,9 +295,15 @@ class FleetCollector(Collector):
             if s.backlog_bytes is not None:
                 backlog_bytes.add_metric(lv, s.backlog_bytes)
             exposed.add_metric(lv, self.fleet.series_count(s.site, s.node))
-        for site, node, count in self.fleet.dropped_series():
-            dropped_series.add_metric([site, node], count)
+        expired_series = CounterMetricFamily(
+            "waystation_exposition_series_expired",
+            "Series no longer exposed: the node sent no point for them within series_ttl.",
+            labels=labels,
+        )
+        for site, node, dropped, expired in self.fleet.dropped_series():
+            dropped_series.add_metric([site, node], dropped)
+            expired_series.add_metric([site, node], expired)
         yield from (
             last_seen, complete, highest, gaps, dropped_batches, dropped_samples, tamper,
-            backlog_batches, backlog_bytes, exposed, dropped_series,
+            backlog_batches, backlog_bytes, exposed, dropped_series, expired_series,
         )

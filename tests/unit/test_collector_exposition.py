@@ -104,3 +104,56 @@ def test_schema_problem_names_the_offender() -> None:
     assert "label name" in (schema_problem([series("ok", 1, 1.0, **{"__reserved": "x"})]) or "")
     dup = wire.Series("ok", (("a", "1"), ("a", "2")), G, (1,), (1.0,))
     assert "repeats" in (schema_problem([dup]) or "")
+
+
+T = 1_700_000_000_000
+MIN = 60_000
+IDS = (("node", "n"), ("site", "s"))
+
+
+def test_series_the_node_stopped_sending_expire_by_its_own_clock() -> None:
+    fleet = FleetState(100, series_ttl_s=900)
+    fleet.apply("s", "n", [series("a", T, 1.0), series("b", T, 2.0)], now_ms=T)
+    for minute in range(1, 17):  # the node goes on sending a, no longer b
+        fleet.apply("s", "n", [series("a", T + minute * MIN, 1.0)], now_ms=T + minute * MIN)
+        m = samples(render(fleet))
+        assert (("b", IDS) in m) == (minute <= 15), minute  # gone once older than the TTL
+    assert m[("waystation_exposition_series_expired_total", IDS)] == 1
+    assert fleet.series_count("s", "n") == 1
+    # It comes back when the node sends it again.
+    fleet.apply("s", "n", [series("b", T + 17 * MIN, 3.0)], now_ms=T + 17 * MIN)
+    assert samples(render(fleet))[("b", IDS)] == 3.0
+
+
+def test_a_silent_node_keeps_its_series() -> None:
+    """Expiry is measured on the node's own newest sample: a node cut off by its uplink
+    (node-level alerts cover that) keeps its last values, whatever the collector's clock."""
+    fleet = FleetState(100, series_ttl_s=900)
+    fleet.apply("s", "n", [series("a", T, 1.0)], now_ms=T)
+    fleet.apply("s", "m", [series("a", T + 60 * MIN, 1.0)], now_ms=T + 60 * MIN)
+    assert samples(render(fleet))[("a", IDS)] == 1.0
+
+
+def test_a_future_stamped_batch_does_not_expire_the_rest() -> None:
+    fleet = FleetState(100, series_ttl_s=900)
+    fleet.apply("s", "n", [series("a", T, 1.0), series("b", T, 2.0)], now_ms=T)
+    fleet.apply("s", "n", [series("c", T + 10 * 24 * 60 * MIN, 9.0)], now_ms=T + MIN)  # clock 10 days ahead
+    fleet.apply("s", "n", [series("a", T + 2 * MIN, 1.0), series("b", T + 2 * MIN, 2.0)], now_ms=T + 2 * MIN)
+    m = samples(render(fleet))
+    assert {name for name, ids in m if ids == IDS} >= {"a", "b", "c"}
+    assert m[("waystation_exposition_series_expired_total", IDS)] == 0
+
+
+def test_expiry_frees_the_cardinality_cap_and_old_backfill_is_not_exposed() -> None:
+    fleet = FleetState(2, series_ttl_s=900)
+    fleet.apply("s", "n", [series("a", T, 1.0), series("b", T, 1.0)], now_ms=T)
+    for minute in (10, 20):
+        fleet.apply("s", "n", [series("a", T + minute * MIN, 1.0)], now_ms=T + minute * MIN)
+    fleet.apply("s", "n", [series("c", T + 21 * MIN, 5.0)], now_ms=T + 21 * MIN)
+    # Backfill of a series last sent longer than the TTL ago: not exposed, not a cap drop.
+    fleet.apply("s", "n", [series("d", T + MIN, 7.0)], now_ms=T + 21 * MIN)
+    m = samples(render(fleet))
+    assert m[("c", IDS)] == 5.0
+    assert ("b", IDS) not in m and ("d", IDS) not in m
+    assert m[("waystation_exposition_series_dropped_total", IDS)] == 0
+    assert m[("waystation_exposition_series_expired_total", IDS)] == 1

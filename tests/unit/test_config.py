@@ -20,6 +20,17 @@ def test_packaged_agent_config_spells_out_the_builtin_defaults() -> None:
     assert dataclasses.replace(packaged, node=AgentConfig().node) == AgentConfig()
 
 
+def test_packaged_collector_config_spells_out_the_builtin_defaults(tmp_path: Path) -> None:
+    from collector.config import CollectorConfig, load_config
+
+    assert load_config(REPO / "packaging" / "config" / "collector.toml") == CollectorConfig()
+    assert CollectorConfig().limits.series_ttl == 900.0
+    bad = tmp_path / "collector.toml"
+    bad.write_text('[limits]\nseries_ttl = "30s"\n')
+    with pytest.raises(ConfigError, match="series_ttl must be at least 60s"):
+        load_config(bad)
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("10s", 10.0), ("250ms", 0.25), ("5m", 300.0), ("1h30m", 5400.0), (15, 15.0), (0.5, 0.5)],

@@ -49,8 +49,9 @@ panels = [
         (f"max by (site, node) (waystation_node_gap_seqs{{{S}}})", ""),
         (f"max by (site, node) (waystation_exposition_series{{{S}}})", ""),
         (f"max by (site, node) (waystation_exposition_series_dropped_total{{{S}}})", ""),
+        (f"max by (site, node) (waystation_exposition_series_expired_total{{{S}}})", ""),
     ], h=10, description="Per node: seconds since last batch, highest seq, watermark lag, gaps, exposed series, "
-                         "series not exposed."),
+                         "series not exposed (over the cap or reserved), series expired (no longer sent)."),
 ]
 
 dashboard = build(

@@ -432,9 +432,16 @@ class Ledger:
         n.highest_seq = max(n.highest_seq, h.seq)
         n.stored_batches += 1
         n.stored_samples += h.sample_count
+        if h.seq in n.accounted:
+            # A drop receipt already named this seq: the node evicted it after sending it
+            # (its ack was lost, or this request was still on the way). It arrived after
+            # all, so it is not lost: take it back out of the dropped counts.
+            n.dropped_batches = max(0, n.dropped_batches - 1)
+            n.dropped_samples = max(0, n.dropped_samples - h.sample_count)
         n.accounted.add(h.seq, h.seq)
         if sub.drop is not None:
             samples = sub.drop.samples
+            recorded_batches = recorded_samples = 0
             for first, last in sub.drop.ranges:
                 self.conn.execute(
                     "INSERT OR IGNORE INTO drops (site, node, receipt_seq, first_seq, last_seq, "
@@ -443,8 +450,16 @@ class Ledger:
                 )
                 samples = 0
                 n.accounted.add(first, last)
-            n.dropped_batches += sub.drop.batches
-            n.dropped_samples += sub.drop.samples
+                count, sampled = self.conn.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(sample_count), 0) FROM batches "
+                    "WHERE site = ? AND node = ? AND seq BETWEEN ? AND ?", (h.site, h.node, first, last),
+                ).fetchone()
+                recorded_batches += count
+                recorded_samples += sampled
+            # The node cannot know which of its evicted batches the collector got before an
+            # ack was lost: only those not recorded here are lost.
+            n.dropped_batches += max(0, sub.drop.batches - recorded_batches)
+            n.dropped_samples += max(0, sub.drop.samples - recorded_samples)
         if sub.backlog is not None and h.seq >= n.backlog_seq:
             n.backlog_batches, n.backlog_bytes = sub.backlog
             n.backlog_seq = h.seq

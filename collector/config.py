@@ -43,8 +43,9 @@ class LimitsConfig:
     # Cardinality cap on the exposed latest state of one node; excess series are counted.
     max_series_per_node: int = 100_000
     # A series the node has not sent for this long (against the node's newest sample)
-    # leaves the exposition; counted in waystation_exposition_series_expired_total.
-    series_ttl: Duration = Duration(900.0)
+    # leaves the exposition; counted in waystation_exposition_series_expired_total. Keep it
+    # well above the slowest source interval (SMART: 10 min, and a sleeping disk skips reads).
+    series_ttl: Duration = Duration(3600.0)
     # Verified batches waiting for the group commit; beyond it posts get 503 + Retry-After.
     max_pending_commits: int = 4096
 

@@ -97,20 +97,22 @@ class _NodeLatest:
     swept_ms: int = -(1 << 63)
 
 
-# How often, in the node's sample time, a node's series are checked against the TTL.
+# How often, in the node's sample time, a node's series are checked against the TTL:
+# at least this, and at least an eighth of the TTL.
 SWEEP_EVERY_MS = 60_000
 
 
 class FleetState:
     """Latest value of every fleet series per node, plus each node's ledger accounting."""
 
-    def __init__(self, max_series_per_node: int, series_ttl_s: float = 900.0) -> None:
+    def __init__(self, max_series_per_node: int, series_ttl_s: float = 3600.0) -> None:
         self.max_series_per_node = max_series_per_node
         # A series the node has not sent for this long, measured against the node's own
         # newest sample (so clock skew between node and collector does not matter), leaves
         # the exposition: label churn (a model unloaded, a GPU gone) cannot fill the
         # max_series_per_node cap, and Prometheus does not keep scraping a dead value.
         self.series_ttl_ms = int(series_ttl_s * 1000)
+        self.sweep_every_ms = max(SWEEP_EVERY_MS, self.series_ttl_ms // 8)
         self._latest: dict[tuple[str, str], _NodeLatest] = {}
         self._states: dict[tuple[str, str], NodeState] = {}
 
@@ -157,7 +159,7 @@ class FleetState:
                 entry.value = s.values[-1]
                 entry.mtype = s.mtype
         latest.newest_ms = newest
-        if newest - latest.swept_ms >= SWEEP_EVERY_MS:
+        if newest - latest.swept_ms >= self.sweep_every_ms:
             self._expire(latest)
 
     def _expire(self, latest: _NodeLatest) -> None:
@@ -167,7 +169,9 @@ class FleetState:
         if stale:
             for identity in stale:
                 del latest.entries[identity]
-            latest.by_raw.clear()  # only a cache; it may point at expired entries
+            # The cache keeps what is still exposed: clearing it would cost every series a
+            # label normalization on the next batch.
+            latest.by_raw = {k: e for k, e in latest.by_raw.items() if e.ts_ms >= cutoff}
             latest.expired_series += len(stale)
 
     def _entry(self, latest: _NodeLatest, site: str, node: str, s: wire.Series) -> _Entry | None:

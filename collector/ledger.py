@@ -12,7 +12,7 @@ import json
 import sqlite3
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,17 @@ def connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
     if create:
         conn.executescript(SCHEMA)
     return conn
+
+
+def merged_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Closed ranges, sorted, with overlapping and adjacent ones merged."""
+    out: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if out and first <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], last))
+        else:
+            out.append((first, last))
+    return out
 
 
 class IntervalSet:
@@ -432,16 +443,9 @@ class Ledger:
         n.highest_seq = max(n.highest_seq, h.seq)
         n.stored_batches += 1
         n.stored_samples += h.sample_count
-        if h.seq in n.accounted:
-            # A drop receipt already named this seq: the node evicted it after sending it
-            # (its ack was lost, or this request was still on the way). It arrived after
-            # all, so it is not lost: take it back out of the dropped counts.
-            n.dropped_batches = max(0, n.dropped_batches - 1)
-            n.dropped_samples = max(0, n.dropped_samples - h.sample_count)
         n.accounted.add(h.seq, h.seq)
         if sub.drop is not None:
             samples = sub.drop.samples
-            recorded_batches = recorded_samples = 0
             for first, last in sub.drop.ranges:
                 self.conn.execute(
                     "INSERT OR IGNORE INTO drops (site, node, receipt_seq, first_seq, last_seq, "
@@ -450,15 +454,20 @@ class Ledger:
                 )
                 samples = 0
                 n.accounted.add(first, last)
+            # The node cannot know which of its evicted batches the collector got before an
+            # ack was lost: only those not recorded here are lost. (One still on the way
+            # when the receipt arrives is counted as lost: the dropped counters never go
+            # back down, or Prometheus would read a counter reset as fresh loss.)
+            named = recorded_batches = recorded_samples = 0
+            for first, last in merged_ranges(sub.drop.ranges):
                 count, sampled = self.conn.execute(
                     "SELECT COUNT(*), COALESCE(SUM(sample_count), 0) FROM batches "
                     "WHERE site = ? AND node = ? AND seq BETWEEN ? AND ?", (h.site, h.node, first, last),
                 ).fetchone()
+                named += last - first + 1
                 recorded_batches += count
                 recorded_samples += sampled
-            # The node cannot know which of its evicted batches the collector got before an
-            # ack was lost: only those not recorded here are lost.
-            n.dropped_batches += max(0, sub.drop.batches - recorded_batches)
+            n.dropped_batches += max(0, min(sub.drop.batches, named) - recorded_batches)
             n.dropped_samples += max(0, sub.drop.samples - recorded_samples)
         if sub.backlog is not None and h.seq >= n.backlog_seq:
             n.backlog_batches, n.backlog_bytes = sub.backlog

@@ -49,9 +49,10 @@ panels = [
         (f"max by (site, node) (waystation_node_gap_seqs{{{S}}})", ""),
         (f"max by (site, node) (waystation_exposition_series{{{S}}})", ""),
         (f"max by (site, node) (waystation_exposition_series_dropped_total{{{S}}})", ""),
-        (f"max by (site, node) (waystation_exposition_series_expired_total{{{S}}})", ""),
+        (f"sum by (site, node) (increase(waystation_exposition_series_expired_total{{{S}}}[1h]))", ""),
     ], h=10, description="Per node: seconds since last batch, highest seq, watermark lag, gaps, exposed series, "
-                         "series not exposed (over the cap or reserved), series expired (no longer sent)."),
+                         "series not exposed (over the cap or reserved), series expired in the last hour "
+                         "(no longer sent)."),
 ]
 
 dashboard = build(

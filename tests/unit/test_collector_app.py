@@ -131,3 +131,31 @@ def test_healthz_reports_an_unwritable_ledger(tmp_path: Path) -> None:
                 lock.close()
 
     asyncio.run(run())
+
+
+def test_series_ttl_from_the_config_expires_series_over_http(tmp_path: Path) -> None:
+    """limits.series_ttl reaches the exposition: a series the node stopped sending leaves
+    /metrics once the node's own samples are past the TTL (120 s here)."""
+    config, key = setup(tmp_path)
+    config = CollectorConfig(data_dir=config.data_dir, limits=LimitsConfig(series_ttl=120.0))  # type: ignore[arg-type]
+    frames: list[bytes] = []
+    for seq in range(1, 6):
+        ts = T0 + (seq - 1) * 60_000
+        series = [wire.Series("up", (), wire.MetricType.GAUGE, (ts,), (1.0,))]
+        if seq == 1:
+            series.append(wire.Series("gone", (), wire.MetricType.GAUGE, (ts,), (7.0,)))
+        prev = wire.batch_hash(frames[-1]) if frames else wire.ZERO_HASH
+        frames.append(wire.encode_data_batch(wire.BatchContext(key, "s1", "n1", seq, prev, ts, seq, 1), series))
+
+    async def run() -> list[str]:
+        async with TestClient(TestServer(create_app(config))) as client:
+            pages = []
+            for frame in frames:
+                assert (await client.post("/v1/batches", data=frame)).status == 200
+                pages.append(await (await client.get("/metrics")).text())
+            return pages
+
+    pages = asyncio.run(run())
+    # Sent at 0 s; the node's newest sample at 0, 60, 120, 180, 240 s: past the TTL from 180 s.
+    assert [('gone{node="n1",site="s1"} 7.0' in page) for page in pages] == [True, True, True, False, False]
+    assert 'waystation_exposition_series_expired_total{node="n1",site="s1"} 1.0' in pages[-1]

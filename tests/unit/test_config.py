@@ -24,7 +24,7 @@ def test_packaged_collector_config_spells_out_the_builtin_defaults(tmp_path: Pat
     from collector.config import CollectorConfig, load_config
 
     assert load_config(REPO / "packaging" / "config" / "collector.toml") == CollectorConfig()
-    assert CollectorConfig().limits.series_ttl == 900.0
+    assert CollectorConfig().limits.series_ttl == 3600.0
     bad = tmp_path / "collector.toml"
     bad.write_text('[limits]\nseries_ttl = "30s"\n')
     with pytest.raises(ConfigError, match="series_ttl must be at least 60s"):

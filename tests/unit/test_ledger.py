@@ -194,24 +194,32 @@ def test_drop_receipt_does_not_count_what_arrived(
     ledger: Ledger, record: trust.KeyRecord, key: SigningKey
 ) -> None:
     """The node evicts what it never saw acked; some of it reached the collector (the ack
-    was lost, or the request was still on the way). Only what is not recorded is lost."""
+    was lost). Only what is not recorded is lost, and the counts never go back down."""
     chain = Chain(key)
     for seq in range(1, 7):
         chain.data(seq)  # two samples each
-    # Acks for 2 and 3 were lost; the node evicts 2..4 (six samples) and says so.
+    # Acks for 2 and 3 were lost; the node evicts 2..4 (six samples) and says so, with
+    # overlapping ranges, which must not count a recorded batch twice.
     assert submit(ledger, record, chain.frames[1], chain.frames[2], chain.frames[3],
-                  chain.drop(7, ((2, 4),), samples=6)) == ["accepted"] * 4
+                  chain.drop(7, ((2, 4), (3, 3)), samples=6)) == ["accepted"] * 4
     state = ledger.state(SITE, NODE)
     assert state is not None and (state.dropped_batches, state.dropped_samples) == (1, 2)
-    # Seq 5 was evicted while its request was on the way: the receipt came first.
+    # Seq 5 evicted while its request was still on the way: the receipt comes first and
+    # counts it; when the batch lands after all, the counters stay (a counter going down
+    # reads as a reset, i.e. as fresh loss, in Prometheus).
     chain.data(8)
     assert submit(ledger, record, chain.drop(9, ((5, 5),), samples=2)) == ["accepted"]
-    state = ledger.state(SITE, NODE)
-    assert state is not None and (state.dropped_batches, state.dropped_samples) == (2, 4)
     assert submit(ledger, record, chain.frames[5]) == ["accepted"]
     state = ledger.state(SITE, NODE)
-    assert state is not None and (state.dropped_batches, state.dropped_samples) == (1, 2)
+    assert state is not None and (state.dropped_batches, state.dropped_samples) == (2, 4)
     assert state.gap_ranges == ((6, 6), (8, 8))
+
+
+def test_merged_ranges() -> None:
+    from collector.ledger import merged_ranges
+
+    assert merged_ranges([(5, 6), (1, 2), (2, 3), (8, 8), (7, 7)]) == [(1, 3), (5, 8)]
+    assert merged_ranges([]) == []
 
 
 def test_key_rotation_retires_the_old_key_after_its_seq(

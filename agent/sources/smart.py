@@ -197,6 +197,16 @@ def ata_error_count(lines: Iterable[str]) -> int | None:
     return None
 
 
+_BOILERPLATE = ("smartctl ", "Copyright (C)", "Use smartctl -h")
+
+
+def smartctl_said(lines: Sequence[str], rc: int) -> str:
+    """What smartctl said, without its banner and usage hint: "/dev/vda: Unable to detect
+    device type Please specify device type with the -d option." """
+    said = [ln.strip() for ln in lines if ln.strip() and not ln.startswith(_BOILERPLATE)]
+    return " ".join(said[:3])[:300] or f"exit status {rc}"
+
+
 def classify_failure(rc: int, lines: Sequence[str], device: str) -> LowPowerMode | SmartctlFailure | None:
     """What a non-zero exit means for reading this device; None when the output is usable."""
     if rc & EXIT_OPEN:
@@ -206,11 +216,9 @@ def classify_failure(rc: int, lines: Sequence[str], device: str) -> LowPowerMode
         text = "\n".join(lines)
         if any(p in text for p in _PERMISSION):
             return SmartctlPermission(f"smartctl {device}: permission denied: {CAPS_HINT}")
-        last = next((ln.strip() for ln in reversed(lines) if ln.strip()), f"exit status {rc}")
-        return SmartctlOpenFailed(f"smartctl {device}: {last}")
+        return SmartctlOpenFailed(f"smartctl {device}: {smartctl_said(lines, rc)}")
     if rc & EXIT_CMDLINE:
-        last = next((ln.strip() for ln in reversed(lines) if ln.strip()), f"exit status {rc}")
-        return SmartctlFailure(f"smartctl {device}: {last}")
+        return SmartctlFailure(f"smartctl {device}: {smartctl_said(lines, rc)}")
     return None
 
 
@@ -803,6 +811,8 @@ class Smart:
             out += r.samples
             if r.error is not None:
                 key = (device_label(r.spec.name, r.spec.type), r.error.reason)
+                if key not in self.errors:  # said once per device and reason; counted always
+                    log.warning("smart: %s", r.error)
                 self.errors[key] = self.errors.get(key, 0) + 1
         for (device, reason), count in sorted(self.errors.items()):
             out.append(Sample(ERRORS_METRIC, (("device", device), ("reason", reason)), C, float(count), ts_ms))

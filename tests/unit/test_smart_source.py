@@ -365,3 +365,29 @@ def test_reading_devices_never_runs_charset_detection() -> None:
                          env=dict(os.environ, PYTHONPATH=str(repo)))
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) < 8 * 2**20, "reading one device allocated more than 8 MiB"
+
+
+def test_a_device_error_is_said_once_in_smartctls_words(caplog: pytest.LogCaptureFixture) -> None:
+    answers = {"_-d_test__dev_nonexistent": json_case("error_unable-to-detect-device-type.json")}
+    runner = Replay(None, answers=answers)
+    source = smart.Smart(SmartSourceConfig(devices=(SmartDeviceConfig("/dev/nonexistent", ""),)),
+                         SourceEnv(extra={"smartctl_runner": runner}))
+    caplog.set_level("WARNING", logger="waystation.smart")
+    for interval in range(3):
+        samples = source.collect(TS / 1000 + 600 * interval)
+    assert value(samples, smart.ERRORS_METRIC, device="nonexistent", reason="error") == 3
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1, said
+    assert "/dev/nonexistent" in said[0] and "Unable to detect device type" in said[0]
+    assert "Copyright" not in said[0] and "smartctl -h" not in said[0]
+
+
+def test_real_smartctl_error_is_told_without_its_banner() -> None:
+    """The real smartctl on a device it cannot type (/dev/null): the error names the
+    device and smartctl's reason, not its banner or usage hint."""
+    rc, out = smart.run_smartctl(["-n", "standby", "-d", "test", "/dev/null"], 30.0)
+    lines = out.decode().splitlines()
+    problem = smart.classify_failure(rc, lines, "/dev/null")
+    assert isinstance(problem, smart.SmartctlFailure), (rc, lines)
+    assert str(problem).startswith("smartctl /dev/null: /dev/null: Unable to detect device type"), str(problem)
+    assert "Copyright" not in str(problem) and "smartctl -h" not in str(problem)

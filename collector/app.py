@@ -30,9 +30,13 @@ READER = web.AppKey("reader", sqlite3.Connection)  # request handlers' own WAL c
 
 
 def _rebuild(ledger: Ledger, fleet: FleetState, limits: wire.Limits) -> None:
-    """Latest state at start: every node's accounting and its newest data batch."""
+    """Latest state at start: every node's accounting, the latest state saved at the last
+    clean stop, and each node's newest data batch (newer points win, whatever the order)."""
     for state in ledger.states():
         fleet.update_node(state)
+    restored = fleet.restore(ledger.take_latest())
+    if restored:
+        log.info("restored %d series saved at the last stop", restored)
     for raw in ledger.newest_data_frames():
         try:
             frame = wire.parse_frame(raw)
@@ -70,6 +74,11 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             await committer.stop()
+            try:
+                saved = await loop.run_in_executor(None, ledger.save_latest, list(fleet.snapshot()))
+                log.info("saved %d series of latest state for the next start", saved)
+            except sqlite3.Error as exc:  # the next start rebuilds from the newest batches
+                log.warning("could not save the latest state: %s", exc)
     finally:
         reader.close()
         ledger.close()

@@ -7,6 +7,7 @@ apply accepted batches and ledger outcomes; the /metrics handler calls
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -161,6 +162,28 @@ class FleetState:
         latest.newest_ms = newest
         if newest - latest.swept_ms >= self.sweep_every_ms:
             self._expire(latest)
+
+    def snapshot(self) -> Iterator[tuple[str, str, str, str, int, int, float]]:
+        """Every exposed series as (site, node, name, labels JSON as sent, type, ts_ms, value)."""
+        for (site, node), latest in self._latest.items():
+            for e in latest.entries.values():
+                sent = [[k, v] for k, v in e.labels if k not in ("site", "node")]
+                yield site, node, e.name, json.dumps(sent), int(e.mtype), e.ts_ms, e.value
+
+    def restore(self, rows: Iterable[tuple[str, str, str, str, int, int, float]]) -> int:
+        """Load a snapshot (before any batch is applied); returns how many series were taken."""
+        by_node: dict[tuple[str, str], list[wire.Series]] = {}
+        for site, node, name, labels, mtype, ts_ms, value in rows:
+            try:
+                series = wire.Series(name, tuple((str(k), str(v)) for k, v in json.loads(labels)),
+                                     wire.MetricType(mtype), (int(ts_ms),), (float(value),))
+            except (ValueError, TypeError):
+                continue  # one unreadable row loses that series only
+            by_node.setdefault((site, node), []).append(series)
+        for (site, node), series_list in by_node.items():
+            newest = max(s.timestamps_ms[0] for s in series_list)
+            self.apply(site, node, series_list, now_ms=newest)
+        return sum(self.series_count(site, node) for site, node in by_node)
 
     def _expire(self, latest: _NodeLatest) -> None:
         latest.swept_ms = latest.newest_ms

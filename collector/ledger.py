@@ -77,6 +77,17 @@ CREATE TABLE IF NOT EXISTS nodes (
     backlog_seq      INTEGER NOT NULL,
     PRIMARY KEY (site, node)
 ) WITHOUT ROWID;
+-- The exposed latest state, written at a clean stop and read (then emptied) at the next
+-- start, so series a node sends only now and then survive a restart.
+CREATE TABLE IF NOT EXISTS latest (
+    site   TEXT NOT NULL,
+    node   TEXT NOT NULL,
+    name   TEXT NOT NULL,
+    labels TEXT NOT NULL,  -- JSON [[name, value], ...] as sent
+    mtype  INTEGER NOT NULL,
+    ts_ms  INTEGER NOT NULL,
+    value  REAL NOT NULL
+);
 """
 )
 
@@ -319,6 +330,31 @@ class Ledger:
     def state(self, site: str, node: str) -> NodeState | None:
         n = self._nodes.get((site, node))
         return n.snapshot() if n else None
+
+    def save_latest(self, rows: Iterable[tuple[str, str, str, str, int, int, float]]) -> int:
+        """Replace the saved latest state with `rows`; returns how many were written."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("DELETE FROM latest")
+            cur = self.conn.executemany("INSERT INTO latest VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return cur.rowcount
+
+    def take_latest(self) -> list[tuple[str, str, str, str, int, int, float]]:
+        """The saved latest state, once: it is deleted as it is read, so a later crash
+        does not bring back a state from before it."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = self.conn.execute("SELECT site, node, name, labels, mtype, ts_ms, value FROM latest").fetchall()
+            self.conn.execute("DELETE FROM latest")
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return rows
 
     def newest_data_frames(self) -> Iterator[bytes]:
         """The newest data batch of every node: what the latest state is rebuilt from."""

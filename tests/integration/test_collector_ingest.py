@@ -147,10 +147,11 @@ class Node:
     def pubkey(self) -> str:
         return base64.b64encode(bytes(self.key.verify_key)).decode()
 
-    def data(self, seq: int, value: float = 1.0, ts: int | None = None) -> bytes:
+    def data(self, seq: int, value: float = 1.0, ts: int | None = None,
+             extra: tuple[wire.Series, ...] = ()) -> bytes:
         prev = wire.batch_hash(self.frames[seq - 1]) if seq > 1 else wire.ZERO_HASH
         ts = T0 + seq * 60_000 if ts is None else ts
-        series = [
+        series = [*extra,
             wire.Series("node_load1", (("site", self.site), ("node", self.name)),
                         wire.MetricType.GAUGE, (ts - 10_000, ts), (value / 2, value)),
             wire.Series("node_network_receive_bytes_total", (("device", "eth0"),),
@@ -437,6 +438,43 @@ def test_restart_keeps_watermark_and_latest_state(tmp_path: Path) -> None:
         assert srv.nodes()[(SITE, "r1")]["complete_through"] == 2
         status, body = srv.post(node.frames[2])
         assert (status, body["result"], body["complete_through"]) == (200, "duplicate", 2)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_series_sent_now_and_then_survive_a_clean_restart(tmp_path: Path) -> None:
+    """A SMART read every 10 minutes is not in the node's newest batch: a clean stop saves
+    the latest state and the next start restores it. The saved state is used once: after a
+    crash the start rebuilds from the newest batches alone, never from an older save."""
+    config = tmp_path / "collector.toml"
+    config.write_text(CONFIG)
+    node = Node("r2")
+    assert run_cli(tmp_path / "d", config, "enroll", "--site", SITE, "--node", "r2",
+                   "--key", node.pubkey).returncode == 0
+    smart = wire.Series("smartctl_device_temperature", (("device", "sda"), ("temperature_type", "current")),
+                        wire.MetricType.GAUGE, (T0 + 60_000,), (41.0,))
+    temp = ("smartctl_device_temperature",
+            (("device", "sda"), ("node", "r2"), ("site", SITE), ("temperature_type", "current")))
+    srv = start_server(tmp_path / "d", config)
+    try:
+        assert srv.post(node.data(1, value=3.0, extra=(smart,)))[0] == 200
+        assert srv.post(node.data(2, value=4.0))[0] == 200
+        assert srv.metrics()[temp] == 41.0
+    finally:
+        assert srv.stop() == 0
+    srv = start_server(tmp_path / "d", config)
+    try:
+        m = srv.metrics()
+        assert m[temp] == 41.0
+        assert m[("node_load1", (("node", "r2"), ("site", SITE)))] == 4.0
+    finally:
+        srv.proc.kill()
+        srv.proc.wait(20)
+    srv = start_server(tmp_path / "d", config)
+    try:
+        m = srv.metrics()
+        assert temp not in m
+        assert m[("node_load1", (("node", "r2"), ("site", SITE)))] == 4.0
     finally:
         assert srv.stop() == 0
 

@@ -157,3 +157,26 @@ def test_expiry_frees_the_cardinality_cap_and_old_backfill_is_not_exposed() -> N
     assert ("b", IDS) not in m and ("d", IDS) not in m
     assert m[("waystation_exposition_series_dropped_total", IDS)] == 0
     assert m[("waystation_exposition_series_expired_total", IDS)] == 1
+
+
+def test_snapshot_restores_the_same_exposition(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from collector.ledger import Ledger
+
+    fleet = FleetState(100)
+    fleet.apply("s", "n", [series("node_load1", T, 1.5), series("up", T, 1.0, C, job="vllm"),
+                           series("gpu_info", T, 1.0, INFO, driver='5"50')], now_ms=T)
+    fleet.apply("s", "m", [series("node_load1", T + MIN, 2.5)], now_ms=T)
+    ledger = Ledger(Path(str(tmp_path)) / "ledger.db")
+    try:
+        assert ledger.save_latest(fleet.snapshot()) == 4
+        restored = FleetState(100)
+        assert restored.restore(ledger.take_latest()) == 4
+        assert ledger.take_latest() == []  # used once
+    finally:
+        ledger.close()
+    assert render(restored) == render(fleet)
+    # Newer points from batches applied after the restore still win.
+    restored.apply("s", "n", [series("node_load1", T + MIN, 9.0)], now_ms=T)
+    assert samples(render(restored))[("node_load1", IDS)] == 9.0

@@ -227,7 +227,7 @@ class FleetState:
                 fam.samples.append(Sample(e.name, dict(e.labels), e.value))
         return iter(families.values())
 
-    def dropped_series(self) -> Iterator[tuple[str, str, int, int]]:
+    def series_accounting(self) -> Iterator[tuple[str, str, int, int]]:
         """(site, node, dropped, expired) per node."""
         for (site, node), latest in self._latest.items():
             yield site, node, latest.dropped_series, latest.expired_series
@@ -327,7 +327,7 @@ class FleetCollector(Collector):
             "Series no longer exposed: the node sent no point for them within series_ttl.",
             labels=labels,
         )
-        for site, node, dropped, expired in self.fleet.dropped_series():
+        for site, node, dropped, expired in self.fleet.series_accounting():
             dropped_series.add_metric([site, node], dropped)
             expired_series.add_metric([site, node], expired)
         yield from (

@@ -13,6 +13,7 @@ import sqlite3
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,18 @@ def connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
     if create:
         conn.executescript(SCHEMA)
     return conn
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (BEGIN IMMEDIATE): committed on success, rolled back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def merged_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -333,27 +346,16 @@ class Ledger:
 
     def save_latest(self, rows: Iterable[tuple[str, str, str, str, int, int, float]]) -> int:
         """Replace the saved latest state with `rows`; returns how many were written."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self.conn):
             self.conn.execute("DELETE FROM latest")
-            cur = self.conn.executemany("INSERT INTO latest VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        return cur.rowcount
+            return self.conn.executemany("INSERT INTO latest VALUES (?, ?, ?, ?, ?, ?, ?)", rows).rowcount
 
     def take_latest(self) -> list[tuple[str, str, str, str, int, int, float]]:
         """The saved latest state, once: it is deleted as it is read, so a later crash
         does not bring back a state from before it."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self.conn):
             rows = self.conn.execute("SELECT site, node, name, labels, mtype, ts_ms, value FROM latest").fetchall()
             self.conn.execute("DELETE FROM latest")
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
         return rows
 
     def newest_data_frames(self) -> Iterator[bytes]:
@@ -377,16 +379,11 @@ class Ledger:
 
     def check_writable(self) -> None:
         """A tiny durable write; raises sqlite3.Error when the ledger cannot commit."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self.conn):
             self.conn.execute(
                 "INSERT OR REPLACE INTO meta (k, v) VALUES ('health_checked_at', ?)",
                 (repr(time.time()),),
             )
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
 
     def commit(self, group: Sequence[Submission]) -> list[Outcome]:
         """Apply a group of batches in one transaction; returns one outcome per submission.

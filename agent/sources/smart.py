@@ -532,7 +532,7 @@ def spec_list(value: object) -> list[DeviceSpec]:
 
 
 class SmartReaderError(Exception):
-    """The reader child process failed before it read any device."""
+    """The reader child process failed outside any device's read (at start, or on exit)."""
 
 
 class ReaderAborted(SmartctlFailure):

@@ -210,7 +210,7 @@ AGENT = (
          ("waystation_agent_spool_rejected_batches", G, "", "Batches the collector refused, kept for inspection."),
          ("waystation_agent_spool_dropped_batches_total", C, "", "Batches evicted because the spool was full."),
          ("waystation_agent_spool_dropped_samples_total", C, "", "Samples in the evicted batches."),
-         ("waystation_agent_batches_sealed_total", C, "", "Batches sealed into the spool."),
+         ("waystation_agent_batches_signed_total", C, "", "Batches signed into the spool."),
          ("waystation_agent_spool_oldest_unsent_timestamp_seconds", G, "seconds",
           "Creation time of the oldest unacknowledged batch (absent when none)."),
          ("waystation_agent_uplink_sent_bytes_total", C, "bytes", "Bytes posted to the collector."),

@@ -16,7 +16,7 @@ from types import FrameType
 
 from agent import keys
 from agent.config import AgentConfig, load_agent_config
-from agent.tomlconfig import ConfigError
+from wire.config import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/waystation/agent.toml")
 EXIT_CONFIG = 2

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.tomlconfig import ConfigError, Duration, Size, load
+from wire.config import ConfigError, Duration, Size, load
 
 DEFAULT_COLLECTOR_URL = "http://127.0.0.1:9480"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")

@@ -21,7 +21,8 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from agent import keys, wire
+import wire
+from agent import keys
 from agent.config import AgentConfig
 from agent.runner import Runner, Scheduled
 from agent.sources.base import Source, SourceEnv
@@ -226,7 +227,7 @@ class Agent:
                      st.counters["dropped_batches"]),
                     ("waystation_agent_spool_dropped_samples_total", (), c,
                      st.counters["dropped_samples"]),
-                    ("waystation_agent_batches_sealed_total", (), c, st.counters["produced_batches"]),
+                    ("waystation_agent_batches_signed_total", (), c, st.counters["produced_batches"]),
                 ]
                 if st.oldest_unsent_ms is not None:
                     out.append(("waystation_agent_spool_oldest_unsent_timestamp_seconds", (), g,

@@ -8,26 +8,14 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from agent import wire
+import wire
+from wire.keys import parse_public_key, public_key_text
+
+__all__ = ["KeyError_", "describe", "enroll_command", "generate", "load", "parse_public_key", "public_key_text"]
 
 
 class KeyError_(Exception):
     """A key file that cannot be created or read; the message names the path."""
-
-
-def public_key_text(public_key: bytes) -> str:
-    """How a public key is written on command lines and in config: standard base64."""
-    return base64.b64encode(public_key).decode("ascii")
-
-
-def parse_public_key(text: str) -> bytes:
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except ValueError as exc:
-        raise ValueError(f"public key {text!r} is not base64") from exc
-    if len(raw) != 32:
-        raise ValueError(f"public key must be 32 bytes, {text!r} decodes to {len(raw)}")
-    return raw
 
 
 def generate(path: Path, force: bool = False) -> SigningKey:

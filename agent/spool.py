@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from agent import wire
+import wire
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -173,7 +173,7 @@ class Spool:
                         shifted = tuple((a + shift, b + shift) for a, b in r.ranges)
                         raw = wire.encode_drop_receipt(ctx, dataclasses.replace(r, ranges=shifted))
                     else:
-                        raw = wire.reseal(old, ctx)
+                        raw = wire.resign_batch(old, ctx)
                     db.execute("UPDATE batches SET frame = ?, bytes = ?, state = 'pending' WHERE seq = ?",
                                (raw, len(raw), seq))
                     prev = wire.batch_hash(raw)
@@ -205,7 +205,7 @@ class Spool:
         prepared = wire.prepare_data(series, empty_window_ms=now_ms)  # compress outside the lock
         with self._write():
             seq, prev = self._chain_head()
-            frame = wire.seal(
+            frame = wire.sign_batch(
                 prepared, wire.BatchContext(key, site, node, seq, prev, now_ms, time.monotonic_ns())
             )
             parsed = wire.parse_frame(frame)

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from agent.sources.base import Labels, Sample
-from agent.wire import MetricType, Series
+from wire import MetricType, Series
 
 SeriesKey = tuple[str, Labels, MetricType]
 

@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 
 from nacl.signing import SigningKey
 
-from agent import wire
+import wire
 from agent.config import UplinkConfig
 from agent.spool import Claimed, Spool
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.tomlconfig import parse_duration  # noqa: E402
 from bench.common import (  # noqa: E402
     ENV,
     REPO,
@@ -41,6 +40,7 @@ from bench.common import (  # noqa: E402
     rss_bytes,
     wait_http,
 )
+from wire.config import parse_duration  # noqa: E402
 
 
 def peak_rss(pid: int) -> int:

@@ -8,6 +8,11 @@ used, so the load generators' CPU does not count against it; wall-clock throughp
 printed beside it. For reference, the same batches are verified+decoded in-process
 with no HTTP or SQLite, which is the ceiling the server can approach.
 
+The same batches are then posted again to a collector with one remote_write target, a real
+VictoriaMetrics (Debian's victoria-metrics) on loopback: its ingest figures beside the first
+run's, the forwarder child's CPU, the wall time until every sample reached VictoriaMetrics,
+and VictoriaMetrics' own CPU for receiving them.
+
     python bench/collector_ingest.py --nodes 50 --batches 20
 """
 
@@ -16,19 +21,24 @@ from __future__ import annotations
 import argparse
 import http.client
 import multiprocessing
+import os
 import random
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import psutil  # noqa: E402
 from nacl.signing import SigningKey  # noqa: E402
 
-from agent import keys, wire  # noqa: E402
-from bench.common import ENV, cpu_seconds, free_port, get, metric_value, process, wait_http  # noqa: E402
+import wire  # noqa: E402
+from agent import keys  # noqa: E402
+from bench.common import ENV, cpu_seconds, free_port, get, metric_value, need, process, wait_http  # noqa: E402
 
 
 def node_series(rng: random.Random, n_series: int, points: int, t0_ms: int) -> list[wire.Series]:
@@ -96,6 +106,7 @@ def main() -> int:
     ap.add_argument("--series", type=int, default=1000, help="series per batch")
     ap.add_argument("--points", type=int, default=60, help="points per series per batch")
     ap.add_argument("--senders", type=int, default=8, help="concurrent posting connections")
+    ap.add_argument("--no-forwarding", action="store_true", help="skip the run with a VictoriaMetrics target")
     args = ap.parse_args()
     print(f"building {args.nodes} nodes x {args.batches} batches x {args.series} series x "
           f"{args.points} points ...", flush=True)
@@ -117,36 +128,103 @@ def main() -> int:
             table.confirm()
     ceiling = (total_samples / 4 if args.nodes >= 4 else total_samples) / (time.process_time() - t)
 
-    with tempfile.TemporaryDirectory(prefix="ws-ingest-") as tmp:
+    runs = [ingest_run(nodes, args.senders, total_samples, forward=False)]
+    if not args.no_forwarding:
+        runs.append(ingest_run(nodes, args.senders, total_samples, forward=True))
+
+    print(f"\n{total_samples} samples in {args.nodes * args.batches} batches, {total_bytes / 1e6:.1f} MB on the wire")
+    for r in runs:
+        print(f"  {r['label']}: accepted {r['accepted']}/{args.nodes * args.batches} batches")
+    print(f"\n{'measure':<58}" + "".join(f"{r['label']:>22}" for r in runs))
+    rows = [
+        ("collector: samples / collector CPU second (per core)", "per_cpu"),
+        ("collector: samples / wall second (2 cores shared)", "per_wall"),
+        ("forwarder child: samples / CPU second", "fw_per_cpu"),
+        ("all forwarded: samples / wall second, ingest + forward", "fw_per_wall"),
+        ("VictoriaMetrics: samples received / its CPU second", "vm_per_cpu"),
+    ]
+    for title, key in rows:
+        cells = "".join(f"{r[key]:>22,.0f}" if r.get(key) else f"{'-':>22}" for r in runs)
+        print(f"{title:<58}{cells}")
+    print(f"{'ceiling: verify+decode in-process, no HTTP/SQLite':<58}{ceiling:>22,.0f}")
+    if len(runs) == 2:
+        print(f"\nforwarding keeps {runs[1]['per_wall'] / runs[0]['per_wall']:.0%} of the collector's wall "
+              f"throughput and {runs[1]['per_cpu'] / runs[0]['per_cpu']:.0%} of its per-CPU throughput "
+              "(goal: not halved)")
+    print("(target: >= 1,000,000 samples/s on one core)")
+    return 0
+
+
+SAMPLES_PER_REQUEST = int(os.environ.get("BENCH_SAMPLES_PER_REQUEST", "5000"))
+
+
+def ingest_run(nodes: list[tuple[str, list[bytes]]], senders: int, total_samples: int, forward: bool) -> dict[str, Any]:
+    """Post every batch to a fresh collector; with `forward`, one VictoriaMetrics target on."""
+    label = "with VictoriaMetrics" if forward else "no remote_write"
+    print(f"\n== run: {label}", flush=True)
+    out: dict[str, Any] = {"label": label}
+    with tempfile.TemporaryDirectory(prefix="ws-ingest-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         port = free_port()
+        cmd = [sys.executable, "-m", "collector", "serve", "--data-dir", str(work / "c"), "--listen",
+               f"127.0.0.1:{port}"]
+        vm = None
+        if forward:
+            vm_bin = need("victoria-metrics", "victoria-metrics")
+            vm_port = free_port()
+            vm = stack.enter_context(process(
+                [vm_bin, f"-storageDataPath={work / 'vm'}", f"-httpListenAddr=127.0.0.1:{vm_port}",
+                 "-retentionPeriod=100y"], work / "vm.log"))
+            wait_http(f"http://127.0.0.1:{vm_port}/health")
+            config = work / "collector.toml"
+            config.write_text(f'[[remote_write]]\nname = "vm"\nurl = "http://127.0.0.1:{vm_port}/api/v1/write"\n'
+                              f"samples_per_request = {SAMPLES_PER_REQUEST}\n")
+            cmd += ["--config", str(config)]
         for i, (pub, _) in enumerate(nodes):
             subprocess.run([sys.executable, "-m", "collector", "enroll", "--data-dir",
                             str(work / "c"), "--site", "bench", "--node", f"node-{i}", "--key", pub],
                            env=ENV, check=True, capture_output=True)
-        with process([sys.executable, "-m", "collector", "serve", "--data-dir", str(work / "c"),
-                      "--listen", f"127.0.0.1:{port}"], work / "collector.log") as proc:
-            wait_http(f"http://127.0.0.1:{port}/healthz")
-            # Each sender takes whole nodes so every node's batches arrive in chain order.
-            per_sender: list[list[bytes]] = [[] for _ in range(args.senders)]
-            for i, (_, frames) in enumerate(nodes):
-                per_sender[i % args.senders].extend(frames)
-            cpu0 = cpu_seconds(proc.pid)
-            t0 = time.monotonic()
-            with multiprocessing.Pool(args.senders) as pool:
-                accepted = sum(pool.map(post_all, [(port, fr) for fr in per_sender]))
-            wall = time.monotonic() - t0
-            cpu = cpu_seconds(proc.pid) - cpu0
-            text = get(f"http://127.0.0.1:{port}/metrics")
-        counted = metric_value(text, "waystation_ingest_batches_total", result="accepted")
-    print(f"\naccepted {accepted}/{args.nodes * args.batches} batches ({counted:.0f} counted), "
-          f"{total_samples} samples, {total_bytes / 1e6:.1f} MB on the wire")
-    print(f"{'measure':<52}{'samples/s':>14}")
-    print(f"{'collector: samples / collector CPU second (per core)':<52}{total_samples / cpu:>14,.0f}")
-    print(f"{'collector: samples / wall second (2 cores shared)':<52}{total_samples / wall:>14,.0f}")
-    print(f"{'ceiling: verify+decode in-process, no HTTP/SQLite':<52}{ceiling:>14,.0f}")
-    print("(target: >= 1,000,000 samples/s on one core)")
-    return 0
+        proc = stack.enter_context(process(cmd, work / "collector.log"))
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        forwarder = None
+        if forward:
+            deadline = time.monotonic() + 30
+            while forwarder is None and time.monotonic() < deadline:
+                kids = psutil.Process(proc.pid).children()
+                forwarder = kids[0] if kids else None
+                time.sleep(0.1)
+            assert forwarder is not None, "the forwarder child did not start"
+        # Each sender takes whole nodes so every node's batches arrive in chain order.
+        per_sender: list[list[bytes]] = [[] for _ in range(senders)]
+        for i, (_, frames) in enumerate(nodes):
+            per_sender[i % senders].extend(frames)
+        cpu0 = cpu_seconds(proc.pid, children=False)
+        fw0 = _cpu(forwarder) if forwarder else 0.0
+        vm0 = cpu_seconds(vm.pid) if vm else 0.0
+        t0 = time.monotonic()
+        with multiprocessing.Pool(senders) as pool:
+            out["accepted"] = sum(pool.map(post_all, [(port, fr) for fr in per_sender]))
+        wall = time.monotonic() - t0
+        cpu = cpu_seconds(proc.pid, children=False) - cpu0
+        out["per_cpu"] = total_samples / cpu
+        out["per_wall"] = total_samples / wall
+        if forward and forwarder is not None and vm is not None:
+            url = f"http://127.0.0.1:{port}/metrics"
+            deadline = time.monotonic() + 600
+            while metric_value(get(url), "waystation_remote_write_samples_total", target="vm") < total_samples:
+                if time.monotonic() > deadline:
+                    raise SystemExit("forwarding did not finish within 10 minutes")
+                time.sleep(0.05)
+            fw_wall = time.monotonic() - t0
+            out["fw_per_cpu"] = total_samples / (_cpu(forwarder) - fw0)
+            out["fw_per_wall"] = total_samples / fw_wall
+            out["vm_per_cpu"] = total_samples / max(cpu_seconds(vm.pid) - vm0, 1e-9)
+    return out
+
+
+def _cpu(p: psutil.Process) -> float:
+    times = p.cpu_times()
+    return float(times.user + times.system)
 
 
 if __name__ == "__main__":

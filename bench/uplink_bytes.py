@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent import wire  # noqa: E402
+import wire  # noqa: E402
 from bench.common import (  # noqa: E402
     enroll_agent,
     free_port,

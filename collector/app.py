@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from agent import wire
+import wire
 from collector import ledger as ledger_mod
+from collector import remote_write, trust
 from collector.config import CollectorConfig
 from collector.exposition import FleetCollector, FleetState
-from collector.ingest import Committer, Ingest, IngestMetrics
+from collector.ingest import Committer, Ingest, IngestMetrics, open_limits
 from collector.ledger import Ledger, Outcome
+from collector.remote_write import ForwardingMetrics, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +33,7 @@ INGEST = web.AppKey("ingest", Ingest)
 READER = web.AppKey("reader", sqlite3.Connection)  # request handlers' own WAL connection
 
 
-def _rebuild(ledger: Ledger, fleet: FleetState, limits: wire.Limits) -> None:
+def _rebuild(ledger: Ledger, fleet: FleetState, limits: wire.OpenLimits) -> None:
     """Latest state at start: every node's accounting, the latest state saved at the last
     clean stop, and each node's newest data batch (newer points win, whatever the order)."""
     for state in ledger.states():
@@ -37,13 +41,37 @@ def _rebuild(ledger: Ledger, fleet: FleetState, limits: wire.Limits) -> None:
     restored = fleet.restore(ledger.take_latest())
     if restored:
         log.info("restored %d series saved at the last stop", restored)
+    keys = partial(trust.lookup_recorded, ledger.conn)
     for raw in ledger.newest_data_frames():
+        opened = wire.open_batch(raw, keys, limits)
+        if isinstance(opened, wire.Refusal):  # recorded under other limits; not fatal at start
+            log.warning("cannot rebuild latest state from a stored batch: %s: %s", opened.result, opened.detail)
+            continue
+        fleet.apply(opened.header.site, opened.header.node, opened.series)
+
+
+PRUNE_EVERY_S = 60.0
+
+
+async def _prune_forever(config: CollectorConfig, ledger: Ledger, committer: Committer, targets: list[str]) -> None:
+    """Retention and the size cap, a few hundred batches per transaction between group
+    commits, so pruning never holds the ledger for long."""
+    await asyncio.sleep(5.0)
+    while True:
         try:
-            frame = wire.parse_frame(raw)
-            payload = wire.decompress_payload(frame, 1 << 40)
-            fleet.apply(frame.header.site, frame.header.node, wire.decode_series(payload, limits))
-        except wire.WireError as exc:  # recorded under other limits; not fatal at start
-            log.warning("cannot rebuild latest state from a stored batch: %s", exc)
+            while True:
+                pruned = await committer.call(
+                    ledger.prune, time.time(), config.ledger.retention, config.ledger.max_size, targets
+                )
+                for target, (batches, samples) in pruned.expired.items():
+                    log.warning("%d batches (%d samples) left the ledger before remote_write %s had them",
+                                batches, samples, target)
+                if not pruned.more:
+                    break
+                await asyncio.sleep(0.05)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("ledger pruning failed, trying again later: %s", exc)
+        await asyncio.sleep(PRUNE_EVERY_S)
 
 
 async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -52,34 +80,47 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     ledger = await loop.run_in_executor(None, Ledger, config.ledger_path)
     fleet = app[FLEET]
     limits = config.limits
-    wire_limits = wire.Limits(
-        max_series=limits.max_series_per_batch,
-        max_samples=limits.max_samples_per_batch,
-        max_labels=limits.max_labels_per_series,
-    )
     reader = ledger_mod.connect(config.ledger_path, create=False)
+    keys = ledger_mod.connect(config.ledger_path, create=False)  # the verify thread's own
     try:
-        await loop.run_in_executor(None, _rebuild, ledger, fleet, wire_limits)
+        await loop.run_in_executor(None, _rebuild, ledger, fleet, open_limits(limits))
 
         def on_outcome(outcome: Outcome) -> None:
             fleet.update_node(outcome.state)
 
         committer = Committer(ledger, limits.max_pending_commits, on_outcome)
         committer.start()
+        targets = [t.name for t in config.remote_write]
+        supervisor = None
+        if config.remote_write:
+            line = remote_write.child_config(
+                config.ledger_path, config.remote_write, open_limits(limits), config.log_level
+            )
+            supervisor = Supervisor(line)
+            supervisor.start()
+        forwarding = ForwardingMetrics(reader, targets, lambda: supervisor.restarts if supervisor else 0)
+        app[REGISTRY].register(forwarding)
+        pruning = loop.create_task(_prune_forever(config, ledger, committer, targets), name="ledger-pruning")
         app[LEDGER] = ledger
         app[READER] = reader
         app[COMMITTER] = committer
-        app[INGEST] = Ingest(limits, reader, committer, fleet, app[METRICS])
+        app[INGEST] = ingest = Ingest(limits, keys, committer, fleet, app[METRICS])
         try:
             yield
         finally:
+            pruning.cancel()
+            if supervisor is not None:
+                await supervisor.stop()
+            app[REGISTRY].unregister(forwarding)
             await committer.stop()
+            ingest.verifier.shutdown(wait=True)
             try:
                 saved = await loop.run_in_executor(None, ledger.save_latest, list(fleet.snapshot()))
                 log.info("saved %d series of latest state for the next start", saved)
             except sqlite3.Error as exc:  # the next start rebuilds from the newest batches
                 log.warning("could not save the latest state: %s", exc)
     finally:
+        keys.close()
         reader.close()
         ledger.close()
 
@@ -127,7 +168,7 @@ def create_app(config: CollectorConfig) -> web.Application:
     app = web.Application(client_max_size=config.limits.max_body_bytes + 1)
     app[CONFIG] = config
     registry = CollectorRegistry(auto_describe=False)
-    fleet = FleetState(config.limits.max_series_per_node, config.limits.series_ttl)
+    fleet = FleetState(config.limits.max_series_per_node, config.limits.series_ttl, config.limits.max_series_total)
     app[REGISTRY] = registry
     app[FLEET] = fleet
     app[METRICS] = metrics = IngestMetrics()

@@ -18,11 +18,11 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.keys import parse_public_key
-from agent.tomlconfig import ConfigError
 from collector import ledger, trust
 from collector.app import create_app
 from collector.config import CollectorConfig, load_config
+from wire.config import ConfigError
+from wire.keys import parse_public_key
 
 EXIT_OK = 0
 EXIT_FAILED = 1

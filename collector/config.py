@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from agent.tomlconfig import ConfigError, Duration, Size, load
+from wire.config import ConfigError, Duration, Size, load
 
-__all__ = ["CollectorConfig", "ConfigError", "LimitsConfig", "load_config", "parse_listen"]
+__all__ = [
+    "CollectorConfig", "ConfigError", "LedgerConfig", "LimitsConfig", "RemoteWriteConfig", "load_config",
+    "parse_listen",
+]
 
 DEFAULT_LISTEN = "127.0.0.1:9480"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -48,6 +53,11 @@ class LimitsConfig:
     series_ttl: Duration = Duration(3600.0)
     # Verified batches waiting for the group commit; beyond it posts get 503 + Retry-After.
     max_pending_commits: int = 4096
+    # Fleet series exposed on /metrics, all nodes together (each costs about 1 KB); excess
+    # series are counted per node and in waystation_exposition_series_over_fleet_limit_total.
+    max_series_total: int = 2_000_000
+    # A request body must arrive whole within this (a trickling sender cannot hold a slot).
+    body_read_timeout: Duration = Duration(30.0)
 
     def __post_init__(self) -> None:
         for name in (
@@ -58,11 +68,82 @@ class LimitsConfig:
             "max_labels_per_series",
             "max_series_per_node",
             "max_pending_commits",
+            "max_series_total",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.body_read_timeout <= 0:
+            raise ValueError("body_read_timeout must be positive")
         if self.series_ttl < 60:
             raise ValueError("series_ttl must be at least 60s (a node samples every few seconds to minutes)")
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    # A batch stays in the ledger this long after it arrived (for audit, provenance and
+    # resends); one that some remote_write target still lacks then is counted as expired.
+    retention: Duration = Duration(30 * 86400.0)
+    # Optional cap on the ledger's size (0: none). Over it, the oldest batches that every
+    # target has go first; only then the oldest others (counted as expired unforwarded).
+    max_size: Size = Size(0)
+
+    def __post_init__(self) -> None:
+        if self.retention < 3600:
+            raise ValueError("retention must be at least 1h")
+        if self.max_size and self.max_size < 16 * 1024 * 1024:
+            raise ValueError("max_size must be 0 (no cap) or at least 16MiB")
+
+
+_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True)
+class RemoteWriteConfig:
+    """One Prometheus remote-write receiver; every target is forwarded independently."""
+
+    name: str = ""
+    url: str = ""
+    timeout: Duration = Duration(30.0)
+    samples_per_request: int = 5000
+    basic_auth_username: str = ""
+    basic_auth_password_file: str = ""
+    bearer_token_file: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # Metric-name regexes (whole-name match, as in Prometheus relabelling); a name is sent
+    # when it matches some include (or include is empty) and no exclude.
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _TARGET_NAME.fullmatch(self.name):
+            raise ValueError(f"name {self.name!r} must be 1-64 letters, digits, '_', '.', '-'")
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url {self.url!r} must be http:// or https:// with a host")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if not 1 <= self.samples_per_request <= 1_000_000:
+            raise ValueError("samples_per_request must be 1..1000000")
+        if self.basic_auth_password_file and not self.basic_auth_username:
+            raise ValueError("basic_auth_password_file needs basic_auth_username")
+        if self.basic_auth_username and self.bearer_token_file:
+            raise ValueError("use basic auth or a bearer token, not both")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        lowered = {k.lower() for k in self.headers}
+        reserved = lowered & {"content-encoding", "content-type", "x-prometheus-remote-write-version"}
+        if reserved:
+            raise ValueError(f"headers may not set {', '.join(sorted(reserved))} (remote write fixes them)")
+        if "authorization" in lowered and (self.basic_auth_username or self.bearer_token_file):
+            raise ValueError("an Authorization header conflicts with basic auth / bearer_token_file")
+        for pattern in (*self.include, *self.exclude):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {pattern!r} is not a valid regex: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -73,9 +154,14 @@ class CollectorConfig:
     tls_key: str = ""
     log_level: str = "info"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    remote_write: tuple[RemoteWriteConfig, ...] = ()
 
     def __post_init__(self) -> None:
         parse_listen(self.listen)
+        names = [t.name for t in self.remote_write]
+        if len(set(names)) != len(names):
+            raise ValueError(f"remote_write names must be unique, got {names}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be set together (or both left empty)")
         if self.log_level not in LOG_LEVELS:

@@ -8,7 +8,6 @@ apply accepted batches and ledger outcomes; the /metrics handler calls
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from agent import wire
+import wire
 from collector.ledger import NodeState
 
 BACKLOG_BATCHES = "waystation_agent_spool_pending_batches"
@@ -35,30 +34,7 @@ RESERVED_PREFIXES = (
 )
 FLEET_HELP = "Latest value reported by the fleet (via waystation-collector)."
 
-_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-
 Labels = tuple[tuple[str, str], ...]
-
-
-def schema_problem(series: list[wire.Series]) -> str | None:
-    """Why these series cannot be exposed as Prometheus series (None when they can)."""
-    seen_names: set[str] = set()
-    seen_labels: set[str] = set()
-    for s in series:
-        if s.name not in seen_names:
-            if not _METRIC_NAME.fullmatch(s.name):
-                return f"metric name {s.name[:100]!r} is not a valid Prometheus name"
-            seen_names.add(s.name)
-        keys = [k for k, _ in s.labels]
-        for k in keys:
-            if k not in seen_labels:
-                if not _LABEL_NAME.fullmatch(k) or k.startswith("__"):
-                    return f"label name {k[:100]!r} of {s.name!r} is not a valid Prometheus name"
-                seen_labels.add(k)
-        if len(set(keys)) != len(keys):
-            return f"series {s.name!r} repeats a label name"
-    return None
 
 
 def reported_backlog(series: list[wire.Series]) -> tuple[float | None, float | None] | None:
@@ -106,8 +82,15 @@ SWEEP_EVERY_MS = 60_000
 class FleetState:
     """Latest value of every fleet series per node, plus each node's ledger accounting."""
 
-    def __init__(self, max_series_per_node: int, series_ttl_s: float = 3600.0) -> None:
+    def __init__(
+        self, max_series_per_node: int, series_ttl_s: float = 3600.0, max_series_total: int = 2_000_000
+    ) -> None:
         self.max_series_per_node = max_series_per_node
+        # One node's label churn must not grow the collector without bound, nor a fleet's
+        # sum: both caps hold, and what they refuse is counted.
+        self.max_series_total = max_series_total
+        self.total_series = 0
+        self.over_fleet_limit = 0
         # A series the node has not sent for this long, measured against the node's own
         # newest sample (so clock skew between node and collector does not matter), leaves
         # the exposition: label churn (a model unloaded, a GPU gone) cannot fill the
@@ -192,6 +175,7 @@ class FleetState:
         if stale:
             for identity in stale:
                 del latest.entries[identity]
+            self.total_series -= len(stale)
             # The cache keeps what is still exposed: clearing it would cost every series a
             # label normalization on the next batch.
             latest.by_raw = {k: e for k, e in latest.by_raw.items() if e.ts_ms >= cutoff}
@@ -211,7 +195,12 @@ class FleetState:
             if len(latest.entries) >= self.max_series_per_node:
                 latest.dropped_series += 1
                 return None
+            if self.total_series >= self.max_series_total:
+                latest.dropped_series += 1
+                self.over_fleet_limit += 1
+                return None
             entry = latest.entries[identity] = _Entry(identity[0], identity[1], s.mtype)
+            self.total_series += 1
         if len(latest.by_raw) >= 2 * self.max_series_per_node:
             latest.by_raw.clear()  # only a cache; bounded so odd label orders cannot grow it
         latest.by_raw[(s.name, s.labels)] = entry
@@ -305,7 +294,7 @@ class FleetCollector(Collector):
         )
         dropped_series = CounterMetricFamily(
             "waystation_exposition_series_dropped",
-            "Series not exposed: over max_series_per_node or using a reserved name.",
+            "Series not exposed: over max_series_per_node or max_series_total, or using a reserved name.",
             labels=labels,
         )
         for s in self.fleet.nodes():
@@ -333,4 +322,13 @@ class FleetCollector(Collector):
         yield from (
             last_seen, complete, highest, gaps, dropped_batches, dropped_samples, tamper,
             backlog_batches, backlog_bytes, exposed, dropped_series, expired_series,
+        )
+        yield GaugeMetricFamily(
+            "waystation_exposition_fleet_series", "Fleet series exposed, all nodes together.",
+            value=self.fleet.total_series,
+        )
+        yield CounterMetricFamily(
+            "waystation_exposition_series_over_fleet_limit",
+            "New series not exposed because the fleet already had max_series_total.",
+            value=self.fleet.over_fleet_limit,
         )

@@ -1,4 +1,4 @@
-"""POST /v1/batches: limits -> parse -> key -> signature -> decompress -> schema -> ledger -> ack.
+"""POST /v1/batches: limits -> wire.open_batch (off the event loop) -> ledger -> ack.
 
 Collector input is hostile: every check runs before the work it protects, every
 refusal is a JSON 4xx with a reason counted in waystation_ingest_batches_total,
@@ -14,16 +14,18 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, TypeVar, cast
 
+import aiohttp
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent import wire
+import wire
 from collector import trust
 from collector.config import LimitsConfig
-from collector.exposition import FleetState, reported_backlog, schema_problem
+from collector.exposition import FleetState, reported_backlog
 from collector.ledger import Ledger, Outcome, Submission
 
 log = logging.getLogger(__name__)
@@ -44,13 +46,13 @@ STATUS: dict[str, int] = {
     "schema": 400,
     "limit": 400,
     "unsupported_version": 400,
+    "unsupported": 400,  # a feature this collector does not have (sealed payloads)
+    "timeout": 408,  # the body did not arrive within body_read_timeout
+    "aborted": 400,  # the sender closed the connection mid-body (it never reads this answer)
     "overloaded": 503,
     "unavailable": 503,  # the ledger could not commit (disk full, I/O error)
 }
 RESULTS = tuple(STATUS)
-
-# wire.WireError reasons that are not themselves results.
-_REASON_RESULT = {"unsupported": "unsupported_version"}
 
 MAX_GROUP = 2048  # batches per ledger transaction
 RETRY_AFTER_S = 1
@@ -188,16 +190,23 @@ class _Refusal(Exception):
         self.signed = signed
 
 
-def _wire_refusal(
-    exc: wire.WireError, header: wire.Header | None = None, signed: bool = False
-) -> _Refusal:
-    result = _REASON_RESULT.get(exc.reason, exc.reason)
-    if result not in STATUS:
-        result = "malformed"
-    return _Refusal(result, exc.detail, header, signed)
+def _wire_refusal(refusal: wire.Refusal) -> _Refusal:
+    result = refusal.result if refusal.result in STATUS else "malformed"
+    return _Refusal(result, refusal.detail, refusal.header, refusal.signed)
 
 
 MAX_CACHED_NODES = 100_000
+
+
+def open_limits(limits: LimitsConfig) -> wire.OpenLimits:
+    return wire.OpenLimits(
+        max_decompressed_bytes=limits.max_decompressed_bytes,
+        payload=wire.Limits(
+            max_series=limits.max_series_per_batch,
+            max_samples=limits.max_samples_per_batch,
+            max_labels=limits.max_labels_per_series,
+        ),
+    )
 
 
 class Ingest:
@@ -216,11 +225,10 @@ class Ingest:
         self.committer = committer
         self.fleet = fleet
         self.metrics = metrics
-        self.wire_limits = wire.Limits(
-            max_series=limits.max_series_per_batch,
-            max_samples=limits.max_samples_per_batch,
-            max_labels=limits.max_labels_per_series,
-        )
+        self.open_limits = open_limits(limits)
+        # Verification and decoding run here, off the event loop; one thread, so a node's
+        # series table cache never has two users at once.
+        self.verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         # Per verified node: its series table repeats batch after batch, so names and labels
         # are decoded and validated once, not per batch.
         self.tables: dict[tuple[str, str], wire.SeriesTableCache] = {}
@@ -247,82 +255,58 @@ class Ingest:
             raise _Refusal("too_large", f"body of {declared} bytes exceeds max_body_bytes {cap}")
         chunks: list[bytes] = []
         total = 0
-        async for chunk in request.content.iter_chunked(256 * 1024):
-            total += len(chunk)
-            if total > cap:
-                self.metrics.bytes += total
-                raise _Refusal("too_large", f"body exceeds max_body_bytes {cap}")
-            chunks.append(chunk)
-        self.metrics.bytes += total
+        deadline = self.limits.body_read_timeout
+        try:
+            async with asyncio.timeout(deadline):
+                async for chunk in request.content.iter_chunked(256 * 1024):
+                    total += len(chunk)
+                    if total > cap:
+                        raise _Refusal("too_large", f"body exceeds max_body_bytes {cap}")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise _Refusal("timeout", f"body not complete within body_read_timeout {deadline:g}s "
+                                      f"({total} bytes arrived)") from None
+        except (aiohttp.ClientPayloadError, ConnectionError) as exc:
+            # The sender went away mid-upload (its uplink dropped): nothing to answer, one line.
+            log.info("upload from %s aborted after %d bytes: %s", request.remote, total, exc)
+            raise _Refusal("aborted", f"upload aborted after {total} bytes") from None
+        finally:
+            self.metrics.bytes += total
         return b"".join(chunks)
+
+    def _tables(self, site: str, node: str) -> wire.SeriesTableCache:
+        table = self.tables.get((site, node))
+        if table is None:
+            if len(self.tables) >= MAX_CACHED_NODES:
+                self.tables.clear()
+            table = self.tables[(site, node)] = wire.SeriesTableCache()
+        return table
+
+    def _open(self, body: bytes) -> wire.VerifiedBatch | wire.Refusal:
+        """Runs in the verify thread: one at a time, so each node's table cache has one user."""
+        return wire.open_batch(body, partial(trust.lookup, self.keys), self.open_limits, self._tables)
 
     async def _handle(self, request: web.Request) -> web.Response:
         if self.committer.pending >= self.limits.max_pending_commits:
             raise Overloaded(f"{self.committer.pending} batches are waiting for the ledger")
         body = await self._read_body(request)
         received_at = time.time()
-        try:
-            frame = wire.parse_frame(body)
-        except wire.WireError as exc:
-            raise _wire_refusal(exc) from None
-        h = frame.header
-
-        key = trust.lookup(self.keys, h.key_id)
-        if key is None:
-            raise _Refusal("unknown_key", f"key {h.key_id.hex()} is not enrolled", h)
-        refusal = key.refusal(h.site, h.node, h.seq)
-        if refusal is not None:
-            raise _Refusal(*refusal, h)
-        try:
-            wire.verify_signature(frame, key.public_key)
-        except wire.WireError as exc:
-            raise _wire_refusal(exc, h) from None
-        try:
-            raw = wire.decompress_payload(frame, self.limits.max_decompressed_bytes)
-        except wire.WireError as exc:
-            raise _wire_refusal(exc, h, signed=True) from None
-
-        series: list[wire.Series] = []
-        drop = rotation = None
-        backlog = None
-        try:
-            if h.kind == wire.Kind.DATA:
-                table = self.tables.get((h.site, h.node))
-                if table is None:
-                    if len(self.tables) >= MAX_CACHED_NODES:
-                        self.tables.clear()
-                    table = self.tables[(h.site, h.node)] = wire.SeriesTableCache()
-                series = wire.decode_series(raw, self.wire_limits, table)
-                wire.check_counts(frame, series)
-                if not table.hit:
-                    problem = schema_problem(series)
-                    if problem:
-                        raise _Refusal("schema", problem, h, signed=True)
-                    table.confirm()
-                backlog = reported_backlog(series)
-            elif h.kind == wire.Kind.DROP_RECEIPT:
-                drop = wire.decode_drop_receipt(raw)
-                if any(last >= h.seq for _, last in drop.ranges):
-                    raise _Refusal(
-                        "schema", "a drop receipt may only cover seqs before its own", h, True
-                    )
-                if min(drop.batches, drop.samples, drop.bytes) < 0:
-                    raise _Refusal("schema", "drop receipt counts must not be negative", h, True)
-            elif h.kind == wire.Kind.KEY_ROTATION:
-                rotation = wire.decode_key_rotation(frame, raw)
-        except wire.WireError as exc:
-            raise _wire_refusal(exc, h, signed=True) from None
-
+        opened = await asyncio.get_running_loop().run_in_executor(self.verifier, self._open, body)
+        if isinstance(opened, wire.Refusal):
+            raise _wire_refusal(opened)
+        h = opened.header
+        backlog = reported_backlog(opened.series) if opened.series else None
         outcome = await self.committer.submit(
-            Submission(frame, key, received_at, drop=drop, rotation=rotation, backlog=backlog)
+            Submission(opened.frame, cast(trust.KeyRecord, opened.key), received_at, drop=opened.drop,
+                       rotation=opened.rotation, backlog=backlog)
         )
         if outcome.result == "duplicate":
             self.metrics.count("duplicate")
             return web.json_response(self._ack("duplicate", h))
         if outcome.result != "accepted":
             raise _Refusal(outcome.result, outcome.detail, h, signed=True)
-        if series:
-            self.fleet.apply(h.site, h.node, series)
+        if opened.series:
+            self.fleet.apply(h.site, h.node, opened.series)
         self.metrics.count("accepted")
         self.metrics.samples += h.sample_count
         return web.json_response(self._ack("accepted", h))

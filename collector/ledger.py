@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import wire
+import wire
 from collector import trust
 from collector.trust import KeyRecord, TrustError
 
@@ -89,6 +89,33 @@ CREATE TABLE IF NOT EXISTS latest (
     ts_ms  INTEGER NOT NULL,
     value  REAL NOT NULL
 );
+-- Per remote_write target: the batches (by rowid, in arrival order) it holds or needs not,
+-- and its counters. Written by the forwarder, read by /metrics and by the pruning.
+CREATE TABLE IF NOT EXISTS forward_targets (
+    target            TEXT PRIMARY KEY,
+    done              TEXT NOT NULL,  -- JSON [[first_rowid, last_rowid], ...]
+    samples_sent      INTEGER NOT NULL,
+    refused           TEXT NOT NULL,  -- JSON {reason: samples}
+    retries           TEXT NOT NULL,  -- JSON {reason: requests}
+    last_success      REAL,
+    pending_batches   INTEGER NOT NULL,
+    oldest_pending_ms INTEGER,
+    updated_at        REAL NOT NULL
+) WITHOUT ROWID;
+-- Seqs whose batches left the archive (retention, size cap): still accounted for.
+CREATE TABLE IF NOT EXISTS retired (
+    site      TEXT NOT NULL,
+    node      TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq  INTEGER NOT NULL,
+    PRIMARY KEY (site, node, first_seq)
+) WITHOUT ROWID;
+-- Batches that left the archive before a target had them.
+CREATE TABLE IF NOT EXISTS expired (
+    target  TEXT PRIMARY KEY,
+    batches INTEGER NOT NULL,
+    samples INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 )
 
@@ -155,6 +182,11 @@ class IntervalSet:
             self.starts.insert(i, first)
             self.ends.insert(i, last)
             self.count += last - first + 1
+
+    def copy(self) -> IntervalSet:
+        other = IntervalSet()
+        other.starts, other.ends, other.count = list(self.starts), list(self.ends), self.count
+        return other
 
     def __contains__(self, seq: int) -> bool:
         i = bisect_right(self.starts, seq) - 1
@@ -224,6 +256,11 @@ class _Node:
     backlog_bytes: float | None = None
     backlog_seq: int = 0
 
+    def clone(self) -> _Node:
+        copy = _Node(**{f: getattr(self, f) for f in self.__dataclass_fields__ if f != "accounted"})
+        copy.accounted = self.accounted.copy()
+        return copy
+
     def snapshot(self) -> NodeState:
         return NodeState(
             site=self.site,
@@ -257,6 +294,14 @@ class Submission:
     rotation: wire.KeyRotation | None = None
     # The agent's own spool backlog (batches, bytes) as reported in this data batch.
     backlog: tuple[float | None, float | None] | None = None
+
+
+@dataclass(frozen=True)
+class Pruned:
+    batches: int
+    bytes: int
+    expired: dict[str, tuple[int, int]]  # target -> (batches, samples) it never got
+    more: bool
 
 
 @dataclass(frozen=True)
@@ -331,10 +376,11 @@ class Ledger:
         )
         for first, last in self.conn.execute(_ISLANDS, (site, node)):
             n.accounted.add(first, last)
-        for first, last in self.conn.execute(
-            "SELECT first_seq, last_seq FROM drops WHERE site = ? AND node = ?", (site, node)
-        ):
-            n.accounted.add(first, last)
+        for table in ("drops", "retired"):
+            for first, last in self.conn.execute(
+                f"SELECT first_seq, last_seq FROM {table} WHERE site = ? AND node = ?", (site, node)
+            ):
+                n.accounted.add(first, last)
         return n
 
     def states(self) -> list[NodeState]:
@@ -398,8 +444,19 @@ class Ledger:
                 h = sub.frame.header
                 key = (h.site, h.node)
                 n = touched.get(key) or self._nodes.get(key) or _Node(h.site, h.node)
+                before = n.clone()
+                self.conn.execute("SAVEPOINT batch")
+                try:
+                    result, detail = self._apply(n, sub)
+                except (OverflowError, ValueError, TypeError) as exc:
+                    # This batch's own values cannot be stored (an integer beyond SQLite's
+                    # signed 64 bits): it alone is refused, the rest of the group commits.
+                    # A failure of the database itself (sqlite3.Error) fails the whole group.
+                    self.conn.execute("ROLLBACK TO batch")
+                    n = before
+                    result, detail = "malformed", f"batch cannot be recorded: {exc}"
+                self.conn.execute("RELEASE batch")
                 touched[key] = n
-                result, detail = self._apply(n, sub)
                 results.append((result, detail, n))
             for n in touched.values():
                 s = n.snapshot()
@@ -425,6 +482,78 @@ class Ledger:
         return [
             Outcome(result, detail, snapshots[(n.site, n.node)]) for result, detail, n in results
         ]
+
+    def used_bytes(self) -> int:
+        """The database's size without its free pages (deleted rows' pages are reused)."""
+        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * self.conn.execute("PRAGMA page_size").fetchone()[0])
+
+    def prune(
+        self, now: float, retention_s: float, max_size: int, targets: Sequence[str], limit: int = 500
+    ) -> Pruned:
+        """Remove at most `limit` batches that passed retention (or, over max_size, the oldest),
+        in one short transaction; call again while `more` is true.
+
+        Never removed: each node's newest batch (a new spool asks for the chain head) and the
+        newest batch of all (row ids must keep growing: they are the forwarding positions).
+        A data batch that a configured target does not have yet is counted as expired for it.
+        """
+        with immediate(self.conn):
+            done = forward_done(self.conn, targets)
+            over = self.used_bytes() - max_size if max_size else 0
+            cutoff = now - retention_s
+            top = self.conn.execute("SELECT MAX(rowid) FROM batches").fetchone()[0] or 0
+            rows = self.conn.execute(
+                "SELECT rowid, site, node, seq, kind, sample_count, bytes, received_at FROM batches b "
+                "WHERE rowid < ? AND EXISTS (SELECT 1 FROM batches n "
+                "WHERE n.site = b.site AND n.node = b.node AND n.seq > b.seq) "
+                "ORDER BY rowid LIMIT ?",
+                (top, limit),
+            ).fetchall()
+            victims = []
+            freed = 0
+            for row in rows:
+                if row[7] >= cutoff and freed >= over:
+                    break  # arrival order: the rest are younger (and the size is within the cap)
+                victims.append(row)
+                freed += row[6]
+            expired: dict[str, list[int]] = {t: [0, 0] for t in targets}
+            by_node: dict[tuple[str, str], list[int]] = {}
+            for rowid, site, node, seq, kind, samples, _size, _at in victims:
+                by_node.setdefault((site, node), []).append(seq)
+                if kind != int(wire.Kind.DATA):
+                    continue
+                for t in targets:
+                    if rowid not in done[t]:
+                        expired[t][0] += 1
+                        expired[t][1] += samples
+            self.conn.executemany("DELETE FROM batches WHERE rowid = ?", [(v[0],) for v in victims])
+            for (site, node), seqs in by_node.items():
+                held = self.conn.execute(
+                    "SELECT first_seq, last_seq FROM retired WHERE site = ? AND node = ?", (site, node)
+                ).fetchall()
+                merged = merged_ranges([*held, *((q, q) for q in seqs)])
+                self.conn.execute("DELETE FROM retired WHERE site = ? AND node = ?", (site, node))
+                self.conn.executemany(
+                    "INSERT INTO retired (site, node, first_seq, last_seq) VALUES (?, ?, ?, ?)",
+                    [(site, node, a, b) for a, b in merged],
+                )
+            for t, (batches, samples) in expired.items():
+                if batches:
+                    self.conn.execute(
+                        "INSERT INTO expired (target, batches, samples) VALUES (?, ?, ?) "
+                        "ON CONFLICT (target) DO UPDATE SET batches = batches + excluded.batches, "
+                        "samples = samples + excluded.samples",
+                        (t, batches, samples),
+                    )
+            self.conn.execute(
+                "INSERT INTO meta (k, v) VALUES ('pruned_batches', ?) "
+                "ON CONFLICT (k) DO UPDATE SET v = CAST(v AS INTEGER) + excluded.v",
+                (len(victims),),
+            )
+        more = len(victims) == len(rows) == limit
+        return Pruned(len(victims), freed, {t: (b, n) for t, (b, n) in expired.items() if b}, more)
 
     def _apply(self, n: _Node, sub: Submission) -> tuple[str, str]:
         frame = sub.frame
@@ -500,8 +629,10 @@ class Ledger:
                 named += last - first + 1
                 recorded_batches += count
                 recorded_samples += sampled
-            n.dropped_batches += max(0, min(sub.drop.batches, named) - recorded_batches)
-            n.dropped_samples += max(0, sub.drop.samples - recorded_samples)
+            # Saturating: receipts may claim counts near 2**63, and SQLite stores signed 64 bits.
+            lost_batches = max(0, min(sub.drop.batches, named) - recorded_batches)
+            n.dropped_batches = min(wire.I64_MAX, n.dropped_batches + lost_batches)
+            n.dropped_samples = min(wire.I64_MAX, n.dropped_samples + max(0, sub.drop.samples - recorded_samples))
         if sub.backlog is not None and h.seq >= n.backlog_seq:
             n.backlog_batches, n.backlog_bytes = sub.backlog
             n.backlog_seq = h.seq
@@ -549,4 +680,17 @@ def read_nodes(conn: sqlite3.Connection) -> list[dict[str, Any]]:
                 "keys": [k.to_json() for k in keys.get((site, node), [])],
             }
         )
+    return out
+
+
+def forward_done(conn: sqlite3.Connection, targets: Iterable[str]) -> dict[str, IntervalSet]:
+    """Each target's forwarded batch row ids, as last saved by the forwarder (empty if none)."""
+    out: dict[str, IntervalSet] = {}
+    for t in targets:
+        done = IntervalSet()
+        row = conn.execute("SELECT done FROM forward_targets WHERE target = ?", (t,)).fetchone()
+        if row is not None:
+            for first, last in json.loads(row[0]):
+                done.add(int(first), int(last))
+        out[t] = done
     return out

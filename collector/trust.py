@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from agent import wire
+import wire
 
 KeyState = Literal["enrolled", "revoked", "retired"]
 
@@ -53,14 +53,19 @@ class KeyRecord:
     enrolled_at: float
     changed_at: float
 
-    def refusal(self, site: str, node: str, seq: int) -> tuple[str, str] | None:
-        """Why this key may not sign batch (site, node, seq), as (result, detail); None if it may."""
+    def refusal(
+        self, site: str, node: str, seq: int, *, recorded: bool = False
+    ) -> tuple[str, str] | None:
+        """Why this key may not sign batch (site, node, seq), as (result, detail); None if it may.
+
+        `recorded`: the batch is already in the ledger, accepted while the key was valid, so
+        a revocation since then does not unmake it (the forwarder and the rebuild read it)."""
         if (site, node) != (self.site, self.node):
             return "unknown_key", (
                 f"key {self.key_id.hex()} is enrolled for {self.site}/{self.node}, "
                 f"not {site}/{node}"
             )
-        if self.state == "revoked":
+        if self.state == "revoked" and not recorded:
             return "revoked", f"key {self.key_id.hex()} of {site}/{node} is revoked"
         if self.valid_through_seq is not None and seq > self.valid_through_seq:
             return "revoked", (
@@ -96,6 +101,26 @@ def _check_name(what: str, value: str) -> None:
 def lookup(conn: sqlite3.Connection, key_id: bytes) -> KeyRecord | None:
     row = conn.execute(f"SELECT {_COLUMNS} FROM keys WHERE key_id = ?", (key_id,)).fetchone()
     return _record(row) if row else None
+
+
+@dataclass(frozen=True)
+class RecordedKey:
+    """A key as it stood when the ledger recorded a batch signed with it."""
+
+    record: KeyRecord
+
+    @property
+    def public_key(self) -> bytes:
+        return self.record.public_key
+
+    def refusal(self, site: str, node: str, seq: int) -> tuple[str, str] | None:
+        return self.record.refusal(site, node, seq, recorded=True)
+
+
+def lookup_recorded(conn: sqlite3.Connection, key_id: bytes) -> RecordedKey | None:
+    """The key a stored batch names, for readers of the ledger (see RecordedKey)."""
+    record = lookup(conn, key_id)
+    return RecordedKey(record) if record else None
 
 
 def keys_of(conn: sqlite3.Connection, site: str, node: str) -> list[KeyRecord]:

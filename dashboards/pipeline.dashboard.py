@@ -1,5 +1,5 @@
 """Telemetry pipeline: what the collector ingests, how far behind each node is, what was
-lost (drop receipts), and clock offsets."""
+lost (drop receipts), clock offsets, and remote-write forwarding per target."""
 
 from dashboards.common import (
     Layout,
@@ -55,7 +55,38 @@ panels = [
                          "(no longer sent)."),
 ]
 
+L.newline()
+# Remote write (the collector's own series: per target, no site/node)
+panels += [
+    timeseries(L, "Remote write lag per target", [
+        ("max by (target) (waystation_remote_write_lag_seconds)", "{{target}}"),
+    ], unit="s", w=8, description="Age of the oldest sample each target does not have yet (0: nothing pending). "
+                                  "RemoteWriteFallingBehind / RemoteWriteTargetDown."),
+    timeseries(L, "Remote write pending batches per target", [
+        ("max by (target) (waystation_remote_write_pending_batches)", "{{target}}"),
+    ], w=8, description="Batches in the ledger each target does not have yet."),
+    timeseries(L, "Remote write samples/s sent per target", [
+        (f"sum by (target) (rate(waystation_remote_write_samples_total[{R}]))", "{{target}}"),
+    ], w=8, description="Samples per second the receivers accepted."),
+    timeseries(L, "Remote write refused samples/s", [
+        (f"sum by (target, reason) (rate(waystation_remote_write_samples_refused_total[{R}])) > 0",
+         "{{target}} {{reason}}"),
+    ], w=8, description="Samples per second refused for good (not retried), by target and reason "
+                        "(RemoteWriteSamplesRefused)."),
+    timeseries(L, "Remote write retries/s by reason", [
+        (f"sum by (target, reason) (rate(waystation_remote_write_retries_total[{R}])) > 0", "{{target}} {{reason}}"),
+    ], unit="reqps", w=8, description="Requests retried per second: http_5xx, http_429, http_401/403 "
+                                      "(credentials), connection, timeout."),
+    timeseries(L, "Expired unforwarded", [
+        ("sum by (target) (increase(waystation_ledger_expired_unforwarded_samples_total[1h])) > 0",
+         "{{target}} samples"),
+        ("sum by (target) (increase(waystation_ledger_expired_unforwarded_batches_total[1h])) > 0",
+         "{{target}} batches"),
+    ], w=8, description="Data that left the ledger (retention or size cap) before the target had it: lost for "
+                        "that target (per hour; RemoteWriteDataLost)."),
+]
+
 dashboard = build(
     "Waystation / Telemetry pipeline", "waystation-pipeline", panels, [datasource_var(), site_var()],
-    "Collector ingest, per-node watermark lag and gaps, drop receipts, clock offsets.",
+    "Collector ingest, per-node watermark lag and gaps, drop receipts, clock offsets, remote write.",
 )

@@ -2,7 +2,7 @@
 # Installs what Waystation needs on a Debian/Ubuntu machine, idempotently:
 # Debian packages (when missing) and a virtualenv in .venv with the project in it.
 # Usage: scripts/bootstrap.sh [--test]   (--test adds the test tools and the real
-# Prometheus/Alertmanager/node_exporter/smartmontools binaries the tests start)
+# Prometheus/Alertmanager/node_exporter/smartmontools/VictoriaMetrics binaries the tests start)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +20,7 @@ if [ "$want_test" = 1 ]; then
   command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
   command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
   command -v smartctl >/dev/null || missing+=(smartmontools)
+  command -v victoria-metrics >/dev/null || missing+=(victoria-metrics)
   command -v openssl >/dev/null || missing+=(openssl)    # test certificates
   command -v git >/dev/null || missing+=(git)            # the fresh-clone test
 fi
@@ -28,7 +29,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   as_root apt-get update -qq
   # The packages' own services are not wanted: tests start the binaries on loopback ports.
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  for svc in prometheus prometheus-node-exporter prometheus-alertmanager; do
+  for svc in prometheus prometheus-node-exporter prometheus-alertmanager victoria-metrics; do
     as_root systemctl disable --now "$svc" >/dev/null 2>&1 || true
   done
 fi

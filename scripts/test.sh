@@ -5,9 +5,9 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh --test
 bin=.venv/bin
 echo "== ruff"
-"$bin/ruff" check agent collector tests bench
+"$bin/ruff" check agent collector wire tests bench
 echo "== mypy --strict"
-"$bin/mypy" --strict agent collector
+"$bin/mypy" --strict agent collector wire
 echo "== pytest"
 set +e
 "$bin/python" -m pytest -q -p no:cacheprovider "$@"

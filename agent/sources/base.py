@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agent.wire import MetricType
+from wire import MetricType
 
 Labels = tuple[tuple[str, str], ...]
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.config import GpuSourceConfig
 from agent.sources.base import Labels, Sample, SourceEnv
-from agent.wire import MetricType
+from wire import MetricType
 
 log = logging.getLogger("waystation.agent.gpu")
 

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from agent.config import AgentConfig
 from agent.sources.base import Labels, Sample, SourceEnv
-from agent.wire import MetricType
+from wire import MetricType
 
 log = logging.getLogger("waystation.network")
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from agent.config import ScrapeSourceConfig
 from agent.sources import promtext
 from agent.sources.base import Sample, SourceEnv
-from agent.wire import MetricType
+from wire import MetricType
 
 G = MetricType.GAUGE
 C = MetricType.COUNTER

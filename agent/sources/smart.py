@@ -48,7 +48,7 @@ from typing import Any
 
 from agent.config import SmartSourceConfig
 from agent.sources.base import Labels, Sample, SourceEnv
-from agent.wire import MetricType
+from wire import MetricType
 
 G = MetricType.GAUGE
 C = MetricType.COUNTER

@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.config import SystemSourceConfig
 from agent.sources.base import Sample, SourceEnv
-from agent.wire import MetricType
+from wire import MetricType
 
 # node_exporter's --collector.diskstats.device-exclude default: partitions, ram, zram,
 # loop and floppy devices are left out so that sums over devices do not double count.

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent import wire
+import wire
 from tests.conftest import REPO, free_port
 from tests.integration.harness import Agent, Collector, http_get, wait_for
 

@@ -25,7 +25,7 @@ import zstandard
 from nacl.signing import SigningKey
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import wire
+import wire
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -165,7 +165,7 @@ class Node:
 
     def forge(self, seq: int, payload: bytes, raw_len: int, codec: wire.Codec = wire.Codec.ZSTD) -> bytes:
         """A correctly signed frame around an arbitrary payload (what a hostile node could send)."""
-        head = wire._FIXED.pack(
+        head = wire.frame._FIXED.pack(
             wire.MAGIC, wire.WIRE_VERSION, wire.Kind.DATA, codec, 0, seq, wire.ZERO_HASH,
             T0, 0, T0, T0, 1, 1, raw_len, len(payload), wire.key_id(bytes(self.key.verify_key)),
         )
@@ -520,3 +520,65 @@ def test_tls_on_ipv6_loopback(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+def test_a_trickling_body_gets_408_and_an_aborted_upload_one_log_line(tmp_path: Path) -> None:
+    config = tmp_path / "collector.toml"
+    config.write_text(CONFIG.replace('log_level = "warning"', 'log_level = "info"')
+                      + 'body_read_timeout = "1s"\n')
+    srv = start_server(tmp_path / "data", config)
+    try:
+        # A sender that announces 1000 bytes and sends 10 cannot hold a slot for ever.
+        sock = socket.create_connection(srv.host_port, timeout=10)
+        try:
+            sock.sendall(b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-waystation-batch\r\n"
+                         b"Content-Length: 1000\r\n\r\n" + b"\0" * 10)
+            started = time.monotonic()
+            reply = sock.recv(65536)
+            assert time.monotonic() - started < 8
+        finally:
+            sock.close()
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert json.loads(body)["result"] == "timeout"
+        # A sender whose uplink drops mid-upload.
+        sock = socket.create_connection(srv.host_port, timeout=10)
+        sock.sendall(b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"\1" * 100)
+        time.sleep(0.2)
+        sock.close()
+        assert wait_until(lambda: srv.counter("aborted") == 1, 10)
+        assert srv.counter("timeout") == 1
+        node = Node("n9")
+        r = run_cli(tmp_path / "data", config, "enroll", "--site", SITE, "--node", "n9", "--key", node.pubkey)
+        assert r.returncode == 0, r.stderr
+        assert srv.post(node.data(1))[0] == 200  # and batches go on being taken
+    finally:
+        srv.stop()
+    assert srv.proc.stderr is not None
+    log = srv.proc.stderr.read()
+    assert "aborted after 100 bytes" in log
+    assert "Traceback" not in log
+
+
+def test_a_seq_beyond_int64_is_refused_before_the_ledger_and_fails_no_other_node(
+    server: Server, nodes: dict[str, Node]
+) -> None:
+    n4 = Node("n-big-seq")
+    r = run_cli(server.data_dir, server.config, "enroll", "--site", SITE, "--node", n4.name, "--key", n4.pubkey)
+    assert r.returncode == 0, r.stderr
+    forged = n4.forge(2**63, b"x", 1, codec=wire.Codec.NONE)
+    before = server.counter("malformed")
+    status, body = server.post(forged)
+    assert status == 400 and body["result"] == "malformed" and "2^63" in body["error"].replace("**", "^")
+    assert server.counter("malformed") == before + 1
+    status, body = server.post(n4.data(1))  # the same node, within range: taken (or a duplicate)
+    assert status == 200, body
+
+
+def wait_until(cond: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return bool(cond())

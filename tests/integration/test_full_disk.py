@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import wire
+import wire
 from tests.integration.harness import Agent, Collector, serve_page, wait_for
 
 

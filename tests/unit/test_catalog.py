@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from agent import wire
+import wire
 from agent.catalog import CATALOG, OPTIONAL_LABELS, SMART, Metric, lookup
 from agent.config import AgentConfig, NetworkSourceConfig, ScrapeSourceConfig, SourcesConfig, SystemSourceConfig
 from agent.daemon import Agent

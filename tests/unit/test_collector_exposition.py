@@ -5,9 +5,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import wire
-from collector.exposition import FleetCollector, FleetState, schema_problem
+import wire
+from collector.exposition import FleetCollector, FleetState
 from collector.ledger import NodeState
+from wire.schema import schema_problem
 
 G, C, U, INFO = wire.MetricType.GAUGE, wire.MetricType.COUNTER, wire.MetricType.UNTYPED, wire.MetricType.INFO
 
@@ -79,6 +80,21 @@ def test_cardinality_cap_and_reserved_names_are_counted() -> None:
     # Existing series still update at the cap.
     fleet.apply("s", "n", [series("a", 5, 9.0)])
     assert samples(render(fleet))[("a", (("node", "n"), ("site", "s")))] == 9.0
+
+
+def test_the_fleet_wide_cap_holds_across_nodes_and_is_counted() -> None:
+    fleet = FleetState(max_series_per_node=10, max_series_total=3)
+    fleet.apply("s", "a", [series("x", 1, 1.0), series("y", 1, 1.0)])
+    fleet.apply("s", "b", [series("x", 1, 1.0), series("y", 1, 1.0), series("z", 1, 1.0)])
+    m = samples(render(fleet))
+    assert m[("waystation_exposition_fleet_series", ())] == 3
+    assert m[("waystation_exposition_series_over_fleet_limit_total", ())] == 2
+    assert m[("waystation_exposition_series_dropped_total", (("node", "b"), ("site", "s")))] == 2
+    # Expiry frees room under the fleet cap too.
+    fleet.apply("s", "a", [series("x", 10 * 3_600_000, 2.0)], now_ms=10 * 3_600_000)
+    fleet.apply("s", "b", [series("z", 10 * 3_600_000, 3.0)], now_ms=10 * 3_600_000)
+    m = samples(render(fleet))
+    assert m[("z", (("node", "b"), ("site", "s")))] == 3.0
 
 
 def test_node_accounting_families() -> None:

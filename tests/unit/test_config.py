@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, load_agent_config
-from agent.tomlconfig import ConfigError, parse_duration, parse_size
 from tests.conftest import REPO
+from wire.config import ConfigError, parse_duration, parse_size
 
 
 def test_packaged_agent_config_spells_out_the_builtin_defaults() -> None:
@@ -29,6 +29,40 @@ def test_packaged_collector_config_spells_out_the_builtin_defaults(tmp_path: Pat
     bad.write_text('[limits]\nseries_ttl = "30s"\n')
     with pytest.raises(ConfigError, match="series_ttl must be at least 60s"):
         load_config(bad)
+
+
+def test_packaged_remote_write_example_loads_with_its_defaults(tmp_path: Path) -> None:
+    from collector.config import RemoteWriteConfig, load_config
+
+    packaged = (REPO / "packaging" / "config" / "collector.toml").read_text()
+    example = packaged[packaged.index("# [[remote_write]]"):]
+    enabled = tmp_path / "collector.toml"
+    enabled.write_text("\n".join(line[2:] for line in example.splitlines() if line.startswith("# ")))
+    (target,) = load_config(enabled).remote_write
+    assert target == RemoteWriteConfig(name="victoria", url="http://127.0.0.1:8428/api/v1/write",
+                                       headers={"X-Scope-OrgID": "fleet"})
+
+
+@pytest.mark.parametrize(
+    ("toml", "problem"),
+    [
+        ('name = "a b"\nurl = "http://x"', "name 'a b' must be"),
+        ('name = "a"\nurl = "ftp://x"', "must be http:// or https://"),
+        ('name = "a"\nurl = "http://x"\nbearer_token_file = "t"\nbasic_auth_username = "u"', "not both"),
+        ('name = "a"\nurl = "http://x"\ninclude = ["("]', "not a valid regex"),
+        ('name = "a"\nurl = "http://x"\n[remote_write.headers]\nContent-Type = "x"', "may not set content-type"),
+        ('name = "a"\nurl = "http://x"\ntls_cert_file = "c"', "must be set together"),
+        ('name = "a"\nurl = "http://x"\n[[remote_write]]\nname = "a"\nurl = "http://y"', "names must be unique"),
+    ],
+)
+def test_remote_write_config_errors_name_the_problem(tmp_path: Path, toml: str, problem: str) -> None:
+    from collector.config import load_config
+
+    bad = tmp_path / "collector.toml"
+    bad.write_text("[[remote_write]]\n" + toml + "\n")
+    with pytest.raises(ConfigError, match="remote_write") as err:
+        load_config(bad)
+    assert problem in str(err.value)
 
 
 @pytest.mark.parametrize(

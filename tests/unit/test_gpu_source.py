@@ -23,7 +23,6 @@ import pytest
 from agent.config import GpuSourceConfig
 from agent.sources.base import Sample, SourceEnv
 from agent.sources.gpu import Gpu
-from agent.wire import MetricType
 from tests.fakes.nvml import (  # noqa: F401 (re-exported for the catalog test)
     MIB,
     NVSMI,
@@ -39,6 +38,7 @@ from tests.fakes.nvml import (  # noqa: F401 (re-exported for the catalog test)
     nvml_error,
     text,
 )
+from wire import MetricType
 
 
 def started(fake: FakeNvml) -> Gpu:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from agent import wire
+import wire
 from collector import trust
 from collector.ledger import IntervalSet, Ledger, Submission, connect, read_nodes
 
@@ -305,6 +306,40 @@ def test_a_failed_group_records_nothing(ledger: Ledger, record: trust.KeyRecord,
     assert state is not None and state.highest_seq == 1 and state.complete_through == 1
     ledger.conn.execute("DROP TRIGGER boom")
     assert [o.result for o in ledger.commit([Submission(good, record, time.time())])] == ["accepted"]
+
+
+def test_a_batch_whose_values_cannot_be_stored_fails_only_itself(
+    ledger: Ledger, record: trust.KeyRecord, key: SigningKey
+) -> None:
+    other_key = SigningKey.generate()
+    other = trust.enroll(ledger.conn, SITE, "n2", bytes(other_key.verify_key))
+    chain, other_chain = Chain(key), Chain(other_key, node="n2")
+    good = wire.parse_frame(chain.data(1))
+    # What a u64 seq beyond SQLite's signed 64 bits looked like before the wire refused it.
+    frame = wire.parse_frame(other_chain.data(1))
+    huge = dataclasses.replace(frame, header=dataclasses.replace(frame.header, seq=2**63))
+    after = wire.parse_frame(chain.data(2))
+    outcomes = ledger.commit([Submission(good, record, time.time()), Submission(huge, other, time.time()),
+                              Submission(after, record, time.time())])
+    assert [o.result for o in outcomes] == ["accepted", "malformed", "accepted"]
+    assert "cannot be recorded" in outcomes[1].detail
+    state = ledger.state(SITE, NODE)
+    assert state is not None and state.complete_through == 2
+    assert ledger.state(SITE, "n2") is None or ledger.state(SITE, "n2").highest_seq == 0  # type: ignore[union-attr]
+
+
+def test_drop_receipt_counts_near_the_int64_limit_saturate(
+    ledger: Ledger, record: trust.KeyRecord, key: SigningKey
+) -> None:
+    chain = Chain(key)
+    submit(ledger, record, chain.data(1))
+    chain.data(2)  # evicted, never sent
+    for seq in (3, 4):  # two receipts naming it, each claiming the most samples a receipt may
+        receipt = wire.DropReceipt(((2, 2),), T0, T0 + 1, 1, 2**63 - 1, 1, "quota")
+        chain.frames[seq] = wire.encode_drop_receipt(chain._ctx(seq), receipt)
+        assert submit(ledger, record, chain.frames[seq]) == ["accepted"]
+    state = ledger.state(SITE, NODE)
+    assert state is not None and state.dropped_samples == 2**63 - 1
 
 
 @settings(max_examples=200, deadline=None)

@@ -25,7 +25,7 @@ from agent.sources.network import (
     split_target,
     tcp_attempts,
 )
-from agent.wire import MetricType
+from wire import MetricType
 
 HERE = Path(__file__).resolve().parent
 TREE = HERE.parent / "fixtures" / "network"

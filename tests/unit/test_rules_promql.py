@@ -11,6 +11,7 @@ families read from a live prometheus_client registry, and the recording rules in
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,13 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import wire
+import wire
 from agent.catalog import CATALOG, OPTIONAL_LABELS
 from agent.summarize import WINDOW_SUFFIXES
 from collector.exposition import FleetCollector, FleetState
 from collector.ingest import IngestMetrics
-from collector.ledger import NodeState
+from collector.ledger import Ledger, NodeState
+from collector.remote_write import ForwardingMetrics, TargetState, save_target
 
 REPO = Path(__file__).resolve().parents[2]
 RULES_DIR = REPO / "rules"
@@ -194,8 +196,16 @@ def collector_names() -> dict[str, Known]:
     registry = CollectorRegistry()
     registry.register(FleetCollector(fleet))
     registry.register(IngestMetrics())
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger = Ledger(Path(tmp) / "ledger.db")
+        try:  # one target with a refusal and a retry on record, so the reason-labelled families show
+            save_target(ledger.conn, "t", TargetState(refused={"too_old": 1}, retries={"http_5xx": 1},
+                                                      last_success=1.0), 1.0)
+            registry.register(ForwardingMetrics(ledger.conn, ["t"]))
+            text = generate_latest(registry).decode()
+        finally:
+            ledger.close()
     known: dict[str, Known] = {}
-    text = generate_latest(registry).decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name.endswith("_created") or sample.name == PROBE:

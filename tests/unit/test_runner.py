@@ -7,7 +7,7 @@ import time
 
 from agent.runner import Runner, Scheduled
 from agent.sources.base import Sample
-from agent.wire import MetricType
+from wire import MetricType
 
 
 class Steady:

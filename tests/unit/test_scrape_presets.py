@@ -12,8 +12,8 @@ from agent.config import ScrapeSourceConfig
 from agent.sources.base import Sample, SourceEnv
 from agent.sources.scrape import SERIES_DROPPED, Scrape
 from agent.sources.scrape_presets import PRESETS
-from agent.tomlconfig import ConfigError
-from agent.wire import MetricType
+from wire import MetricType
+from wire.config import ConfigError
 
 HERE = Path(__file__).resolve().parent
 METRICS = HERE.parents[2] / "shared" / "fixtures" / "metrics"

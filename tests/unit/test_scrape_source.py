@@ -15,7 +15,7 @@ import pytest
 from agent.config import ScrapeSourceConfig
 from agent.sources.base import HTTPStatusError, Sample, SourceEnv, http_get
 from agent.sources.scrape import Scrape, parse
-from agent.wire import MetricType
+from wire import MetricType
 
 HERE = Path(__file__).resolve().parent
 METRICS = HERE.parents[2] / "shared" / "fixtures" / "metrics"

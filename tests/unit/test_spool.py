@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from agent import wire
+import wire
 from agent.spool import Spool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,7 +114,7 @@ def test_quota_evicts_oldest_and_appends_signed_receipt(tmp_path: Path) -> None:
 _WRITER = """
 import sys, time
 from nacl.signing import SigningKey
-from agent import wire
+import wire
 from agent.spool import Spool
 key = SigningKey(bytes(32))
 sp = Spool(__import__('pathlib').Path(sys.argv[1]))

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import wire
+import wire
 from agent.sources.base import Sample
 from agent.summarize import Summarizer
-from agent.wire import MetricType
+from wire import MetricType
 
 G, C, U, INFO = MetricType.GAUGE, MetricType.COUNTER, MetricType.UNTYPED, MetricType.INFO
 T0 = 1_700_000_040_000  # a multiple of 60 s

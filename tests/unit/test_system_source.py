@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.config import SystemSourceConfig
 from agent.sources.base import Sample, SourceEnv
 from agent.sources.system import System, SystemReading, parse, parse_meminfo
-from agent.wire import MetricType
+from wire import MetricType
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE.parent / "fixtures" / "system"

@@ -14,11 +14,11 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from agent import wire
+import wire
 from agent.config import UplinkConfig
 from agent.spool import Spool
-from agent.tomlconfig import Duration, Size
 from agent.uplink import Backoff, Outcome, Uplink, classify, retry_after_seconds
+from wire.config import Duration, Size
 
 
 def test_retry_after_forms() -> None:

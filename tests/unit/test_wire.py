@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from agent import wire
-from agent.wire import (
+import wire
+from wire import (
     ZERO_HASH,
     Codec,
     DropReceipt,
@@ -38,7 +38,7 @@ from agent.wire import (
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "wire.md"
 
-# The fixed header exactly as docs/wire.md spells it, kept apart from wire._FIXED on purpose.
+# The fixed header exactly as docs/wire.md spells it, kept apart from wire.frame._FIXED on purpose.
 DOC_FIXED = struct.Struct("<4sBBBBQ32sqQqqIIII8s")
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -80,7 +80,9 @@ def accept(raw: bytes, pub: bytes = PUB, limits: Limits = DEFAULT_LIMITS) -> tup
         wire.check_counts(frame, series)
         return frame, series
     if frame.header.kind == Kind.DROP_RECEIPT:
-        return frame, wire.decode_drop_receipt(body)
+        receipt = wire.decode_drop_receipt(body)
+        wire.check_drop_receipt(receipt, frame.header)
+        return frame, receipt
     return frame, wire.decode_key_rotation(frame, body)
 
 
@@ -106,6 +108,8 @@ def forge(
     node: bytes = b"n",
     series_count: int = 0,
     sample_count: int = 0,
+    created_wall_ms: int = 1,
+    window: tuple[int, int] = (3, 4),
     key: SigningKey = KEY,
     tail: bytes = b"",
 ) -> bytes:
@@ -120,10 +124,10 @@ def forge(
         flags,
         seq,
         ZERO_HASH,
-        1,
+        created_wall_ms,
         2,
-        3,
-        4,
+        window[0],
+        window[1],
         series_count,
         sample_count,
         len(raw) if raw_len is None else raw_len,
@@ -312,15 +316,16 @@ def test_payload_round_trip_is_exact(series: list[Series]) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(series_lists().filter(bool), st.integers(1, 2**64 - 1))
+@given(series_lists().filter(bool), st.integers(1, 2**63 - 1))
 def test_data_batch_round_trip_through_receiver(series: list[Series], seq: int) -> None:
     raw = wire.encode_data_batch(ctx(seq=seq), series)
     frame, got = accept(raw)
     assert_same(got, series)
     h = frame.header
     assert (h.kind, h.codec, h.seq, h.site, h.node) == (Kind.DATA, Codec.ZSTD, seq, "site-a", "node-1")
-    assert h.window_start_ms == min(s.timestamps_ms[0] for s in series)
-    assert h.window_end_ms == max(s.timestamps_ms[-1] for s in series)
+    # every point, not first and last: columns may go back in time
+    assert h.window_start_ms == min(t for s in series for t in s.timestamps_ms)
+    assert h.window_end_ms == max(t for s in series for t in s.timestamps_ms)
     assert frame.hash == hashlib.sha256(raw).digest()
 
 
@@ -457,8 +462,8 @@ def test_header_field_rejections() -> None:
     assert reason(lambda: wire.parse_frame(forge(site=b"\xff\xfe"))) == "malformed"
     assert reason(lambda: wire.parse_frame(forge(node=b"\xc3"))) == "malformed"
     # the largest seq and names are fine
-    frame = wire.parse_frame(forge(seq=2**64 - 1, site="é".encode() * 127 + b"x", node=b"n" * 255))
-    assert frame.header.seq == 2**64 - 1 and len(frame.header.node) == 255
+    frame = wire.parse_frame(forge(seq=2**63 - 1, site="é".encode() * 127 + b"x", node=b"n" * 255))
+    assert frame.header.seq == 2**63 - 1 and len(frame.header.node) == 255
 
 
 def test_signature_and_key_checks() -> None:
@@ -692,7 +697,7 @@ def test_hostile_json_only_raises_wire_error(obj: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- drop receipts and key rotation
 
-RECEIPT = DropReceipt(((3, 9), (12, 12)), T0, T0 + 60_000, 8, 48_000, 123_456, "spool quota")
+RECEIPT = DropReceipt(((3, 9), (12, 12)), T0, T0 + 60_000, 8, 48_000, 123_456, "spool_quota")
 
 
 def test_drop_receipt_round_trip() -> None:
@@ -706,7 +711,7 @@ def test_drop_receipt_round_trip() -> None:
         "batches": 8,
         "bytes": 123_456,
         "ranges": [[3, 9], [12, 12]],
-        "reason": "spool quota",
+        "reason": "spool_quota",
         "samples": 48_000,
         "t0_ms": T0,
         "t1_ms": T0 + 60_000,
@@ -736,6 +741,8 @@ def test_drop_receipt_rejects_garbage(body: bytes) -> None:
         {"ranges": [[5, 4]]},
         {"ranges": [[1, 2, 3]]},
         {"ranges": [[1, 2**64]]},
+        {"ranges": [[1, 2**63]]},
+        {"ranges": [[2**63, 2**63]]},
         {"ranges": [[1.0, 2]]},
         {"ranges": [[True, 2]]},
         {"ranges": {"a": 1}},
@@ -779,7 +786,7 @@ def test_key_rotation_round_trip_and_proof() -> None:
 
 def rotation_frame(body: dict[str, str]) -> tuple[Frame, bytes]:
     raw = json.dumps(body).encode()
-    return wire.parse_frame(forge(kind=2, raw=raw, site=b"site-a", node=b"node-1")), raw
+    return wire.parse_frame(forge(kind=2, raw=raw, site=b"site-a", node=b"node-1", window=(1, 1))), raw
 
 
 def test_key_rotation_rejections() -> None:
@@ -887,7 +894,7 @@ def example_series() -> list[Series]:
 def example_batch() -> bytes:
     """The docs' example: codec NONE (zstd output can vary across library versions)."""
     series = example_series()
-    return wire._build(
+    return wire.frame._build(
         signing_key=SigningKey(EXAMPLE_SEED),
         kind=Kind.DATA,
         raw=wire.encode_series(series),

@@ -97,6 +97,13 @@ def _convert(file: str, key: str, tp: Any, value: object) -> Any:
             if not isinstance(value, dict):
                 raise ValueError(f"expected a table, got {type(value).__name__}")
             return build(tp, value, file, key + ".")
+        if origin is dict:
+            key_tp, value_tp = typing.get_args(tp)
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a table, got {type(value).__name__}")
+            return {
+                _convert(file, key, key_tp, k): _convert(file, f"{key}.{k}", value_tp, v) for k, v in value.items()
+            }
         if origin is tuple:
             inner = typing.get_args(tp)[0]
             if not isinstance(value, list):

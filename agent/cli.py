@@ -129,7 +129,7 @@ def cmd_status(config: AgentConfig, args: argparse.Namespace) -> int:
     print(f"  last ack:           {_age(st.last_ack_ms, now)}")
     print(f"  collector has all through seq {st.collector_complete_through}; next seq {st.next_seq}")
     c = st.counters
-    print(f"  sealed {c['produced_batches']} batches / {c['produced_samples']} samples; "
+    print(f"  signed {c['produced_batches']} batches / {c['produced_samples']} samples; "
           f"acked {c['acked_batches']}; dropped {c['dropped_batches']} batches / "
           f"{c['dropped_samples']} samples")
     if st.last_error:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="waystation-agent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
-        "run": (cmd_run, "sample, seal, spool and forward until stopped"),
+        "run": (cmd_run, "sample, sign, spool and forward until stopped"),
         "keygen": (cmd_keygen, "create this node's signing key and print its enroll command"),
         "check-config": (cmd_check_config, "validate the config and print what it means"),
         "rotate-key": (cmd_rotate_key, "replace the node key; the running agent announces and switches"),

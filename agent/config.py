@@ -45,7 +45,7 @@ class SpoolConfig:
 @dataclass(frozen=True)
 class SummaryConfig:
     window: Duration = Duration(60.0)
-    # How often a batch is sealed; defaults to the window. Longer batches cost fewer
+    # How often a batch is signed; defaults to the window. Longer batches cost fewer
     # bytes per sample on the uplink, shorter ones make the collector fresher.
     flush_interval: Duration | None = None
 

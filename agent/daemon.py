@@ -1,6 +1,6 @@
 """`waystation-agent run`: wires sources -> runner -> summarizer -> spool -> uplink together.
 
-The main thread seals a batch every flush interval. If the spool cannot be written
+The main thread signs a batch every flush interval. If the spool cannot be written
 (full disk, unwritable state_dir) the agent keeps sampling, holds what it can in
 memory (bounded), reports the problem in its log, its metrics and `status`, and
 retries every flush; it never exits for that.
@@ -81,7 +81,7 @@ def tune_malloc() -> list[str]:
 def trim_malloc() -> None:
     """Hand the heap's free pages back to the kernel (glibc keeps them otherwise).
 
-    Called after each flush, when the batch just sealed has been freed: a few
+    Called after each flush, when the batch just signed has been freed: a few
     milliseconds once a minute, off every source's sampling thread.
     """
     libc = _glibc()
@@ -151,7 +151,7 @@ class Agent:
         self.last_write_error = message
 
     def store(self, series: list[wire.Series]) -> None:
-        """Seal everything held plus `series` into one batch; on failure keep holding it."""
+        """Sign everything held plus `series` into one batch; on failure keep holding it."""
         self.held.extend(series)
         if not self.held:
             return
@@ -177,7 +177,7 @@ class Agent:
                 self.store([])
             return
         if self.last_write_error is not None:
-            log.info("spool writable again; %d held series sealed", len(self.held))
+            log.info("spool writable again; %d held series signed", len(self.held))
             self.last_write_error = None
         self.held = []
         self.uplink.notify()
@@ -193,7 +193,7 @@ class Agent:
             else:
                 kept.append(s)
         if len(kept) == len(series):  # nothing singled out: the batch as a whole is the problem
-            log.error("batch could not be sealed (%s); dropping %d series", exc, len(series))
+            log.error("batch could not be signed (%s); dropping %d series", exc, len(series))
             self.unencodable_samples += sum(len(s.values) for s in series)
             return []
         return kept

@@ -1,4 +1,4 @@
-"""The on-disk store-and-forward queue: sealed batches wait here until the collector acks them.
+"""The on-disk store-and-forward queue: signed batches wait here until the collector acks them.
 
 One SQLite file in WAL mode. A batch's seq and chain position are allocated in the
 same transaction that stores it, so a crash mid-write leaves neither a gap nor a
@@ -200,7 +200,7 @@ class Spool:
         max_bytes: int,
         now_ms: int | None = None,
     ) -> int:
-        """Seal series into the next batch of the chain and store it; returns its seq."""
+        """Sign series into the next batch of the chain and store it; returns its seq."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         prepared = wire.prepare_data(series, empty_window_ms=now_ms)  # compress outside the lock
         with self._write():
@@ -286,7 +286,7 @@ class Spool:
         reason: str,
         now_ms: int,
     ) -> None:
-        """Seal a drop receipt for (seq, window_start, window_end, samples, bytes) rows."""
+        """Sign a drop receipt for (seq, window_start, window_end, samples, bytes) rows."""
         receipt = wire.DropReceipt(
             ranges=tuple(_ranges([v[0] for v in victims])),
             t0_ms=min(v[1] for v in victims),

@@ -1,6 +1,6 @@
 """Delivery from the spool to the collector: a live lane and a backfill lane.
 
-The live lane sends each new batch as soon as it is sealed, newest first, so
+The live lane sends each new batch as soon as it is signed, newest first, so
 dashboards are current the moment the uplink returns. The backfill lane walks
 the backlog oldest-first under a byte-rate cap so catching up never saturates a
 thin uplink. Each lane is one thread with its own spool connection and its own
@@ -224,7 +224,7 @@ class Uplink:
             self.threads.append(t)
 
     def notify(self) -> None:
-        """A new batch was sealed: wake the live lane."""
+        """A new batch was signed: wake the live lane."""
         self.new_batch.set()
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -3,7 +3,7 @@
 Prometheus (Debian package, --enable-feature=agent) scrapes node_exporter every 1s and
 remote-writes to a second Prometheus (--web.enable-remote-write-receiver); its own
 prometheus_remote_storage_bytes_total / _samples_total give its figure. Waystation's agent
-scrapes the same node_exporter every 1s with window = interval (raw samples) and seals
+scrapes the same node_exporter every 1s with window = interval (raw samples) and signs
 batches every --flush seconds; its figure is every byte of every batch the collector
 received (header, signature and framing included) over the node_exporter samples in them.
 

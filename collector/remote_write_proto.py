@@ -6,8 +6,13 @@ a protobuf message object per sample is out of the question. Instead:
 * a series' labels are encoded once (`encode_labels`) and the bytes are reused
   batch after batch;
 * a batch of one series' samples becomes one `timeseries` field
-  (`encode_timeseries`) whose per-sample work happens in C (struct, big-int
-  arithmetic, strided slice assignment), not in a Python loop per sample;
+  (`encode_timeseries`) whose per-sample work happens in C, not in a Python
+  loop per sample: everything but the values depends on the timestamps only
+  and is cached per timestamp vector (a scrape's series all share theirs),
+  and the values go in with `map` over struct's packer and a join (the
+  segment path) or, for long uniform batches, with eight strided slice
+  assignments (the column path). Batches mixing +0.0 with other values, which
+  proto3 encodes with differently shaped samples, take a per-sample loop;
 * a request body is the plain concatenation of such fields
   (`encode_write_request`), then raw-snappy compressed (`compress`).
 
@@ -72,10 +77,10 @@ _TIMESTAMP_TAG: Final = bytes((_TAG_TIMESTAMP,))
 _HEAD_WITH_VALUE: Final = tuple(bytes((_TAG_SAMPLE, 9 + n, _TAG_VALUE)) for n in range(12))
 _HEAD_WITHOUT_VALUE: Final = tuple(bytes((_TAG_SAMPLE, n)) for n in range(12))
 
-# Below this many samples the column path's fixed cost (a cache lookup, a copy
-# and eight strided slice assignments whatever n is) loses to joining
-# per-sample pieces; measured, the two are about even from 6 to 12.
-_COLUMN_MIN_SAMPLES: Final = 8
+# Below this many samples the column path's fixed cost (a copy and eight
+# strided slice assignments whatever n is) loses to the segment path's join
+# (one C call per sample); measured, the two are even between 64 and 128.
+_COLUMN_MIN_SAMPLES: Final = 64
 # The column path spreads each timestamp's 7-bit groups inside its own 64-bit
 # lane, so the varint must fit in 8 bytes: timestamps below 2**56.
 _COLUMN_MAX_VARINT: Final = 8
@@ -97,6 +102,9 @@ _sample_parts: dict[int, tuple[bytes, bytes, bytes]] = {}
 # values zeroed (or, for all-+0.0 values, absent); b"" when the layout is not uniform.
 _templates_with_value: dict[bytes, bytes] = {}
 _templates_zero_value: dict[bytes, bytes] = {}
+# packed timestamps -> [head 0, (value 0), ts 0 + head 1, (value 1), ..., ts n-1]:
+# the samples region with holes for the values, for the segment path.
+_segments: dict[bytes, list[bytes]] = {}
 
 
 def _uvarint(n: int) -> bytes:
@@ -169,6 +177,39 @@ def _samples_by_loop(timestamps_ms: Sequence[int], packed_values: bytes) -> byte
     return b"".join([_sample(t, packed_values[i : i + 8]) for t, i in zip(timestamps_ms, offsets, strict=True)])
 
 
+def _new_segments(timestamps_ms: Sequence[int], packed_timestamps: bytes) -> list[bytes]:
+    n = len(timestamps_ms)
+    pieces = [b""] * (2 * n + 1)
+    # Even for a few samples, the template's few dozen C-level operations beat
+    # encoding each timestamp on its own (measured from n = 4).
+    template = _new_template(timestamps_ms, packed_timestamps, True)
+    if template:
+        # Uniform timestamps: cut the column path's template between its value holes.
+        stride = len(template) // n
+        pieces[0] = template[:3]
+        pieces[2::2] = [template[at : at + stride - 8] for at in range(11, len(template), stride)]
+    else:
+        parts = [_sample_parts.get(t) or _new_sample_parts(t) for t in timestamps_ms]
+        pieces[0] = parts[0][0]
+        pieces[2::2] = [ts[2] + head[0] for ts, head in zip(parts, parts[1:], strict=False)] + [parts[-1][2]]
+    if n <= _TEMPLATE_CACHE_MAX_SAMPLES:
+        _remember(_segments, packed_timestamps, pieces, _TEMPLATE_CACHE_ENTRIES)
+    return pieces
+
+
+def _samples_by_segments(timestamps_ms: Sequence[int], packed_timestamps: bytes, values: Sequence[float]) -> bytes:
+    """The samples region for values that are all sent (none is +0.0), any timestamps.
+
+    Everything between two values depends on the timestamps only, so it is
+    cached per timestamp vector, and the values go into the holes by `map`
+    over a C function and a join: no Python code runs per sample.
+    """
+    pieces = _segments.get(packed_timestamps) or _new_segments(timestamps_ms, packed_timestamps)
+    pieces = pieces.copy()  # the cached list must keep its holes
+    pieces[1::2] = map(_PACK_DOUBLE, values)
+    return b"".join(pieces)
+
+
 def _lane_masks(n: int, varint_len: int) -> tuple[tuple[int, ...], int]:
     """For n 64-bit lanes: the mask of 7-bit group k in every lane, and every lane's continuation bits."""
     lane_ones = int.from_bytes((b"\x01" + bytes(7)) * n, "little")  # 1 at the bottom of every lane
@@ -212,7 +253,7 @@ def _new_template(timestamps_ms: Sequence[int], packed_timestamps: bytes, with_v
 
 
 def _samples_by_column(
-    timestamps_ms: Sequence[int], values: Sequence[float], packed_timestamps: bytes, packed_values: bytes
+    timestamps_ms: Sequence[int], packed_timestamps: bytes, packed_values: bytes, with_value: bool
 ) -> bytes | bytearray | None:
     """The samples region written column by column, or None when its layout is not uniform.
 
@@ -220,11 +261,6 @@ def _samples_by_column(
     `_new_template`) and values all sent or all +0.0 (left out). Then the n
     doubles go in with eight strided slice assignments, one per byte column.
     """
-    # `in` compares in C; it also matches -0.0, which merely sends such a batch
-    # to the loop path, where -0.0 is told apart from +0.0 by its bits.
-    with_value = 0.0 not in values
-    if not with_value and packed_values.count(0) != len(packed_values):
-        return None
     cache = _templates_with_value if with_value else _templates_zero_value
     template = cache.get(packed_timestamps)
     if template is None:
@@ -236,7 +272,7 @@ def _samples_by_column(
     if not with_value:
         return template
     out = bytearray(template)
-    stride = len(template) // len(values)
+    stride = len(template) // len(timestamps_ms)
     for k in range(8):
         out[3 + k :: stride] = packed_values[k::8]  # past sample tag, length and value tag
     return out
@@ -258,14 +294,24 @@ def encode_timeseries(labels_bytes: bytes, timestamps_ms: Sequence[int], values:
         if n == 1 and type(t := timestamps_ms[0]) is int and _I64_MIN <= t < _I64_END:
             # One sample per series is the commonest batch: skip the vector packing.
             samples = _sample(t, _PACK_DOUBLE(values[0]))
-        else:
+        elif n:
             # Packing the timestamps also checks, in C, that each is an int64.
             packed_timestamps = struct.pack(f"<{n}q", *timestamps_ms)
-            packed_values = struct.pack(f"<{n}d", *values)
-            if n >= _COLUMN_MIN_SAMPLES:
-                samples = _samples_by_column(timestamps_ms, values, packed_timestamps, packed_values)
-            if samples is None:
-                samples = _samples_by_loop(timestamps_ms, packed_values)
+            # `in` compares in C; it also matches -0.0, which merely sends such
+            # a batch down the +0.0 route, where the bits tell the two apart.
+            with_value = 0.0 not in values
+            if with_value and n < _COLUMN_MIN_SAMPLES:
+                samples = _samples_by_segments(timestamps_ms, packed_timestamps, values)
+            else:
+                packed_values = struct.pack(f"<{n}d", *values)
+                if with_value or packed_values.count(0) == len(packed_values):
+                    samples = _samples_by_column(timestamps_ms, packed_timestamps, packed_values, with_value)
+                if samples is None and with_value:
+                    samples = _samples_by_segments(timestamps_ms, packed_timestamps, values)
+                if samples is None:
+                    samples = _samples_by_loop(timestamps_ms, packed_values)
+        else:
+            samples = b""
     except struct.error as exc:
         raise ValueError(f"timestamps must be int64 milliseconds and values floats: {exc}") from None
     return b"".join((_TAG_TIMESERIES, _uvarint(len(labels_bytes) + len(samples)), labels_bytes, samples))

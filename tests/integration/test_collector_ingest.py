@@ -136,7 +136,7 @@ def start_server(data_dir: Path, config: Path) -> Server:
 
 
 class Node:
-    """A node's key and chain, sealing batches the way the agent does."""
+    """A node's key and chain, signing batches the way the agent does."""
 
     def __init__(self, name: str, site: str = SITE) -> None:
         self.key = SigningKey.generate()

@@ -57,7 +57,7 @@ def test_full_disk_keeps_sampling_reports_and_recovers(tmp_path: Path, small_fs:
             filler.unlink()
             collector.start()
             wait_for(lambda: "spool writable again" in agent.log.read_text(), 30,
-                     "the agent to seal what it held")
+                     "the agent to sign what it held")
 
             def write_errors() -> float:
                 for fam in text_string_to_metric_families(collector.metrics()):

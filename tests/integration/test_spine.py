@@ -133,7 +133,7 @@ def test_outage_then_newest_first_and_every_window_once(tmp_path: Path) -> None:
             ),
             30, "a batch after the restart",
         )[0]
-        # The newest window arrives first (or at worst one sealed while it was in flight),
+        # The newest window arrives first (or at worst one signed while it was in flight),
         # a few seconds after the collector came back, whatever the backlog.
         made_before = collector.ledger_rows(
             "SELECT MAX(seq) FROM batches WHERE created_wall_ms < ?", (int(restarted * 1000),)
@@ -171,14 +171,14 @@ def test_sigkill_storm_leaves_no_unexplained_gap_or_conflict(tmp_path: Path,
                 time.sleep(rng.uniform(0.6, 2.0))
                 agent.kill()
             agent.start()
-            sealed = agent.status()["next_seq"] - 1
-            wait_for(lambda: (_node(collector).get("complete_through") or 0) >= sealed, 60,
-                     f"collector complete through seq {sealed}")
+            signed = agent.status()["next_seq"] - 1
+            wait_for(lambda: (_node(collector).get("complete_through") or 0) >= signed, 60,
+                     f"collector complete through seq {signed}")
         finally:
             agent.stop()
         try:
             rows = _ledger(collector)
-            assert len(rows) >= sealed
+            assert len(rows) >= signed
             _assert_accounted(rows)
             for seq, _, _, frame in rows:
                 prev = rows[seq - 2][3] if seq > 1 and rows[seq - 2][0] == seq - 1 else None
@@ -187,7 +187,7 @@ def test_sigkill_storm_leaves_no_unexplained_gap_or_conflict(tmp_path: Path,
             results = {lb["result"]: v for n, lb, v in _samples(collector.metrics())
                        if n == "waystation_ingest_batches_total"}
             assert results.get("conflict", 0) == 0 and results.get("chain_mismatch", 0) == 0
-            assert results.get("accepted", 0) >= sealed
+            assert results.get("accepted", 0) >= signed
         finally:
             collector.stop()
 
@@ -245,7 +245,7 @@ def test_reinstalled_spool_never_reuses_a_seq(tmp_path: Path) -> None:
         before = _node(collector)["highest_seq"]
         for leftover in agent.state_dir.glob("spool.db*"):
             leftover.unlink()
-        collector.stop()  # the new spool starts offline and seals batches from seq 1 meanwhile
+        collector.stop()  # the new spool starts offline and signs batches from seq 1 meanwhile
         agent.start()
         wait_for(lambda: agent.status().get("next_seq", 0) >= 4, 30, "batches in the new spool")
         collector.start()

@@ -43,6 +43,19 @@ def test_packaged_remote_write_example_loads_with_its_defaults(tmp_path: Path) -
                                        headers={"X-Scope-OrgID": "fleet"})
 
 
+def test_the_readme_remote_write_example_loads(tmp_path: Path) -> None:
+    from collector.config import load_config
+
+    readme = (REPO / "README.md").read_text()
+    history = readme[readme.index("## History"):]
+    example = history[history.index("```toml") + len("```toml"):history.index("```", history.index("```toml") + 7)]
+    path = tmp_path / "collector.toml"
+    path.write_text(example)
+    vm, prom = load_config(path).remote_write
+    assert (vm.name, prom.name, prom.exclude, prom.headers) == (
+        "victoria", "prometheus", ("node_cpu_seconds_total",), {"X-Scope-OrgID": "fleet"})
+
+
 @pytest.mark.parametrize(
     ("toml", "problem"),
     [

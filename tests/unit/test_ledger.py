@@ -20,7 +20,7 @@ T0 = 1_700_000_000_000
 
 
 class Chain:
-    """Builds a node's batches the way the agent seals them: seq +1, prev_hash = hash of seq-1."""
+    """Builds a node's batches the way the agent signs them: seq +1, prev_hash = hash of seq-1."""
 
     def __init__(self, key: SigningKey, site: str = SITE, node: str = NODE) -> None:
         self.key, self.site, self.node = key, site, node

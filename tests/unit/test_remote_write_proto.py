@@ -15,8 +15,9 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import cramjam
 import pytest
@@ -98,12 +99,12 @@ boundary_ts = st.sampled_from(
 
 @st.composite
 def series_st(draw: st.DrawFn) -> tuple[Labels, list[int], list[float]]:
-    """One series; mostly shaped like real batches so the column path runs, sometimes anything."""
+    """One series: mostly shaped like real batches (the cached paths), sometimes anything (the fallbacks)."""
     labels = draw(labels_st)
-    n = draw(st.sampled_from([0, 1, 2, 6, 7, 8, 9, 60]) | st.integers(0, 80))
+    n = draw(st.sampled_from([0, 1, 2, 6, 60, 63, 64, 65, 100]) | st.integers(0, 140))
     shape = draw(st.sampled_from(["scrape", "scrape", "any", "boundary"]))
     if shape == "scrape":
-        start = draw(st.integers(2**35, 2**42 - 100_000 * 80))
+        start = draw(st.integers(2**35, 2**42 - 100_000 * 140))
         step = draw(st.integers(0, 100_000))
         timestamps = [start + i * step for i in range(n)]
     elif shape == "boundary":
@@ -132,7 +133,7 @@ def test_fast_path_bytes_equal_generated_code_and_decode_exactly(
 
 
 @settings(max_examples=100, deadline=None)
-@given(labels_st, st.lists(values_el, min_size=8, max_size=64))
+@given(labels_st, st.lists(values_el, min_size=2, max_size=140))
 def test_same_timestamps_with_other_values_reuse_the_template_correctly(labels: Labels, values: list[float]) -> None:
     timestamps = [NOW_MS + 15_000 * i for i in range(len(values))]
     _assert_round_trip([(labels, timestamps, [1.0] * len(values))])
@@ -192,42 +193,60 @@ def test_many_series_keep_their_order() -> None:
     _assert_round_trip(series)
 
 
-def test_uniform_batches_take_the_column_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_loop(*_: object) -> bytes:
-        raise AssertionError("per-sample loop used")
+@pytest.fixture
+def paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records which encoding path produced each samples region."""
+    taken: list[str] = []
+    for name in ("_samples_by_loop", "_samples_by_segments", "_samples_by_column"):
+        real = getattr(rw, name)
 
-    monkeypatch.setattr(rw, "_samples_by_loop", no_loop)
-    timestamps = [NOW_MS + 15_000 * i for i in range(60)]
-    for values in ([float(i + 1) for i in range(60)], [0.0] * 60, [_float(STALE_NAN_BITS)] * 60):
-        _assert_round_trip([([("__name__", "up")], timestamps, values)])
+        def spy(*args: Any, _real: Callable[..., Any] = real, _name: str = name) -> Any:
+            out = _real(*args)
+            if out is not None:
+                taken.append(_name.removeprefix("_samples_by_"))
+            return out
+
+        monkeypatch.setattr(rw, name, spy)
+    return taken
 
 
-def test_non_uniform_batches_fall_back_to_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    loop = rw._samples_by_loop
-
-    def counting_loop(timestamps: Sequence[int], packed: bytes) -> bytes:
-        calls.append(len(timestamps))
-        return loop(timestamps, packed)
-
-    monkeypatch.setattr(rw, "_samples_by_loop", counting_loop)
-    now = [NOW_MS + i for i in range(10)]
-    _assert_round_trip([([("a", "b")], now, [0.0, 1.0] * 5)])  # +0.0 mixed with others
-    _assert_round_trip([([("a", "b")], [127, 128] * 5, [1.0] * 10)])  # varint lengths differ
-    _assert_round_trip([([("a", "b")], [-5] * 10, [1.0] * 10)])  # negative: 10-byte varints
-    _assert_round_trip([([("a", "b")], [0] * 10, [1.0] * 10)])  # timestamp 0 has no field
-    assert calls == [10, 10, 10, 10]
+@pytest.mark.parametrize(
+    ("timestamps", "values", "path"),
+    [
+        ([NOW_MS + 15_000 * i for i in range(100)], [float(i + 1) for i in range(100)], "column"),
+        ([NOW_MS + 15_000 * i for i in range(100)], [_float(STALE_NAN_BITS)] * 100, "column"),
+        ([NOW_MS + 15_000 * i for i in range(60)], [0.0] * 60, "column"),  # all +0.0: no value fields
+        ([NOW_MS + 15_000 * i for i in range(60)], [float(i + 1) for i in range(60)], "segments"),
+        ([-1] + [NOW_MS] * 99, [1.0] * 100, "segments"),  # not uniform, so not the column path
+        ([NOW_MS + 15_000 * i for i in range(3)], [0.0] * 3, "column"),
+        ([NOW_MS + 15_000 * i for i in range(6)], [1.0] * 6, "segments"),
+        ([127, 128] * 5, [1.0] * 10, "segments"),  # varint lengths differ
+        ([-5] * 10, [1.0] * 10, "segments"),  # negative: 10-byte varints
+        ([0] * 10, [1.0] * 10, "segments"),  # timestamp 0 has no field
+        ([2**56] * 10, [1.0] * 10, "segments"),  # a 9-byte varint overflows the 64-bit lanes
+        ([NOW_MS + i for i in range(10)], [0.0, 1.0] * 5, "loop"),  # +0.0 among others
+        ([NOW_MS + i for i in range(10)], [-0.0] * 10, "loop"),
+        ([NOW_MS + i for i in range(2)], [0.0, 1.0], "loop"),
+    ],
+)
+def test_each_batch_shape_takes_its_path(
+    paths: list[str], timestamps: list[int], values: list[float], path: str
+) -> None:
+    _assert_round_trip([([("a", "b")], timestamps, values)])
+    assert paths == [path]
 
 
 def test_caches_stay_bounded_and_correct(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rw, "_CACHE_ENTRIES", 3)
     monkeypatch.setattr(rw, "_TEMPLATE_CACHE_ENTRIES", 3)
-    for cache in (rw._sample_parts, rw._templates_with_value, rw._templates_zero_value):
+    for cache in (rw._sample_parts, rw._templates_with_value, rw._templates_zero_value, rw._segments):
         cache.clear()  # other tests filled them past 3; a miss is what empties a cache
     for i in range(20):
         _assert_round_trip([([("a", "b")], [NOW_MS + i + k for k in range(9)], [float(i)] * 9)])
-        _assert_round_trip([([("a", "b")], [NOW_MS + i], [float(i)])])
+        _assert_round_trip([([("a", "b")], [NOW_MS + i], [float(i + 1)])])
+        _assert_round_trip([([("a", "b")], [NOW_MS + i + k for k in range(4)], [float(i + 1)] * 4)])
     assert len(rw._templates_with_value) <= 3
+    assert len(rw._segments) <= 3
     assert len(rw._sample_parts) <= 3
 
 
@@ -259,6 +278,8 @@ def test_label_order_is_bytewise_so_uppercase_sorts_before_name() -> None:
         ([1.5], [1.0]),
         ([2**63] * 9, [1.0] * 9),
         ([NOW_MS], ["x"]),
+        ([NOW_MS, NOW_MS + 1], [1.0, "x"]),
+        ([NOW_MS] * 100, [1.0] * 99 + ["x"]),
     ],
 )
 def test_bad_samples_are_rejected(timestamps: list[object], values: list[object]) -> None:

@@ -21,6 +21,7 @@ if [ "$want_test" = 1 ]; then
   command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
   command -v smartctl >/dev/null || missing+=(smartmontools)
   command -v victoria-metrics >/dev/null || missing+=(victoria-metrics)
+  command -v protoc >/dev/null || missing+=(protobuf-compiler)   # regenerates collector/prompb in a test
   command -v openssl >/dev/null || missing+=(openssl)    # test certificates
   command -v git >/dev/null || missing+=(git)            # the fresh-clone test
 fi

@@ -7,7 +7,7 @@ encoding costs, never slow ingest or acks: the two only share the ledger file.
 Positions: each target holds a set of batch row ids (the ledger's arrival order) that it
 has, saved in the ledger's forward_targets table about once a second. A restart resumes
 from the saved set; what was sent after the last save is sent again, with identical
-samples, which Prometheus and VictoriaMetrics take as duplicates.
+samples (Prometheus drops identical resends; VictoriaMetrics needs -dedup.minScrapeInterval).
 
 Order: new arrivals go first, newest first (dashboards are fresh after an outage), and the
 backlog fills in oldest first behind them, one request each in turn.

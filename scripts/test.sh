@@ -10,7 +10,7 @@ echo "== mypy --strict"
 "$bin/mypy" --strict agent collector wire
 echo "== pytest"
 set +e
-"$bin/python" -m pytest -q -p no:cacheprovider "$@"
+WAYSTATION_REQUIRE_TOOLS=1 "$bin/python" -m pytest -q -p no:cacheprovider "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then

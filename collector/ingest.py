@@ -229,6 +229,7 @@ class Ingest:
         # Verification and decoding run here, off the event loop; one thread, so a node's
         # series table cache never has two users at once.
         self.verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        self.in_progress = 0  # posts being read or verified
         # Per verified node: its series table repeats batch after batch, so names and labels
         # are decoded and validated once, not per batch.
         self.tables: dict[tuple[str, str], wire.SeriesTableCache] = {}
@@ -287,11 +288,18 @@ class Ingest:
         return wire.open_batch(body, partial(trust.lookup, self.keys), self.open_limits, self._tables)
 
     async def _handle(self, request: web.Request) -> web.Response:
-        if self.committer.pending >= self.limits.max_pending_commits:
-            raise Overloaded(f"{self.committer.pending} batches are waiting for the ledger")
-        body = await self._read_body(request)
-        received_at = time.time()
-        opened = await asyncio.get_running_loop().run_in_executor(self.verifier, self._open, body)
+        # Bodies being read or waiting for the verify thread count too: they hold memory
+        # (up to max_body_bytes each) just as queued commits do.
+        waiting = self.committer.pending + self.in_progress
+        if waiting >= self.limits.max_pending_commits:
+            raise Overloaded(f"{waiting} batches are waiting to be verified or committed")
+        self.in_progress += 1
+        try:
+            body = await self._read_body(request)
+            received_at = time.time()
+            opened = await asyncio.get_running_loop().run_in_executor(self.verifier, self._open, body)
+        finally:
+            self.in_progress -= 1
         if isinstance(opened, wire.Refusal):
             raise _wire_refusal(opened)
         h = opened.header

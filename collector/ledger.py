@@ -306,7 +306,7 @@ class Pruned:
 
 @dataclass(frozen=True)
 class Outcome:
-    result: str  # accepted | duplicate | conflict | chain_mismatch
+    result: str  # accepted | duplicate | conflict | chain_mismatch | revoked | unknown_key | malformed
     detail: str
     state: NodeState
 
@@ -444,6 +444,7 @@ class Ledger:
                 h = sub.frame.header
                 key = (h.site, h.node)
                 n = touched.get(key) or self._nodes.get(key) or _Node(h.site, h.node)
+                touched[key] = n  # reloaded from the database if the transaction fails
                 before = n.clone()
                 self.conn.execute("SAVEPOINT batch")
                 try:
@@ -509,15 +510,26 @@ class Ledger:
                 "WHERE rowid < ? AND EXISTS (SELECT 1 FROM batches n "
                 "WHERE n.site = b.site AND n.node = b.node AND n.seq > b.seq) "
                 "ORDER BY rowid LIMIT ?",
-                (top, limit),
+                (top, limit * (4 if over > 0 else 1)),
             ).fetchall()
-            victims = []
-            freed = 0
+            # Retention first: in arrival order, up to the first batch young enough to stay.
+            victims: list[Any] = []
             for row in rows:
-                if row[7] >= cutoff and freed >= over:
-                    break  # arrival order: the rest are younger (and the size is within the cap)
+                if row[7] >= cutoff or len(victims) >= limit:
+                    break
                 victims.append(row)
-                freed += row[6]
+            freed = sum(v[6] for v in victims)
+            if over > freed:
+                # Over the size cap: the oldest batches every target has go first, then the
+                # oldest others (counted below as expired for the targets that lacked them).
+                rest = rows[len(victims):]
+                forwarded = [r for r in rest if all(r[0] in done[t] for t in targets)]
+                unforwarded = [r for r in rest if not all(r[0] in done[t] for t in targets)]
+                for row in forwarded + unforwarded:
+                    if freed >= over or len(victims) >= limit:
+                        break
+                    victims.append(row)
+                    freed += row[6]
             expired: dict[str, list[int]] = {t: [0, 0] for t in targets}
             by_node: dict[tuple[str, str], list[int]] = {}
             for rowid, site, node, seq, kind, samples, _size, _at in victims:
@@ -552,8 +564,18 @@ class Ledger:
                 "ON CONFLICT (k) DO UPDATE SET v = CAST(v AS INTEGER) + excluded.v",
                 (len(victims),),
             )
-        more = len(victims) == len(rows) == limit
+        more = len(victims) == limit
         return Pruned(len(victims), freed, {t: (b, n) for t, (b, n) in expired.items() if b}, more)
+
+    def _retired(self, site: str, node: str, first: int, last: int) -> int:
+        """How many of seqs first..last were recorded and have left the archive."""
+        total = 0
+        for a, b in self.conn.execute(
+            "SELECT first_seq, last_seq FROM retired WHERE site = ? AND node = ? AND first_seq <= ? "
+            "AND last_seq >= ?", (site, node, last, first),
+        ):
+            total += min(b, last) - max(a, first) + 1
+        return total
 
     def _apply(self, n: _Node, sub: Submission) -> tuple[str, str]:
         frame = sub.frame
@@ -573,6 +595,16 @@ class Ledger:
                 return "duplicate", f"seq {h.seq} is already recorded"
             n.conflicts += 1
             return "conflict", f"seq {h.seq} is already recorded with different content"
+        if self._retired(h.site, h.node, h.seq, h.seq):
+            # Its batch left the archive (retention): it was recorded; taking it again would
+            # count and forward it twice. Its hash is gone, so a conflict cannot be told.
+            return "duplicate", f"seq {h.seq} was recorded and has since left the archive"
+        # The key as it stands now, in this transaction: a revocation committed while the
+        # batch was being verified still stops it.
+        current = trust.lookup(self.conn, h.key_id)
+        refused = current.refusal(h.site, h.node, h.seq) if current else ("unknown_key", "key no longer enrolled")
+        if refused is not None:
+            return refused
         if h.seq == 1 and h.prev_hash != wire.ZERO_HASH:
             n.chain_breaks += 1
             return "chain_mismatch", "seq 1 must carry a zero prev_hash (it starts the chain)"
@@ -627,7 +659,7 @@ class Ledger:
                     "WHERE site = ? AND node = ? AND seq BETWEEN ? AND ?", (h.site, h.node, first, last),
                 ).fetchone()
                 named += last - first + 1
-                recorded_batches += count
+                recorded_batches += count + self._retired(h.site, h.node, first, last)
                 recorded_samples += sampled
             # Saturating: receipts may claim counts near 2**63, and SQLite stores signed 64 bits.
             lost_batches = max(0, min(sub.drop.batches, named) - recorded_batches)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import json
 import logging
 import math
@@ -175,8 +176,14 @@ def load_target(conn: sqlite3.Connection, name: str) -> TargetState:
         state.refused = {str(k): int(v) for k, v in json.loads(row[2]).items()}
         state.retries = {str(k): int(v) for k, v in json.loads(row[3]).items()}
         state.last_success = row[4]
+    oldest, newest = conn.execute("SELECT MIN(rowid), MAX(rowid) FROM batches").fetchone()
+    if state.done.ends and state.done.ends[-1] > (newest or 0):
+        # The positions name batches beyond the newest one: the row ids were renumbered (the
+        # database rebuilt by hand, say). Sending everything again loses nothing.
+        log.error("remote_write %s: saved position is beyond the ledger's newest batch; "
+                  "forwarding everything the ledger holds again", name)
+        state.done = IntervalSet()
     # Row ids below the oldest batch held were pruned: nothing is left to send there.
-    oldest = conn.execute("SELECT MIN(rowid) FROM batches").fetchone()[0]
     if oldest is not None and oldest > 1:
         state.done.add(1, oldest - 1)
     return state
@@ -200,18 +207,30 @@ def save_target(conn: sqlite3.Connection, name: str, state: TargetState, now: fl
 
 
 def pending_stats(conn: sqlite3.Connection, done: IntervalSet) -> tuple[int, int | None]:
-    """(data batches the target lacks, window start of the oldest of them)."""
-    top = conn.execute("SELECT MAX(rowid) FROM batches").fetchone()[0] or 0
+    """(batches the target lacks, window start of the oldest sample among them), cheaply.
+
+    Row ids are dense above the oldest batch held (pruning removes from the bottom), so the
+    count is interval arithmetic, not a scan of a backlog that may hold millions of batches.
+    The oldest sample is looked for among the first batches of each gap: the backlog is in
+    arrival order, and a backfill arriving late is found within the first rows of its gap."""
+    oldest_row, top = conn.execute("SELECT MIN(rowid), MAX(rowid) FROM batches").fetchone()
+    if top is None:
+        return 0, None
     count = 0
     oldest: int | None = None
-    for first, last in done.gaps(top, 1000):
-        n, start = conn.execute(
-            "SELECT COUNT(*), MIN(window_start_ms) FROM batches WHERE rowid BETWEEN ? AND ? AND kind = ?",
-            (first, last, int(wire.Kind.DATA)),
-        ).fetchone()
-        count += n
-        if start is not None and (oldest is None or start < oldest):
-            oldest = start
+    for i, (first, last) in enumerate(done.gaps(top, 100_000)):
+        first = max(first, oldest_row)
+        if first > last:
+            continue
+        count += last - first + 1
+        if i < 100:
+            (start,) = conn.execute(
+                "SELECT MIN(window_start_ms) FROM (SELECT window_start_ms FROM batches "
+                "WHERE rowid BETWEEN ? AND ? AND kind = ? ORDER BY rowid LIMIT ?)",
+                (first, last, int(wire.Kind.DATA), 1000 if i == 0 else 10),
+            ).fetchone()
+            if start is not None and (oldest is None or start < oldest):
+                oldest = start
     return count, oldest
 
 
@@ -222,14 +241,23 @@ class Row:
     samples: int
 
 
-def pick(conn: sqlite3.Connection, done: IntervalSet, budget: int, live: bool) -> tuple[list[Row], bool]:
+MAX_FRAGMENTS = 256
+
+
+def pick(
+    conn: sqlite3.Connection, done: IntervalSet, budget: int, live: bool,
+    skipped: list[tuple[int, int]] | None = None,
+) -> tuple[list[Row], bool]:
     """The next batches to send: (rows, whether they are new arrivals).
 
     New arrivals (above everything the target has) go newest first when `live`, or when
     there is no backlog; otherwise the oldest part of the backlog. Row ids with no batch
-    (pruned) inside the backlog are marked done on the way."""
+    (pruned) inside the backlog are marked done on the way, and appended to `skipped`.
+    While the target's set is fragmented (each live pick past a backlog can open a gap),
+    the backlog goes first until it closes the gaps."""
     top_done = done.ends[-1] if done.ends else 0
     newest = conn.execute("SELECT MAX(rowid) FROM batches").fetchone()[0] or 0
+    live = live and len(done.starts) < MAX_FRAGMENTS
     while True:
         gaps = done.gaps(top_done, 1)
         if newest > top_done and (live or not gaps):
@@ -248,6 +276,8 @@ def pick(conn: sqlite3.Connection, done: IntervalSet, budget: int, live: bool) -
         if rows:
             return _within(rows, budget), False
         done.add(first, last)
+        if skipped is not None:
+            skipped.append((first, last))
 
 
 def _within(rows: list[tuple[int, int, int]], budget: int) -> list[Row]:
@@ -335,18 +365,21 @@ class Encoder:
 
 @dataclass
 class Request:
-    rowids: list[int]  # the batches whose series (or part of them) this request carries
-    series: list[tuple[bytes, int]] = field(default_factory=list)  # (timeseries field, samples)
+    series: list[tuple[int, bytes, int]] = field(default_factory=list)  # (batch rowid, field, samples)
 
     @property
     def samples(self) -> int:
-        return sum(n for _, n in self.series)
+        return sum(n for _, _, n in self.series)
+
+    @property
+    def rowids(self) -> list[int]:
+        return sorted({r for r, _, _ in self.series})
 
 
 def requests_for(batches: list[Encoded], keep: Callable[[str], bool], budget: int) -> list[Request]:
     """Cut the batches' series into requests of about `budget` samples each."""
     out: list[Request] = []
-    current = Request([])
+    current = Request()
     total = 0
     for enc in batches:
         for name, series, samples in enc.series:
@@ -354,14 +387,26 @@ def requests_for(batches: list[Encoded], keep: Callable[[str], bool], budget: in
                 continue
             if current.series and total + samples > budget:
                 out.append(current)
-                current, total = Request([]), 0
-            if not current.rowids or current.rowids[-1] != enc.rowid:
-                current.rowids.append(enc.rowid)
-            current.series.append((series, samples))
+                current, total = Request(), 0
+            current.series.append((enc.rowid, series, samples))
             total += samples
     if current.series:
         out.append(current)
     return out
+
+
+def split(request: Request, verdict: str) -> list[Request]:
+    """A refused request again in smaller parts, so a refusal costs only what caused it:
+    its own series batch by batch; and a request too large for the receiver (413) in halves."""
+    by_batch: dict[int, Request] = {}
+    for item in request.series:
+        by_batch.setdefault(item[0], Request()).series.append(item)
+    if len(by_batch) > 1:
+        return list(by_batch.values())
+    if verdict == "split" and len(request.series) > 1:
+        half = len(request.series) // 2
+        return [Request(request.series[:half]), Request(request.series[half:])]
+    return []
 
 
 @dataclass
@@ -371,10 +416,11 @@ class Chunk:
     rows: list[Row]
     requests: list[tuple[Request, bytes]]
     problems: list[tuple[Encoded, int]]
+    skipped: list[tuple[int, int]]  # row ids with no batch left (pruned): done as well
 
 
 def _body(request: Request) -> bytes:
-    return proto.compress(proto.encode_write_request([s for s, _ in request.series]))
+    return proto.compress(proto.encode_write_request([s for _, s, _ in request.series]))
 
 
 class Target:
@@ -401,9 +447,15 @@ class Target:
         c = self.config
         if not c.url.startswith("https://"):
             return None
-        context = ssl.create_default_context(cafile=c.tls_ca_file or None)
+        try:
+            context = ssl.create_default_context(cafile=c.tls_ca_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise OSError(f"tls_ca_file {c.tls_ca_file!r}: {exc}") from None
         if c.tls_cert_file:
-            context.load_cert_chain(c.tls_cert_file, c.tls_key_file)
+            try:
+                context.load_cert_chain(c.tls_cert_file, c.tls_key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise OSError(f"tls_cert_file {c.tls_cert_file!r} / tls_key_file {c.tls_key_file!r}: {exc}") from None
         return context
 
     def _authorization(self) -> str | None:
@@ -422,8 +474,29 @@ class Target:
         return self._auth
 
     async def run(self) -> None:
+        """Forward until the forwarder stops. A problem of this target's own (a CA file gone,
+        a token file unreadable, the ledger briefly unreadable) holds this target back and is
+        retried; the other targets go on."""
         fw = self.forwarder
-        self.state = await fw.work(load_target, fw.conn, self.name)
+        delay = 1.0
+        loaded = False
+        while not fw.stopping.is_set():
+            try:
+                if not loaded:
+                    self.state = await fw.work(load_target, fw.conn, self.name)
+                    loaded = True
+                await self._forward()
+                return
+            except Exception as exc:
+                self.state.retries["config"] = self.state.retries.get("config", 0) + 1
+                log.error("remote_write %s: %s; trying again in %.0fs", self.name, exc, delay)
+                if loaded:  # its figures (pending, the problem counted) still reach /metrics
+                    await asyncio.gather(fw.work(self._save, time.time()), return_exceptions=True)
+                await fw.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    async def _forward(self) -> None:
+        fw = self.forwarder
         connector = aiohttp.TCPConnector(ssl=self._ssl() or False, limit=4)
         timeout = aiohttp.ClientTimeout(total=self.config.timeout)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -439,15 +512,17 @@ class Target:
                         await self.maybe_save()
                         await fw.sleep(IDLE_POLL_S)
                         continue
-                    upcoming = asyncio.ensure_future(self._prepare_next(chunk.rows))
+                    upcoming = self._prepare_next(chunk.rows)
                     if not await self.send(chunk):
                         break  # stopping: these batches are sent again after the restart
                     for r in chunk.rows:
                         self.state.done.add(r.rowid, r.rowid)
+                    for first, last in chunk.skipped:
+                        self.state.done.add(first, last)
                     await self.maybe_save()
             finally:
                 if upcoming is not None:
-                    await upcoming
+                    await asyncio.gather(upcoming, return_exceptions=True)
                 await fw.work(self._save, time.time())
 
     def _prepare_next(self, in_flight: Sequence[Row]) -> asyncio.Future[Chunk | None]:
@@ -459,14 +534,15 @@ class Target:
     def prepare(self, view: IntervalSet) -> Chunk | None:
         """Work thread: the next batches, opened, encoded and cut into request bodies."""
         fw = self.forwarder
-        rows, live = pick(fw.conn, view, self.config.samples_per_request, self.prefer_live)
+        skipped: list[tuple[int, int]] = []
+        rows, live = pick(fw.conn, view, self.config.samples_per_request, self.prefer_live, skipped)
         if not rows:
-            return None
+            return Chunk([], [], [], skipped) if skipped else None
         self.prefer_live = not live
         batches = fw.encode_all([r.rowid for r in rows if r.kind == int(wire.Kind.DATA)])
         problems = [(enc, sum(r.samples for r in rows if r.rowid == enc.rowid)) for enc in batches if enc.problem]
         requests = requests_for(batches, self.keep, self.config.samples_per_request)
-        return Chunk(rows, [(req, _body(req)) for req in requests], problems)
+        return Chunk(rows, [(req, _body(req)) for req in requests], problems, skipped)
 
     async def send(self, chunk: Chunk) -> bool:
         """Deliver every request of a chunk; False if the forwarder stops first."""
@@ -485,12 +561,14 @@ class Target:
         backoff = BACKOFF_INITIAL_S
         while not fw.stopping.is_set():
             verdict, reason, wait = await self.post(body)
+            if verdict == "stopped":
+                return False
             if verdict == "ok":
                 self.state.samples_sent += request.samples
                 self.state.last_success = time.time()
                 return True
             if verdict in ("refused", "split"):
-                parts = await self.split(request, verdict)
+                parts = split(request, verdict)
                 if not parts:
                     self.refuse(reason, request.samples, f"batch rowid {request.rowids[0]}")
                     return True
@@ -499,22 +577,13 @@ class Target:
                         return False
                 return True
             self.state.retries[reason] = self.state.retries.get(reason, 0) + 1
-            delay = wait if wait is not None else backoff * random.uniform(0.8, 1.2)
+            # Retry-After is honoured as a lower bound: "0" or a date in the past must not
+            # turn the retries into a tight loop against a struggling receiver.
+            delay = max(wait or 0.0, backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
             await fw.sleep(delay)
             await self.maybe_save()
         return False
-
-    async def split(self, request: Request, verdict: str) -> list[Request]:
-        """A refused request again in smaller parts, so a refusal costs only what caused it:
-        batch by batch; and a request too large for the receiver (413) in halves."""
-        if len(request.rowids) > 1:
-            batches = await self.forwarder.work(self.forwarder.encode_all, request.rowids)
-            return [p for enc in batches for p in requests_for([enc], self.keep, self.config.samples_per_request)]
-        if verdict == "split" and len(request.series) > 1:
-            half = len(request.series) // 2
-            return [Request(request.rowids, request.series[:half]), Request(request.rowids, request.series[half:])]
-        return []
 
     def refuse(self, reason: str, samples: int, detail: str) -> None:
         self.state.refused[reason] = self.state.refused.get(reason, 0) + max(samples, 0)
@@ -524,6 +593,21 @@ class Target:
                         self.name, samples, reason, detail)
 
     async def post(self, body: bytes) -> tuple[str, str, float | None]:
+        """One attempt; ("stopped", ...) if the forwarder stops while it is on the wire, so a
+        stop never waits for a slow receiver's timeout."""
+        attempt = asyncio.ensure_future(self._post_once(body))
+        stop = asyncio.ensure_future(self.forwarder.stopping.wait())
+        try:
+            await asyncio.wait({attempt, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not attempt.done():
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
+            return "stopped", "", None
+        return attempt.result()
+
+    async def _post_once(self, body: bytes) -> tuple[str, str, float | None]:
         assert self.session is not None
         headers = {
             "Content-Encoding": "snappy",
@@ -534,7 +618,7 @@ class Target:
         }
         try:
             auth = self._authorization()
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             log.warning("remote_write %s: cannot read its secret file: %s", self.name, exc)
             return "retry", "config", None
         if auth:
@@ -631,8 +715,22 @@ async def _child_main(obj: dict[str, Any]) -> None:
     open_limits = wire.OpenLimits(
         max_decompressed_bytes=limits.pop("max_decompressed_bytes"), payload=wire.Limits(**limits)
     )
-    forwarder = Forwarder(Path(obj["ledger"]), _targets_from(obj), open_limits)
+    ledger_path = Path(obj["ledger"])
     loop = asyncio.get_running_loop()
+    # A forwarder left by a serve that was killed may still be finishing: positions are
+    # read after it has saved its own and gone, never beside it.
+    lock = open(ledger_path.with_name(ledger_path.name + ".forwarder.lock"), "a+b")  # noqa: SIM115
+    told = False
+    while True:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if not told:
+                log.info("waiting for the previous forwarder to finish")
+                told = True
+            await asyncio.sleep(0.2)
+    forwarder = Forwarder(ledger_path, _targets_from(obj), open_limits)
     loop.add_signal_handler(signal.SIGTERM, forwarder.stopping.set)
     loop.add_signal_handler(signal.SIGINT, forwarder.stopping.set)
     # The parent holds our stdin open; EOF means it is gone (even after SIGKILL): stop.
@@ -687,15 +785,21 @@ class Supervisor:
         delay = 1.0
         while not self._stopping:
             started = time.monotonic()
-            self.proc = await self._spawn()
-            rc = await self.proc.wait()
+            try:
+                self.proc = await self._spawn()
+                rc: int | None = await self.proc.wait()
+            except OSError as exc:
+                log.error("cannot start the remote_write forwarder: %s", exc)
+                rc = None
+            if time.monotonic() - started > 60:
+                delay = 1.0
+            # systemd signals the whole unit at a stop: give serve's own stop a moment to
+            # land before this counts as a crash and starts another forwarder.
+            await asyncio.sleep(delay)
             if self._stopping:
                 return
             self.restarts += 1
-            if time.monotonic() - started > 60:
-                delay = 1.0
-            log.error("remote_write forwarder exited %s; restarting in %.0fs", rc, delay)
-            await asyncio.sleep(delay)
+            log.error("remote_write forwarder exited %s; restarted", rc)
             delay = min(delay * 2, 30.0)
 
     async def stop(self) -> None:

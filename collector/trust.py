@@ -227,10 +227,13 @@ def rotate(
         )
     if existing is not None and existing.state == "revoked":
         raise TrustError(f"rotation names key {new_id.hex()}, which is revoked")
-    conn.execute(
-        "UPDATE keys SET state = 'retired', valid_through_seq = ?, changed_at = ? WHERE key_id = ?",
+    retired = conn.execute(
+        "UPDATE keys SET state = 'retired', valid_through_seq = ?, changed_at = ? "
+        "WHERE key_id = ? AND state = 'enrolled'",
         (rotation_seq, now, old.key_id),
-    )
+    ).rowcount
+    if retired != 1:  # revoked (or already rotated) meanwhile: a revocation is never undone here
+        raise TrustError(f"key {old.key_id.hex()} is no longer enrolled; the rotation cannot take effect")
     if existing is None:
         conn.execute(
             "INSERT INTO keys (key_id, site, node, public_key, state, valid_from_seq, "

@@ -313,3 +313,21 @@ def test_filters_headers_and_bearer_token_reach_the_receiver(tmp_path: Path, rec
         assert headers["X-Scope-OrgID"] == "fleet-a"
     finally:
         c.stop()
+
+
+def test_a_broken_target_holds_back_only_itself(tmp_path: Path, receiver: Receiver, node: Node) -> None:
+    broken = _target("broken", "https://127.0.0.1:9/api/v1/write", f'tls_ca_file = "{tmp_path / "missing-ca.pem"}"')
+    c = _setup(tmp_path, node, broken + _target("rx", receiver.url))
+    try:
+        for seq in range(1, 6):
+            assert c.post(node.data(seq)) == 200
+        wait_for(lambda: receiver.points("node_load1") >= node.expected(range(1, 6), "node_load1"), 30,
+                 "the healthy target's samples")
+        wait_for(lambda: c.metric("waystation_remote_write_retries_total", target="broken", reason="config") >= 1, 20,
+                 "the broken target's problem counted")
+        wait_for(lambda: c.metric("waystation_remote_write_pending_batches", target="broken") == 5, 20,
+                 "the broken target's backlog shown")
+        assert c.metric("waystation_remote_write_forwarder_restarts_total") == 0
+        assert "missing-ca.pem" in c.log.read_text()
+    finally:
+        c.stop()

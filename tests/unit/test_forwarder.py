@@ -185,3 +185,60 @@ def test_forwarding_metrics_read_the_ledger(ledger: Ledger) -> None:
     assert values[("waystation_remote_write_lag_seconds", (("target", "prom"),))] == 0.0
     assert values[("waystation_remote_write_forwarder_restarts_total", ())] == 1
     assert values[("waystation_ledger_bytes", ())] > 0
+
+
+def test_over_the_size_cap_batches_every_target_has_go_first(ledger: Ledger) -> None:
+    _fill(ledger, 50)
+    has = rw.TargetState()
+    has.done.add(11, 50)  # forwarded newest first; 1..10 still missing at the target
+    rw.save_target(ledger.conn, "vm", has, time.time())
+    pruned = ledger.prune(time.time(), 30 * 86400, 1, ["vm"], limit=20)
+    assert pruned.batches == 20 and pruned.expired == {}
+    left = [r[0] for r in ledger.conn.execute("SELECT seq FROM batches ORDER BY seq")]
+    assert left[:10] == list(range(1, 11))  # what the target lacks is still there
+
+
+def test_a_batch_that_left_the_archive_is_not_taken_again(ledger: Ledger) -> None:
+    chain, record = _fill(ledger, 5, received_at=time.time() - 40 * 86400)
+    ledger.prune(time.time(), 30 * 86400, 0, [])
+    again = ledger.commit([Submission(wire.parse_frame(chain.frames[2]), record, time.time())])
+    assert [o.result for o in again] == ["duplicate"]
+    state = ledger.state(SITE, NODE)
+    assert state is not None and state.stored_batches == 5
+    # A receipt naming a seq that left the archive does not count it as lost.
+    receipt = wire.DropReceipt(((3, 3),), 0, 1, 1, 2, 10, "quota")
+    chain.frames[6] = wire.encode_drop_receipt(chain._ctx(6), receipt)
+    sub = Submission(wire.parse_frame(chain.frames[6]), record, time.time(), drop=receipt)
+    assert [o.result for o in ledger.commit([sub])] == ["accepted"]
+    state = ledger.state(SITE, NODE)
+    assert state is not None and state.dropped_batches == 0
+
+
+def test_a_key_revoked_while_its_batch_was_verified_stops_the_batch(ledger: Ledger) -> None:
+    chain, record = _fill(ledger, 2)
+    trust.revoke(ledger.conn, NODE, SITE)
+    late = Submission(wire.parse_frame(chain.data(3)), record, time.time())  # verified before the revocation
+    assert [o.result for o in ledger.commit([late])] == ["revoked"]
+    rotation = Submission(wire.parse_frame(chain.rotation(3, SigningKey.generate())), record, time.time(),
+                          rotation=wire.KeyRotation(b"\0" * 32, b"\0" * 64))
+    assert [o.result for o in ledger.commit([rotation])] == ["revoked"]
+    assert {k.state for k in trust.keys_of(ledger.conn, SITE, NODE)} == {"revoked"}
+
+
+def test_a_refused_request_is_split_into_its_own_series_only() -> None:
+    request = rw.Request([(7, b"a", 2), (7, b"b", 2), (8, b"c", 3)])
+    parts = rw.split(request, "refused")
+    assert [p.series for p in parts] == [[(7, b"a", 2), (7, b"b", 2)], [(8, b"c", 3)]]
+    assert rw.split(parts[0], "refused") == []  # one batch: refused for good
+    assert [p.samples for p in rw.split(parts[0], "split")] == [2, 2]  # 413: halves
+
+
+def test_pending_counts_the_gaps_without_scanning(ledger: Ledger) -> None:
+    _fill(ledger, 30)
+    done = IntervalSet()
+    done.add(1, 10)
+    done.add(21, 25)
+    count, oldest = rw.pending_stats(ledger.conn, done)
+    assert count == 10 + 5
+    first_pending = ledger.conn.execute("SELECT window_start_ms FROM batches WHERE rowid = 11").fetchone()[0]
+    assert oldest == first_pending

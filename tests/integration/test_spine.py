@@ -298,6 +298,15 @@ def test_agent_delivers_over_tls_with_its_ca_file(tmp_path: Path) -> None:
         collector.stop()
 
 
+def test_one_rotation_is_pending_at_a_time(tmp_path: Path) -> None:
+    """Checked with no agent running: a running one may take the first rotation at any moment."""
+    agent = Agent(tmp_path, "http://127.0.0.1:9", extra_toml=FAST)
+    agent.keygen()
+    assert agent.cli("rotate-key").returncode == 0
+    second = agent.cli("rotate-key")
+    assert second.returncode == 1 and "already pending" in second.stderr and "node.key.next" in second.stderr
+
+
 def test_key_rotation_while_running(tmp_path: Path) -> None:
     """rotate-key: the running agent announces the new key in its chain, signed by the old one,
     switches to it, and the collector takes it from that batch without an enroll step."""
@@ -310,7 +319,6 @@ def test_key_rotation_while_running(tmp_path: Path) -> None:
         r = agent.cli("rotate-key")
         assert r.returncode == 0, r.stderr
         new_id = r.stdout.split()[2]
-        assert agent.cli("rotate-key").returncode == 1  # one pending rotation at a time
 
         def rotated() -> dict[str, object] | None:
             node = _node(collector)

@@ -31,6 +31,8 @@ RESERVED_PREFIXES = (
     "waystation_ingest_",
     "waystation_exposition_",
     "waystation_collector_",
+    "waystation_remote_write_",
+    "waystation_ledger_",
 )
 FLEET_HELP = "Latest value reported by the fleet (via waystation-collector)."
 

@@ -60,6 +60,7 @@ from collector import ledger as ledger_mod
 from collector import remote_write_proto as proto
 from collector import trust
 from collector.config import RemoteWriteConfig
+from collector.exposition import RESERVED_PREFIXES
 from collector.ledger import IntervalSet
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,7 @@ class Encoded:
     rowid: int
     series: list[tuple[str, bytes, int]]
     problem: str = ""  # the batch no longer opens (it is counted as refused, never sent)
+    reserved: int = 0  # samples under the collector's own names: never forwarded, counted
 
 
 class Encoder:
@@ -347,7 +349,11 @@ class Encoder:
         if len(labels_cache) > LABEL_CACHE_MAX:
             labels_cache.clear()
         out: list[tuple[str, bytes, int]] = []
+        reserved = 0
         for s in opened.series:
+            if s.name.startswith(RESERVED_PREFIXES):  # a node must not speak for the collector
+                reserved += len(s.values)
+                continue
             key = (site, node, s.name, s.labels)
             encoded_labels = labels_cache.get(key)
             if encoded_labels is None:
@@ -357,7 +363,7 @@ class Encoder:
                 merged["node"] = node
                 encoded_labels = labels_cache[key] = proto.encode_labels(sorted(merged.items()))
             out.append((s.name, proto.encode_timeseries(encoded_labels, s.timestamps_ms, s.values), len(s.values)))
-        return Encoded(rowid, out)
+        return Encoded(rowid, out, reserved=reserved)
 
 
 # ---------------------------------------------------------------- the HTTP side
@@ -541,13 +547,17 @@ class Target:
         self.prefer_live = not live
         batches = fw.encode_all([r.rowid for r in rows if r.kind == int(wire.Kind.DATA)])
         problems = [(enc, sum(r.samples for r in rows if r.rowid == enc.rowid)) for enc in batches if enc.problem]
+        problems += [(enc, enc.reserved) for enc in batches if enc.reserved]
         requests = requests_for(batches, self.keep, self.config.samples_per_request)
         return Chunk(rows, [(req, _body(req)) for req in requests], problems, skipped)
 
     async def send(self, chunk: Chunk) -> bool:
         """Deliver every request of a chunk; False if the forwarder stops first."""
         for enc, samples in chunk.problems:
-            self.refuse("unreadable", samples, enc.problem)
+            if enc.problem:
+                self.refuse("unreadable", samples, enc.problem)
+            else:
+                self.refuse("reserved_name", samples, "series under the collector's own waystation_* names")
         for request, body in chunk.requests:
             if not await self.deliver(request, body):
                 return False

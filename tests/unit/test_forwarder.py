@@ -242,3 +242,24 @@ def test_pending_counts_the_gaps_without_scanning(ledger: Ledger) -> None:
     assert count == 10 + 5
     first_pending = ledger.conn.execute("SELECT window_start_ms FROM batches WHERE rowid = 11").fetchone()[0]
     assert oldest == first_pending
+
+
+def test_the_collector_s_own_names_are_never_forwarded_for_a_node(ledger: Ledger) -> None:
+    key = SigningKey.generate()
+    record = trust.enroll(ledger.conn, SITE, NODE, bytes(key.verify_key))
+    chain = Chain(key)
+    series = [
+        wire.Series("node_load1", (("site", "elsewhere"),), wire.MetricType.GAUGE, (1000, 2000), (0.5, 1.5)),
+        wire.Series("waystation_remote_write_lag_seconds", (("target", "vm"),), wire.MetricType.GAUGE,
+                    (2000,), (0.0,)),
+    ]
+    chain.frames[1] = wire.encode_data_batch(chain._ctx(1), series)
+    ledger.commit([Submission(wire.parse_frame(chain.frames[1]), record, time.time())])
+    encoded = rw.Encoder(ledger.conn, wire.OpenLimits()).encoded(1)
+    assert [name for name, _, _ in encoded.series] == ["node_load1"]
+    assert encoded.reserved == 1
+    body = rw.proto.encode_write_request([s for _, s, _ in encoded.series])
+    (labels, points), = rw.proto.decode_write_request(body)
+    # site and node come from the verified header, whatever the batch said.
+    assert dict(labels) == {"__name__": "node_load1", "site": SITE, "node": NODE}
+    assert points == [(1000, 0.5), (2000, 1.5)]

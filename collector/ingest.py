@@ -195,9 +195,6 @@ def _wire_refusal(refusal: wire.Refusal) -> _Refusal:
     return _Refusal(result, refusal.detail, refusal.header, refusal.signed)
 
 
-MAX_CACHED_NODES = 100_000
-
-
 def open_limits(limits: LimitsConfig) -> wire.OpenLimits:
     return wire.OpenLimits(
         max_decompressed_bytes=limits.max_decompressed_bytes,
@@ -232,7 +229,7 @@ class Ingest:
         self.in_progress = 0  # posts being read or verified
         # Per verified node: its series table repeats batch after batch, so names and labels
         # are decoded and validated once, not per batch.
-        self.tables: dict[tuple[str, str], wire.SeriesTableCache] = {}
+        self.tables = wire.SeriesTables()
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
@@ -275,17 +272,9 @@ class Ingest:
             self.metrics.bytes += total
         return b"".join(chunks)
 
-    def _tables(self, site: str, node: str) -> wire.SeriesTableCache:
-        table = self.tables.get((site, node))
-        if table is None:
-            if len(self.tables) >= MAX_CACHED_NODES:
-                self.tables.clear()
-            table = self.tables[(site, node)] = wire.SeriesTableCache()
-        return table
-
     def _open(self, body: bytes) -> wire.VerifiedBatch | wire.Refusal:
         """Runs in the verify thread: one at a time, so each node's table cache has one user."""
-        return wire.open_batch(body, partial(trust.lookup, self.keys), self.open_limits, self._tables)
+        return wire.open_batch(body, partial(trust.lookup, self.keys), self.open_limits, self.tables)
 
     async def _handle(self, request: web.Request) -> web.Response:
         # Bodies being read or waiting for the verify thread count too: they hold memory

@@ -183,6 +183,16 @@ class IntervalSet:
             self.ends.insert(i, last)
             self.count += last - first + 1
 
+    def to_json(self) -> str:
+        return json.dumps([[s, e] for s, e in zip(self.starts, self.ends, strict=True)])
+
+    @classmethod
+    def from_json(cls, text: str) -> IntervalSet:
+        out = cls()
+        for first, last in json.loads(text):
+            out.add(int(first), int(last))
+        return out
+
     def copy(self) -> IntervalSet:
         other = IntervalSet()
         other.starts, other.ends, other.count = list(self.starts), list(self.ends), self.count
@@ -484,12 +494,6 @@ class Ledger:
             Outcome(result, detail, snapshots[(n.site, n.node)]) for result, detail, n in results
         ]
 
-    def used_bytes(self) -> int:
-        """The database's size without its free pages (deleted rows' pages are reused)."""
-        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
-        free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
-        return int((pages - free) * self.conn.execute("PRAGMA page_size").fetchone()[0])
-
     def prune(
         self, now: float, retention_s: float, max_size: int, targets: Sequence[str], limit: int = 500
     ) -> Pruned:
@@ -502,7 +506,7 @@ class Ledger:
         """
         with immediate(self.conn):
             done = forward_done(self.conn, targets)
-            over = self.used_bytes() - max_size if max_size else 0
+            over = used_bytes(self.conn) - max_size if max_size else 0
             cutoff = now - retention_s
             top = self.conn.execute("SELECT MAX(rowid) FROM batches").fetchone()[0] or 0
             rows = self.conn.execute(
@@ -715,14 +719,17 @@ def read_nodes(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return out
 
 
+def used_bytes(conn: sqlite3.Connection) -> int:
+    """The database's size without its free pages (deleted rows' pages are reused)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return int((pages - free) * conn.execute("PRAGMA page_size").fetchone()[0])
+
+
 def forward_done(conn: sqlite3.Connection, targets: Iterable[str]) -> dict[str, IntervalSet]:
     """Each target's forwarded batch row ids, as last saved by the forwarder (empty if none)."""
     out: dict[str, IntervalSet] = {}
     for t in targets:
-        done = IntervalSet()
         row = conn.execute("SELECT done FROM forward_targets WHERE target = ?", (t,)).fetchone()
-        if row is not None:
-            for first, last in json.loads(row[0]):
-                done.add(int(first), int(last))
-        out[t] = done
+        out[t] = IntervalSet.from_json(row[0]) if row is not None else IntervalSet()
     return out

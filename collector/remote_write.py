@@ -67,7 +67,6 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "waystation-collector/0.1"
 SAVE_EVERY_S = 1.0
-STATS_EVERY_S = 2.0
 IDLE_POLL_S = 0.2
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -171,8 +170,7 @@ def load_target(conn: sqlite3.Connection, name: str) -> TargetState:
     ).fetchone()
     state = TargetState()
     if row is not None:
-        for first, last in json.loads(row[0]):
-            state.done.add(int(first), int(last))
+        state.done = IntervalSet.from_json(row[0])
         state.samples_sent = int(row[1])
         state.refused = {str(k): int(v) for k, v in json.loads(row[2]).items()}
         state.retries = {str(k): int(v) for k, v in json.loads(row[3]).items()}
@@ -191,7 +189,6 @@ def load_target(conn: sqlite3.Connection, name: str) -> TargetState:
 
 
 def save_target(conn: sqlite3.Connection, name: str, state: TargetState, now: float) -> None:
-    done = [[s, e] for s, e in zip(state.done.starts, state.done.ends, strict=True)]
     with ledger_mod.immediate(conn):
         conn.execute(
             "INSERT INTO forward_targets (target, done, samples_sent, refused, retries, last_success, "
@@ -201,7 +198,7 @@ def save_target(conn: sqlite3.Connection, name: str, state: TargetState, now: fl
             "pending_batches = excluded.pending_batches, oldest_pending_ms = excluded.oldest_pending_ms, "
             "updated_at = excluded.updated_at",
             (
-                name, json.dumps(done), state.samples_sent, json.dumps(state.refused), json.dumps(state.retries),
+                name, state.done.to_json(), state.samples_sent, json.dumps(state.refused), json.dumps(state.retries),
                 state.last_success, state.pending_batches, state.oldest_pending_ms, now,
             ),
         )
@@ -312,17 +309,9 @@ class Encoder:
         self.conn = conn
         self.limits = limits
         self.keys = partial(trust.lookup_recorded, conn)
-        self.tables: dict[tuple[str, str], wire.SeriesTableCache] = {}
+        self.tables = wire.SeriesTables()
         self.labels: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], bytes] = {}
         self.cache: OrderedDict[int, Encoded] = OrderedDict()
-
-    def _table(self, site: str, node: str) -> wire.SeriesTableCache:
-        table = self.tables.get((site, node))
-        if table is None:
-            if len(self.tables) > 100_000:
-                self.tables.clear()
-            table = self.tables[(site, node)] = wire.SeriesTableCache()
-        return table
 
     def encoded(self, rowid: int) -> Encoded:
         hit = self.cache.get(rowid)
@@ -340,7 +329,7 @@ class Encoder:
         return enc
 
     def _encode(self, rowid: int, frame: bytes) -> Encoded:
-        opened = wire.open_batch(frame, self.keys, self.limits, self._table)
+        opened = wire.open_batch(frame, self.keys, self.limits, self.tables)
         if isinstance(opened, wire.Refusal):
             return Encoded(rowid, [], f"{opened.result}: {opened.detail}")
         h = opened.header
@@ -376,10 +365,6 @@ class Request:
     @property
     def samples(self) -> int:
         return sum(n for _, _, n in self.series)
-
-    @property
-    def rowids(self) -> list[int]:
-        return sorted({r for r, _, _ in self.series})
 
 
 def requests_for(batches: list[Encoded], keep: Callable[[str], bool], budget: int) -> list[Request]:
@@ -441,7 +426,6 @@ class Target:
         self.logged_reasons: set[str] = set()
         self.prefer_live = True
         self.saved_at = 0.0
-        self.stats_at = -math.inf
         self.session: aiohttp.ClientSession | None = None
         self._secret_at = -math.inf
         self._auth: str | None = None
@@ -580,7 +564,7 @@ class Target:
             if verdict in ("refused", "split"):
                 parts = split(request, verdict)
                 if not parts:
-                    self.refuse(reason, request.samples, f"batch rowid {request.rowids[0]}")
+                    self.refuse(reason, request.samples, f"batch rowid {request.series[0][0]}")
                     return True
                 for part in parts:
                     if not await self.deliver(part):
@@ -619,13 +603,7 @@ class Target:
 
     async def _post_once(self, body: bytes) -> tuple[str, str, float | None]:
         assert self.session is not None
-        headers = {
-            "Content-Encoding": "snappy",
-            "Content-Type": "application/x-protobuf",
-            "X-Prometheus-Remote-Write-Version": "0.1.0",
-            "User-Agent": USER_AGENT,
-            **self.config.headers,
-        }
+        headers = {**proto.REMOTE_WRITE_HEADERS, "User-Agent": USER_AGENT, **self.config.headers}
         try:
             auth = self._authorization()
         except (OSError, UnicodeDecodeError) as exc:
@@ -658,9 +636,7 @@ class Target:
 
     def _save(self, now: float) -> None:
         conn = self.forwarder.conn
-        if time.monotonic() - self.stats_at >= STATS_EVERY_S:
-            self.stats_at = time.monotonic()
-            self.state.pending_batches, self.state.oldest_pending_ms = pending_stats(conn, self.state.done)
+        self.state.pending_batches, self.state.oldest_pending_ms = pending_stats(conn, self.state.done)
         try:
             save_target(conn, self.name, self.state, now)
         except sqlite3.Error as exc:  # the position stays in memory; sent again at worst
@@ -890,11 +866,8 @@ class ForwardingMetrics(Collector):
         yield CounterMetricFamily("waystation_ledger_pruned_batches",
                                   "Batches removed from the ledger by retention or the size cap.",
                                   value=int(pruned[0]) if pruned else 0)
-        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
-        free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
-        size = self.conn.execute("PRAGMA page_size").fetchone()[0]
         yield GaugeMetricFamily("waystation_ledger_bytes", "The ledger database's size without free pages.",
-                                value=(pages - free) * size)
+                                value=ledger_mod.used_bytes(self.conn))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,16 @@ from wire.frame import (
     verify_signature,
 )
 from wire.model import I64_MAX, I64_MIN, Limits, MetricType, Series, WireError
-from wire.open import DEFAULT_OPEN_LIMITS, KeyLookup, NodeKey, OpenLimits, Refusal, VerifiedBatch, open_batch
+from wire.open import (
+    DEFAULT_OPEN_LIMITS,
+    KeyLookup,
+    NodeKey,
+    OpenLimits,
+    Refusal,
+    SeriesTables,
+    VerifiedBatch,
+    open_batch,
+)
 from wire.payload import MAX_SCALED, SeriesTableCache, ValueMode, decode_series, encode_series
 from wire.schema import schema_problem
 
@@ -60,6 +69,7 @@ __all__ = [
     "decompress_payload", "encode_data_batch", "encode_drop_receipt", "encode_key_rotation", "encode_series",
     "key_id", "parse_frame", "prepare_data", "resign_batch", "rotation_proof_message", "sign_batch",
     "verify_signature", "zstd_parameters",
-    "DEFAULT_OPEN_LIMITS", "KeyLookup", "NodeKey", "OpenLimits", "Refusal", "VerifiedBatch", "open_batch",
+    "DEFAULT_OPEN_LIMITS", "KeyLookup", "NodeKey", "OpenLimits", "Refusal", "SeriesTables", "VerifiedBatch",
+    "open_batch",
     "MAX_DROP_RANGES", "MAX_SEQ", "check_drop_receipt", "schema_problem",
 ]

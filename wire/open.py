@@ -38,6 +38,22 @@ KeyLookup = Callable[[bytes], NodeKey | None]
 TableLookup = Callable[[str, str], SeriesTableCache | None]
 
 
+class SeriesTables:
+    """Each sender's SeriesTableCache, for open_batch's `tables`; bounded in senders."""
+
+    def __init__(self, max_senders: int = 100_000) -> None:
+        self.max_senders = max_senders
+        self._by_sender: dict[tuple[str, str], SeriesTableCache] = {}
+
+    def __call__(self, site: str, node: str) -> SeriesTableCache:
+        table = self._by_sender.get((site, node))
+        if table is None:
+            if len(self._by_sender) >= self.max_senders:
+                self._by_sender.clear()
+            table = self._by_sender[(site, node)] = SeriesTableCache()
+        return table
+
+
 @dataclass(frozen=True)
 class OpenLimits:
     max_decompressed_bytes: int = 128 * 1024 * 1024

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -22,7 +20,8 @@ from nacl.signing import SigningKey
 import wire
 from collector import remote_write_proto as proto
 from tests.conftest import free_port
-from tests.integration.harness import ENV, wait_for
+from tests.integration import harness
+from tests.integration.harness import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -121,52 +120,31 @@ class Node:
         return out
 
 
-class Collector:
+class Collector(harness.Collector):
+    """harness.Collector with remote_write targets in its config, SIGKILL, posts, figures."""
+
     def __init__(self, root: Path, targets: str) -> None:
-        self.data_dir = root / "data"
-        self.config = root / "collector.toml"
-        self.port = free_port()
-        self.config.write_text(f'listen = "127.0.0.1:{self.port}"\nlog_level = "info"\n{targets}')
-        self.log = root / "collector.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def cli(self, *args: str) -> None:
-        r = subprocess.run([sys.executable, "-m", "collector", *args, "--config", str(self.config),
-                            "--data-dir", str(self.data_dir)], env=ENV, capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "collector", "serve", "--config", str(self.config),
-                 "--data-dir", str(self.data_dir)], env=ENV, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._up, 30, "collector up")
-
-    def _up(self) -> bool:
-        assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        config = root / "collector.toml"
+        config.write_text(f'log_level = "info"\n{targets}')
+        super().__init__(root / "data", config=config)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
-            self.proc = None
+        if sig == signal.SIGTERM or self.proc is None:
+            super().stop()
+            return
+        self.proc.send_signal(sig)
+        self.proc.wait(30)
+        self.proc = None
 
     def post(self, frame: bytes) -> int:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/batches", data=frame, method="POST",
+        req = urllib.request.Request(f"{self.url}/v1/batches", data=frame, method="POST",
                                      headers={"Content-Type": "application/x-waystation-batch"})
         with urllib.request.urlopen(req, timeout=10) as r:
             return int(r.status)
 
     def metric(self, name: str, **labels: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            text = r.read().decode()
         want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
+        for line in self.metrics().splitlines():
             if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
@@ -190,8 +168,7 @@ def node() -> Node:
 
 def _setup(tmp_path: Path, node: Node, targets: str) -> Collector:
     c = Collector(tmp_path, targets)
-    c.cli("enroll", "--site", SITE, "--node", node.name, "--key",
-          base64.b64encode(bytes(node.key.verify_key)).decode())
+    c.enroll(SITE, node.name, base64.b64encode(bytes(node.key.verify_key)).decode())
     c.start()
     return c
 

@@ -149,7 +149,9 @@ GPU_METRICS = (
     + _m("gpu", GPU + ("reason",),
          ("waystation_gpu_clocks_event_reason_active", G, "", "1 while the clock-event (throttle) reason is active."))
     + _m("gpu", GPU + ("xid",),
-         ("waystation_gpu_xid_errors_total", C, "", "XID errors seen through NVML events since the agent started."))
+         ("waystation_gpu_xid_errors_total", C, "", "XID errors seen through NVML events since the agent started."),
+         ("waystation_gpu_xid_last_timestamp_seconds", G, "seconds",
+          "Wall time of the last XID event of this code on this GPU (since the agent started)."))
 )
 # Labels a metric may carry only on some series (MIG framebuffer series).
 OPTIONAL_LABELS = {name: ("GPU_I_ID", "GPU_I_PROFILE") for name in (
@@ -212,7 +214,9 @@ AGENT = (
          ("waystation_agent_spool_dropped_samples_total", C, "", "Samples in the evicted batches."),
          ("waystation_agent_batches_signed_total", C, "", "Batches signed into the spool."),
          ("waystation_agent_spool_oldest_unsent_timestamp_seconds", G, "seconds",
-          "Creation time of the oldest unacknowledged batch (absent when none)."),
+          "Start of the oldest data the collector lacks as this batch is signed: the oldest "
+          "unacknowledged batch's window start, or this batch's own time when nothing else waits. "
+          "time() minus it is the node's backlog age."),
          ("waystation_agent_uplink_sent_bytes_total", C, "bytes", "Bytes posted to the collector."),
          ("waystation_agent_uplink_sent_batches_total", C, "", "Batches posted to the collector."),
          ("waystation_agent_uplink_acked_batches_total", C, "", "Batches the collector acknowledged."),

@@ -229,9 +229,11 @@ class Agent:
                      st.counters["dropped_samples"]),
                     ("waystation_agent_batches_signed_total", (), c, st.counters["produced_batches"]),
                 ]
-                if st.oldest_unsent_ms is not None:
-                    out.append(("waystation_agent_spool_oldest_unsent_timestamp_seconds", (), g,
-                                st.oldest_unsent_ms / 1000))
+                # Sent in every batch, so the collector never keeps a backlog that is gone: with
+                # nothing waiting, the oldest data the collector lacks once this batch arrives
+                # is what is sampled after it (its time, now_ms).
+                oldest = now_ms if st.oldest_unsent_ms is None else min(st.oldest_unsent_ms, now_ms)
+                out.append(("waystation_agent_spool_oldest_unsent_timestamp_seconds", (), g, oldest / 1000))
         us = self.uplink_stats
         with us.lock:
             out += [

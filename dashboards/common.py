@@ -28,6 +28,45 @@ LAST_SEEN = "waystation_node_last_seen_timestamp_seconds"
 
 Query = tuple[str, str]  # (PromQL, legend)
 
+# The dashboards read the history the collector remote-writes (original timestamps) plus the
+# collector's own families, from one Prometheus-compatible data source. They need no rules
+# evaluated there (VictoriaMetrics evaluates none), so what rules/ records is written out here
+# with the same meaning; tests/unit/test_dashboards.py holds each to its recording rule.
+
+
+def node_age(sel: str) -> str:
+    """site_node:waystation_node_last_seen:age_seconds"""
+    return f"time() - max by (site, node) ({LAST_SEEN}{{{sel}}})"
+
+
+def backlog_age(sel: str) -> str:
+    """site_node:waystation_agent_spool_oldest_unsent:age_seconds"""
+    return f"time() - max by (site, node) (waystation_agent_spool_oldest_unsent_timestamp_seconds{{{sel}}})"
+
+
+def watermark_lag(sel: str) -> str:
+    """site_node:waystation_watermark_lag:seqs"""
+    return (f"max by (site, node) (waystation_node_highest_seq{{{sel}}}) - on (site, node) "
+            f"max by (site, node) (waystation_node_complete_through_seq{{{sel}}})")
+
+
+def clock_offset(sel: str) -> str:
+    """site_node:waystation_clock_offset_seconds:estimate"""
+    return (f"max by (site, node) (waystation_agent_uplink_last_ack_timestamp_seconds{{{sel}}}) - on (site, node) "
+            f"max by (site, node) ({LAST_SEEN}{{{sel}}})")
+
+
+def interface_ratio(sel: str, kind: str, window: str) -> str:
+    """site_node_device:node_network_{errors,drops}:ratio_rate10m over `window`: bad frames /
+    (good packets + bad frames), 0 on an idle interface."""
+    metric = {"errors": "errs", "drops": "drop"}[kind]
+    s = f'{sel}, device!="lo"'
+    bad = (f"rate(node_network_receive_{metric}_total{{{s}}}[{window}])"
+           f" + rate(node_network_transmit_{metric}_total{{{s}}}[{window}])")
+    good = (f"rate(node_network_receive_packets_total{{{s}}}[{window}])"
+            f" + rate(node_network_transmit_packets_total{{{s}}}[{window}])")
+    return f"({bad}) / clamp_min({good} + {bad}, 1e-9)"
+
 
 def datasource_var() -> Template:
     return Template(name="datasource", label="Data source", type="datasource", query="prometheus")

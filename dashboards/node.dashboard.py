@@ -3,9 +3,13 @@ telemetry pipeline (spool, uplink, acks, retries)."""
 
 from dashboards.common import (
     Layout,
+    backlog_age,
     build,
+    clock_offset,
     datasource_var,
     gauge,
+    interface_ratio,
+    node_age,
     node_var,
     site_var,
     stat,
@@ -20,12 +24,14 @@ E2E = "vllm:e2e_request_latency_seconds_bucket"
 L = Layout()
 
 panels = [
-    stat(L, "Last batch", (f"site_node:waystation_node_last_seen:age_seconds{{{N}}}", ""), unit="s",
+    stat(L, "Last batch", (node_age(N), ""), unit="s",
          thresholds=(("green", None), ("orange", 300), ("red", 600))),
     stat(L, "Spool backlog", (f"waystation_agent_spool_pending_batches{{{N}}}", ""),
          thresholds=(("green", None), ("orange", 20))),
-    stat(L, "Oldest unsent", (f"site_node:waystation_agent_spool_oldest_unsent:age_seconds{{{N}}}", ""), unit="s"),
-    stat(L, "Clock offset (est.)", (f"site_node:waystation_clock_offset_seconds:estimate{{{N}}}", ""), unit="s",
+    stat(L, "Oldest unsent", (backlog_age(N), ""), unit="s",
+         description="Age of the oldest data this node has not delivered yet (up to one flush interval "
+                     "when nothing waits)."),
+    stat(L, "Clock offset (est.)", (clock_offset(N), ""), unit="s",
          description="Agent minus collector clock, minus about one flush interval (see ClockSkew)."),
     gauge(L, "Memory used",
           (f"100 * (1 - node_memory_MemAvailable_bytes{{{N}}} / node_memory_MemTotal_bytes{{{N}}})", ""), h=4),
@@ -71,8 +77,8 @@ panels += [
         (f'rate(node_network_transmit_bytes_total{{{N}, device!="lo"}}[{R}])', "{{device}} tx"),
     ], unit="Bps", w=8),
     timeseries(L, "Interface errors and drops", [
-        (f"site_node_device:node_network_errors:ratio_rate10m{{{N}}}", "{{device}} errors"),
-        (f"site_node_device:node_network_drops:ratio_rate10m{{{N}}}", "{{device}} drops"),
+        (interface_ratio(N, "errors", R), "{{device}} errors"),
+        (interface_ratio(N, "drops", R), "{{device}} drops"),
     ], unit="percentunit", w=8),
     timeseries(L, "Probe RTT and loss", [
         (f'waystation_probe_rtt_seconds{{{N}, stat="mean"}}', "{{target}} RTT"),

@@ -4,10 +4,13 @@ lost (drop receipts), clock offsets, and remote-write forwarding per target."""
 from dashboards.common import (
     Layout,
     build,
+    clock_offset,
     datasource_var,
+    node_age,
     site_var,
     table,
     timeseries,
+    watermark_lag,
 )
 
 S = 'site=~"$site"'
@@ -23,7 +26,7 @@ panels = [
         (f"rate(waystation_ingest_bytes_total[{R}])", "bytes/s"),
     ]),
     timeseries(L, "Watermark lag per node (seqs)", [
-        (f"site_node:waystation_watermark_lag:seqs{{{S}}} > 0", "{{site}}/{{node}}"),
+        (f"{watermark_lag(S)} > 0", "{{site}}/{{node}}"),
     ], description="Highest recorded seq minus complete-through seq: batches still to arrive (backfill)."),
     timeseries(L, "Gaps per node (seqs)", [
         (f"waystation_node_gap_seqs{{{S}}} > 0", "{{site}}/{{node}}"),
@@ -33,7 +36,7 @@ panels = [
         (f"increase(waystation_node_dropped_samples_total{{{S}}}[1h]) > 0", "{{site}}/{{node}} samples"),
     ], description="Data evicted from full spools, per the nodes' signed drop receipts (per hour)."),
     timeseries(L, "Clock offset estimate", [
-        (f"site_node:waystation_clock_offset_seconds:estimate{{{S}}}", "{{site}}/{{node}}"),
+        (clock_offset(S), "{{site}}/{{node}}"),
     ], unit="s", description="Agent minus collector clock, minus about one flush interval."),
     timeseries(L, "Reported backlog", [
         (f"waystation_node_reported_backlog_bytes{{{S}}} > 0", "{{site}}/{{node}}"),
@@ -43,9 +46,9 @@ panels = [
         (f"sum by (site) (rate(waystation_agent_uplink_rejected_batches_total{{{S}}}[{R}]))", "refused {{site}}"),
     ], unit="ops"),
     table(L, "Nodes", [
-        (f"site_node:waystation_node_last_seen:age_seconds{{{S}}}", ""),
+        (node_age(S), ""),
         (f"max by (site, node) (waystation_node_highest_seq{{{S}}})", ""),
-        (f"site_node:waystation_watermark_lag:seqs{{{S}}}", ""),
+        (watermark_lag(S), ""),
         (f"max by (site, node) (waystation_node_gap_seqs{{{S}}})", ""),
         (f"max by (site, node) (waystation_exposition_series{{{S}}})", ""),
         (f"max by (site, node) (waystation_exposition_series_dropped_total{{{S}}})", ""),

@@ -14,7 +14,12 @@ else skips the field for this interval only.
 
 XID errors are a real counter per XID code (`waystation_gpu_xid_errors_total`), fed
 from NVML critical-error events by a dedicated daemon thread whose waits are bounded,
-rather than dcgm-exporter's sticky last-XID gauge.
+rather than dcgm-exporter's sticky last-XID gauge. A code's counter is born by its first
+event; the first reading that counts it also carries a 0 one millisecond earlier, so
+increase() and rate() over the history count that first event. Beside each counter,
+`waystation_gpu_xid_last_timestamp_seconds` is the wall time of that code's last event: an
+alert on "an XID in the last 15 minutes" reads it on any path (the scrape of the collector
+shows only a series' newest point, never the zero), for a GPU's first XID as for its tenth.
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ INFO_METRIC = "waystation_gpu_info"
 LOST_METRIC = "waystation_gpu_lost"
 CLOCK_EVENT_METRIC = "waystation_gpu_clocks_event_reason_active"
 XID_METRIC = "waystation_gpu_xid_errors_total"
+XID_LAST_METRIC = "waystation_gpu_xid_last_timestamp_seconds"
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,8 @@ class GpuReading:
     values: Mapping[str, float] = field(default_factory=dict)
     mig: tuple[MigReading, ...] = ()
     xid_counts: Mapping[int, int] = field(default_factory=dict)
+    xid_new: frozenset[int] = frozenset()  # codes counted for the first time in this reading
+    xid_last: Mapping[int, float] = field(default_factory=dict)  # code -> wall time of its last event
 
 
 @dataclass(frozen=True)
@@ -199,7 +207,15 @@ def parse(raw: NvmlReading, ts_ms: int) -> list[Sample]:
                     name, mtype, factor = METRICS[key]
                     add(name, mig_labels, mtype, int(mig.values[key] * factor))
         for xid in sorted(gpu.xid_counts):
-            add(XID_METRIC, labels + (("xid", str(xid)),), C, gpu.xid_counts[xid])
+            xid_labels = labels + (("xid", str(xid)),)
+            if xid in gpu.xid_new:
+                # The counter is born by its first event: a 0 just before the first reading
+                # that counts it lets increase()/rate() count that event too (they never count
+                # a series' first point), wherever the history goes.
+                out.append(Sample(XID_METRIC, xid_labels, C, 0.0, ts_ms - 1))
+            add(XID_METRIC, xid_labels, C, gpu.xid_counts[xid])
+            if xid in gpu.xid_last:
+                add(XID_LAST_METRIC, xid_labels, G, round(gpu.xid_last[xid], 3))
     return out
 
 
@@ -333,6 +349,8 @@ class Gpu:
         self._cuda_version = ""
         self._xid_lock = threading.Lock()
         self._xid: dict[str, dict[int, int]] = {}  # UUID -> xid -> count
+        self._xid_reported: set[tuple[str, int]] = set()  # (UUID, xid) already in a reading
+        self._xid_last: dict[str, dict[int, float]] = {}  # UUID -> xid -> wall time of the last event
         self._stop = threading.Event()
         self._event_thread: threading.Thread | None = None
         self._event_set: Any = None
@@ -494,6 +512,10 @@ class Gpu:
     def _read(self) -> NvmlReading:
         with self._xid_lock:
             xid = {uuid: dict(counts) for uuid, counts in self._xid.items()}
+            xid_last = {uuid: dict(times) for uuid, times in self._xid_last.items()}
+        new_xids = {uuid: frozenset(c for c in counts if (uuid, c) not in self._xid_reported)
+                    for uuid, counts in xid.items()}
+        self._xid_reported.update((uuid, c) for uuid, codes in new_xids.items() for c in codes)
         gpus: list[GpuReading] = []
         for gpu in self._gpus:
             values: dict[str, float] = {}
@@ -508,7 +530,9 @@ class Gpu:
                 values.update(self._field_values(gpu))
             if not gpu.lost:
                 mig = self._mig_devices(gpu)
-            gpus.append(GpuReading(gpu.identity, gpu.lost, values, mig, xid.get(gpu.identity.uuid, {})))
+            uuid = gpu.identity.uuid
+            gpus.append(GpuReading(gpu.identity, gpu.lost, values, mig, xid.get(uuid, {}),
+                                   new_xids.get(uuid, frozenset()), xid_last.get(uuid, {})))
         return NvmlReading(self._driver_version, self._cuda_version, tuple(gpus))
 
     # -- XID events ---------------------------------------------------------------------
@@ -553,3 +577,4 @@ class Gpu:
         with self._xid_lock:
             counts = self._xid.setdefault(uuid, {})
             counts[xid] = counts.get(xid, 0) + 1
+            self._xid_last.setdefault(uuid, {})[xid] = self.env.wall_clock()

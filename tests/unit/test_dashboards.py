@@ -119,3 +119,55 @@ def test_a_dashboard_with_a_renamed_metric_fails() -> None:
     assert check(substitute('rate(node_network_receive_bytes{site="$site"}[$__rate_interval])'), KNOWN) == [
         "unknown metric node_network_receive_bytes"
     ]
+
+
+def test_inlined_rule_expressions_mean_what_their_recording_rules_record(tmp_path: Path) -> None:
+    """The dashboards read stores that evaluate no rules (the remote-written history), so they
+    write the recording rules out; promtool evaluates each beside its rule over the same
+    series, including an idle interface, and finds no difference."""
+    from dashboards import common
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus; scripts/test.sh does)")
+    sel = 'site="s1"'
+    pairs = [
+        (common.node_age(sel), "site_node:waystation_node_last_seen:age_seconds", "site, node", 2),
+        (common.backlog_age(sel), "site_node:waystation_agent_spool_oldest_unsent:age_seconds", "site, node", 2),
+        (common.watermark_lag(sel), "site_node:waystation_watermark_lag:seqs", "site, node", 2),
+        (common.clock_offset(sel), "site_node:waystation_clock_offset_seconds:estimate", "site, node", 2),
+        (common.interface_ratio(sel, "errors", "10m"), "site_node_device:node_network_errors:ratio_rate10m",
+         "site, node, device", 2),
+        (common.interface_ratio(sel, "drops", "10m"), "site_node_device:node_network_drops:ratio_rate10m",
+         "site, node, device", 2),
+    ]
+    series = []
+    for node, k in (("n1", 1), ("n2", 3)):
+        base = f'site="s1",node="{node}"'
+        series += [
+            (f"waystation_node_last_seen_timestamp_seconds{{{base}}}", f"0+{60 * k}x40"),
+            (f"waystation_agent_spool_oldest_unsent_timestamp_seconds{{{base}}}", f"0+{30 * k}x40"),
+            (f"waystation_node_highest_seq{{{base}}}", f"0+{2 * k}x40"),
+            (f"waystation_node_complete_through_seq{{{base}}}", f"0+{k}x40"),
+            (f"waystation_agent_uplink_last_ack_timestamp_seconds{{{base}}}", f"0+{55 * k}x40"),
+        ]
+    for device, errs, packets in (("eth0", 7, 1000), ("eth1", 0, 0)):  # eth1 idle
+        for direction in ("receive", "transmit"):
+            lab = f'site="s1",node="n1",device="{device}"'
+            series += [(f"node_network_{direction}_packets_total{{{lab}}}", f"0+{packets}x40"),
+                       (f"node_network_{direction}_errs_total{{{lab}}}", f"0+{errs}x40"),
+                       (f"node_network_{direction}_drop_total{{{lab}}}", f"0+{errs * 2}x40")]
+    tests = []
+    for inline, record, by, count in pairs:
+        diff = f"count(abs(({inline}) - on ({by}) ({record})) < 1e-9)"
+        tests.append({"expr": diff, "eval_time": "20m", "exp_samples": [{"labels": "{}", "value": count}]})
+    doc = {
+        "rule_files": [str(p) for p in sorted((Path(__file__).resolve().parents[2] / "rules").glob("*.rules.yml"))],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": [{"series": s, "values": v} for s, v in series],
+                   "promql_expr_test": tests}],
+    }
+    path = tmp_path / "inline.test.yml"
+    path.write_text(yaml.safe_dump(doc))
+    run = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -241,6 +241,45 @@ def test_xid_events_count_per_code() -> None:
     assert source._event_thread is not None and not source._event_thread.is_alive()
 
 
+def test_a_first_xid_comes_with_a_zero_point_so_increase_counts_it() -> None:
+    """The agent sends the counter only from its first event on, already at 1: a 0 just before
+    that first reading makes increase() count the event; later readings carry no zero."""
+    from agent.summarize import Summarizer
+
+    fake = FakeNvml(*load("tesla-t4.xml"))
+    source = started(fake)
+    summarizer = Summarizer(60.0)
+
+    def xid_points(now: float) -> list[tuple[int, float]]:
+        samples = source.collect(now)
+        summarizer.add(samples)
+        return [(s.ts_ms, s.value) for s in samples if s.name == "waystation_gpu_xid_errors_total"]
+
+    assert xid_points(600.0) == []
+    fake.inject_xid(0, 79)
+    deadline = time.monotonic() + 10
+    first = xid_points(610.0)
+    while not first:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+        first = xid_points(610.5)
+    now_ms = first[-1][0]
+    assert first == [(now_ms - 1, 0.0), (now_ms, 1.0)]
+    (last,) = [s for s in source.collect(611.0) if s.name == "waystation_gpu_xid_last_timestamp_seconds"]
+    assert dict(last.labels)["xid"] == "79" and last.mtype == MetricType.GAUGE
+    assert time.time() - 15 < last.value <= time.time()  # the event's wall time, not the reading's
+    fake.inject_xid(0, 79)
+    now = 620.0
+    while (later := xid_points(now)) != [(round(now * 1000), 2.0)]:
+        assert later == [(round(now * 1000), 1.0)] and time.monotonic() < deadline, later
+        time.sleep(0.02)
+        now += 0.01
+    # The summarizer forwards the zero (a counter's first point ever) and the window's last point.
+    (xid,) = [s for s in summarizer.flush(660_000) if s.name == "waystation_gpu_xid_errors_total"]
+    assert list(zip(xid.timestamps_ms, xid.values, strict=True)) == [(now_ms - 1, 0.0), (round(now * 1000), 2.0)]
+    source.close()
+
+
 def test_without_a_driver_the_source_says_why() -> None:
     fake = FakeNvml()
     fake.init_error = pynvml.NVML_ERROR_LIBRARY_NOT_FOUND

@@ -222,6 +222,8 @@ AGENT = (
          ("waystation_agent_uplink_acked_batches_total", C, "", "Batches the collector acknowledged."),
          ("waystation_agent_uplink_rejected_batches_total", C, "", "Batches the collector refused."),
          ("waystation_agent_uplink_failures_total", C, "", "Failed posts (network errors, 5xx, timeouts)."),
+         ("waystation_agent_uplink_probes_total", C, "",
+          "Reachability probes (GET /healthz) sent while the collector could not be reached."),
          ("waystation_agent_uplink_backoff_seconds", G, "seconds", "Current retry backoff of the uplink."),
          ("waystation_agent_uplink_last_ack_timestamp_seconds", G, "seconds",
           "Wall time of the last acknowledgement (absent before the first)."),

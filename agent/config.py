@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wire.config import ConfigError, Duration, Size, load
+from wire.config import ConfigError, Duration, Size, load, parse_duration
 
 DEFAULT_COLLECTOR_URL = "http://127.0.0.1:9480"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -23,14 +23,48 @@ class UplinkConfig:
     client_key: str = ""
     timeout: Duration = Duration(15.0)
     backoff_initial: Duration = Duration(1.0)
-    # Kept short: once the collector is back, the newest window must reach it within seconds.
+    # Bounds the retries of sends; how soon the newest window goes once the collector is back
+    # is the probe's job (probe_interval), not this.
     backoff_max: Duration = Duration(10.0)
+    # While the collector cannot be reached, a GET /healthz this often (no body, one at a
+    # time); its first 200 ends the live lane's backoff. "0s" turns probing off. A duration
+    # string, not a Duration: wire's durations cannot be zero, and zero is the off switch.
+    probe_interval: str = "500ms"
+    # On stop (SIGTERM), up to this long to deliver the batch just signed; "0s" stops at once.
+    stop_grace: str = "5s"
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url {self.url!r} must start with http:// or https://")
         if self.max_bytes_per_second < 1024:
             raise ValueError("max_bytes_per_second must be at least 1KiB")
+        for name in ("probe_interval", "stop_grace"):
+            _seconds_or_off(name, getattr(self, name))
+        if 0 < self.probe_interval_s < 0.05:
+            raise ValueError("probe_interval must be 0s (off) or at least 50ms")
+
+    @property
+    def probe_interval_s(self) -> float:
+        return _seconds_or_off("probe_interval", self.probe_interval)
+
+    @property
+    def stop_grace_s(self) -> float:
+        return _seconds_or_off("stop_grace", self.stop_grace)
+
+
+_ZERO_DURATION = re.compile(r"0+(?:\.0*)?(?:ms|s|m|h|d)?")
+
+
+def _seconds_or_off(name: str, value: object) -> float:
+    """A duration that may be zero (off): "0s" or "0" is 0.0, anything else as wire parses it."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a duration string like \"5s\" (\"0s\": off)")
+    if _ZERO_DURATION.fullmatch(value.strip()):
+        return 0.0
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -130,6 +164,14 @@ class SmartSourceConfig:
     timeout: Duration = Duration(30.0)  # per smartctl call
     smartctl: str = "smartctl"
     devices: tuple[SmartDeviceConfig, ...] = ()  # empty: use `smartctl --scan-open`
+    # What smartctl is asked for: "json" (smartctl >= 7.0 `--json`, parsed by the agent's own
+    # code, as smartctl_exporter reads it), "text" (plain text through pySMART), or "auto":
+    # json when `smartctl -V` says 7.0 or later, else text.
+    output: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.output not in ("auto", "json", "text"):
+            raise ValueError(f"output {self.output!r} must be auto, json or text")
 
 
 @dataclass(frozen=True)

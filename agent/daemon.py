@@ -242,6 +242,7 @@ class Agent:
                 ("waystation_agent_uplink_acked_batches_total", (), c, us.acked_batches),
                 ("waystation_agent_uplink_rejected_batches_total", (), c, us.rejected_batches),
                 ("waystation_agent_uplink_failures_total", (), c, us.failures),
+                ("waystation_agent_uplink_probes_total", (), c, us.probes),
                 ("waystation_agent_uplink_backoff_seconds", (), g, us.backoff_s),
             ]
             if us.last_ack_wall:
@@ -312,7 +313,10 @@ class Agent:
         finally:
             self.runner.stop()
             self.flush(int(time.time() * 1000), final=True)
-            self.uplink.stop()
+            # A stop (systemd, an upgrade) would otherwise leave the batch just signed unsent
+            # until the next start: the live lane gets stop_grace to deliver it. A collector
+            # that does not answer in time costs nothing; the batch stays in the spool.
+            self.uplink.stop(grace=self.config.uplink.stop_grace_s)
             if self.spool is not None:
                 self.spool.close()
 

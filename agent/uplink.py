@@ -10,6 +10,22 @@ Failures: connection errors and 5xx back off exponentially with full jitter;
 429/503 wait for Retry-After; 401/403 (key not enrolled or revoked) keep the
 data and retry slowly; 400/409/413 mean resending cannot help, so the batch is
 set aside as rejected (kept for audit) and the error is recorded for `status`.
+
+Freshness after an outage: while the live lane sits out a backoff because the
+collector could not be reached, it probes the collector every `probe_interval`
+with a GET /healthz (no body, a bounded timeout, one at a time: the lane itself
+probes) and sends the newest batch the moment a probe is answered 200. A down
+collector therefore sees at most one probe per interval plus the backed-off sends;
+a Retry-After is never cut short.
+
+Stop: `stop(grace)` lets the live lane deliver what it owns (the batch the agent
+signed on its way out) for up to `grace` seconds while the backfill lane stops at
+once; whatever is not acked by then stays in the spool for the next start.
+
+Threads: `start()`, `notify()` and `stop()` are called from the agent's main thread;
+`notify()` may be called at any time. Each lane, and the one-off resume step, is a
+thread of its own; they share only Events, the stats (under its lock) and
+`hold_until`. All waiting goes through a Clock, so tests can drive time.
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, Protocol
 from urllib.parse import quote, urlsplit
 
 from nacl.signing import SigningKey
@@ -35,6 +52,34 @@ log = logging.getLogger("waystation.uplink")
 
 USER_AGENT = "waystation-agent/1"
 _MAX_RETRY_AFTER_S = 3600.0
+# A probe is one small GET; over a slow satellite link a TLS handshake plus the GET takes
+# a few round trips, and a probe that may wait longer only delays the next one.
+PROBE_TIMEOUT_S = 5.0
+
+
+class Clock(Protocol):
+    """Time as the uplink sees it. Tests hand in one they advance themselves."""
+
+    def monotonic(self) -> float: ...
+
+    def wall(self) -> float: ...
+
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        """Block until `event` is set or `timeout` seconds pass; returns whether it is set."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
+
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        return event.wait(max(0.0, timeout))
 
 
 @dataclass
@@ -48,6 +93,7 @@ class UplinkStats:
     failures: int = 0
     backoff_s: float = 0.0
     last_ack_wall: float = 0.0
+    probes: int = 0  # reachability probes sent while the collector could not be reached
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -61,16 +107,28 @@ class Outcome:
     complete_through: int | None = None
 
 
+class _Step(NamedTuple):
+    """What a lane does after one delivery attempt."""
+
+    settled: bool  # acked, or set aside for good: the batch is done with
+    wait_s: float  # how long to wait before the next attempt
+    unreachable: bool = False  # the collector could not be reached: a probe may end the wait
+
+
+class NotTheCollector(Exception):
+    """Something answered that is not the collector's own reply (a proxy, a portal)."""
+
+
 class _Connection:
     """One keep-alive HTTP(S) connection to the collector."""
 
-    def __init__(self, config: UplinkConfig) -> None:
+    def __init__(self, config: UplinkConfig, timeout: float | None = None) -> None:
         parts = urlsplit(config.url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if self.https else 80)
         self.path = parts.path.rstrip("/") + "/v1/batches"
-        self.timeout = float(config.timeout)
+        self.timeout = float(config.timeout) if timeout is None else timeout
         self.context: ssl.SSLContext | None = None
         if self.https:
             self.context = ssl.create_default_context(cafile=config.ca_file or None)
@@ -78,38 +136,42 @@ class _Connection:
                 self.context.load_cert_chain(config.client_cert, config.client_key or None)
         self.conn: http.client.HTTPConnection | None = None
 
-    def post(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        return self.request("POST", self.path, body)
+    def post(self, body: bytes, timeout: float | None = None) -> tuple[int, dict[str, str], bytes]:
+        return self.request("POST", self.path, body, timeout)
 
-    def request(self, method: str, path: str, body: bytes | None) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | None, timeout: float | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request; `timeout` (seconds) overrides the connection's for this request only."""
+        limit = self.timeout if timeout is None else timeout
+        headers = {"User-Agent": USER_AGENT}
+        if body is not None:
+            headers["Content-Type"] = "application/x-waystation-batch"
         for attempt in (0, 1):
+            reused = self.conn is not None
             if self.conn is None:
                 if self.https:
                     self.conn = http.client.HTTPSConnection(
-                        self.host, self.port, timeout=self.timeout, context=self.context
+                        self.host, self.port, timeout=limit, context=self.context
                     )
                 else:
-                    self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                    self.conn = http.client.HTTPConnection(self.host, self.port, timeout=limit)
+            elif self.conn.sock is not None:
+                self.conn.sock.settimeout(limit)
             try:
-                self.conn.request(
-                    method,
-                    path,
-                    body=body,
-                    headers={
-                        "Content-Type": "application/x-waystation-batch",
-                        "User-Agent": USER_AGENT,
-                    },
-                )
+                self.conn.request(method, path, body=body, headers=headers)
                 resp = self.conn.getresponse()
                 data = resp.read()
-                headers = {k.lower(): v for k, v in resp.getheaders()}
-                if headers.get("connection", "").lower() == "close":
+                reply_headers = {k.lower(): v for k, v in resp.getheaders()}
+                if reply_headers.get("connection", "").lower() == "close":
                     self.close()
-                return resp.status, headers, data
+                return resp.status, reply_headers, data
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                # A kept-alive connection the server closed while idle: retry once on a new one.
+                # A kept-alive connection the server closed while idle: retry once on a new
+                # one. A fresh connection that fails so is the server's answer: no retry,
+                # so one attempt is one connection (what a down collector sees is bounded).
                 self.close()
-                if attempt:
+                if attempt or not reused:
                     raise
             except BaseException:
                 self.close()
@@ -198,14 +260,23 @@ class Uplink:
         spool_path: Path,
         stats: UplinkStats | None = None,
         identity: tuple[SigningKey, str, str] | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.spool_path = spool_path
         self.stats = stats or UplinkStats()
         self.identity = identity  # key, site, node: needed to resume a new spool's chain
+        self.clock: Clock = clock or SystemClock()
+        self.rng = rng or random.Random()
         self.resumed = threading.Event()
         self.stop_event = threading.Event()
         self.new_batch = threading.Event()
+        # Set when stop() begins: the backfill lane ends, the live lane ends once it has
+        # nothing left to deliver; both must be gone by drain_deadline (clock.monotonic()).
+        self.draining = threading.Event()
+        self.drain_deadline = 0.0
+        self.done: dict[str, threading.Event] = {}
         self.threads: list[threading.Thread] = []
         # A Retry-After is the collector speaking to this node, not to one lane: both honour it.
         self.hold_until = 0.0
@@ -219,6 +290,7 @@ class Uplink:
         t.start()
         self.threads.append(t)
         for name, target in (("uplink-live", self._live), ("uplink-backfill", self._backfill)):
+            self.done[name] = threading.Event()
             t = threading.Thread(target=self._lane, args=(name, target), name=name, daemon=True)
             t.start()
             self.threads.append(t)
@@ -227,12 +299,24 @@ class Uplink:
         """A new batch was signed: wake the live lane."""
         self.new_batch.set()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self.stop_event.set()
-        self.live_ok.set()
+    def stop(self, grace: float = 0.0, join_timeout: float = 1.0) -> None:
+        """Stop both lanes, after giving the live lane up to `grace` seconds to deliver what it
+        owns (the batch just signed). Returns within about grace + join_timeout, whatever the
+        collector does; a lane still in a request then is left to die with the process (its
+        claim goes back to pending at the next start)."""
+        self.drain_deadline = self.clock.monotonic() + max(0.0, grace)
+        self.draining.set()
         self.new_batch.set()
+        self.live_ok.set()  # the backfill lane may be waiting for it: let it see the stop
+        if grace > 0:
+            for done in self.done.values():
+                left = self.drain_deadline - self.clock.monotonic()
+                if left <= 0 or not self.clock.wait(done, left):
+                    break
+        self.stop_event.set()
+        end = time.monotonic() + join_timeout
         for t in self.threads:
-            t.join(timeout)
+            t.join(max(0.0, end - time.monotonic()))
 
     def _prepare(self) -> None:
         """Runs once before either lane sends: hand back claims a killed process left, and
@@ -262,7 +346,8 @@ class Uplink:
                 break
             except Exception as exc:  # noqa: BLE001 (collector down, spool unwritable: retry)
                 log.info("waiting before the first delivery: %s", exc)
-                self.stop_event.wait(backoff.next_delay())
+                unreachable = isinstance(exc, OSError | http.client.HTTPException)
+                self._wait_out(backoff.next_delay(), unreachable)
         self.resumed.set()
 
     def _chain_head(self, site: str, node: str) -> tuple[int, bytes]:
@@ -280,35 +365,39 @@ class Uplink:
         if status == 404 and isinstance(reply, dict) and reply.get("result") == "unknown_node":
             return 1, wire.ZERO_HASH  # the collector has never heard from this node
         if status != 200 or not isinstance(reply, dict):
-            raise OSError(f"HTTP {status} from the collector's chain endpoint (not its answer)")
+            # Not OSError: something answered, so a reachability probe would not tell more.
+            raise NotTheCollector(f"HTTP {status} from the collector's chain endpoint (not its answer)")
         return int(reply["next_seq"]), bytes.fromhex(reply["head_hash"])
 
     def _lane(self, name: str, body: object) -> None:
-        # A lane never dies: an unexpected error is logged and the lane starts over.
-        while not self.resumed.wait(1.0):
-            if self.stop_event.is_set():
-                return
-        while not self.stop_event.is_set():
-            try:
-                spool = Spool(self.spool_path)
-            except Exception as exc:  # noqa: BLE001 (unwritable state dir, full disk...)
-                log.error("%s: cannot open spool %s: %s", name, self.spool_path, exc)
-                self.stop_event.wait(5.0)
-                continue
-            conn = _Connection(self.config)
-            try:
-                body(spool, conn)  # type: ignore[operator]
-            except Exception:
-                log.exception("%s lane failed; restarting it", name)
-                self.stop_event.wait(1.0)
-            finally:
-                conn.close()
-                spool.close()
+        # A lane never dies: an unexpected error is logged and the lane starts over. It ends
+        # when its body returns (a stop) or at stop_event.
+        try:
+            while not self.clock.wait(self.resumed, 1.0):
+                if self.stop_event.is_set():
+                    return
+            while not self.stop_event.is_set():
+                try:
+                    spool = Spool(self.spool_path)
+                except Exception as exc:  # noqa: BLE001 (unwritable state dir, full disk...)
+                    log.error("%s: cannot open spool %s: %s", name, self.spool_path, exc)
+                    self.clock.wait(self.stop_event, 5.0)
+                    continue
+                conn = _Connection(self.config)
+                try:
+                    body(spool, conn)  # type: ignore[operator]
+                    return
+                except Exception:
+                    log.exception("%s lane failed; restarting it", name)
+                    self.clock.wait(self.stop_event, 1.0)
+                finally:
+                    conn.close()
+                    spool.close()
+        finally:
+            self.done[name].set()
 
-    def _send(
-        self, spool: Spool, conn: _Connection, claimed: Claimed, backoff: Backoff
-    ) -> tuple[bool, float]:
-        """POST one claimed batch; returns (settled, seconds the lane should wait)."""
+    def _send(self, spool: Spool, conn: _Connection, claimed: Claimed, backoff: Backoff) -> _Step:
+        """POST one claimed batch and say what the lane does next."""
         try:
             return self._deliver(spool, conn, claimed, backoff)
         except BaseException:
@@ -319,24 +408,22 @@ class Uplink:
                 log.exception("could not release batch %d after a lane failure", claimed.seq)
             raise
 
-    def _deliver(
-        self, spool: Spool, conn: _Connection, claimed: Claimed, backoff: Backoff
-    ) -> tuple[bool, float]:
-        hold = self.hold_until - time.monotonic()
+    def _deliver(self, spool: Spool, conn: _Connection, claimed: Claimed, backoff: Backoff) -> _Step:
+        hold = self.hold_until - self.clock.monotonic()
         if hold > 0:
             spool.release(claimed.seq)
-            return False, hold
+            return _Step(False, hold)
         try:
-            status, headers, body = conn.post(claimed.frame)
+            status, headers, body = conn.post(claimed.frame, self._request_timeout())
         except (OSError, http.client.HTTPException) as exc:
             problem = f"collector unreachable ({self.config.url}): {exc}"
             spool.release(claimed.seq, problem)
             self._warn_once(problem)
-            return False, self._fail(backoff)
+            return _Step(False, self._fail(backoff), unreachable=True)
         with self.stats.lock:
             self.stats.sent_bytes += len(claimed.frame)
             self.stats.sent_batches += 1
-        outcome = classify(status, headers, body, time.time(), claimed.seq)
+        outcome = classify(status, headers, body, self.clock.wall(), claimed.seq)
         if outcome.kind == "acked":
             spool.ack(claimed.seq, outcome.complete_through)
             backoff.reset()
@@ -345,24 +432,71 @@ class Uplink:
                 self.last_warning = None
             with self.stats.lock:
                 self.stats.acked_batches += 1
-                self.stats.last_ack_wall = time.time()
+                self.stats.last_ack_wall = self.clock.wall()
                 self.stats.backoff_s = 0.0
-            return True, 0.0
+            return _Step(True, 0.0)
         if outcome.kind in ("reject", "conflict"):
             log.error("collector rejected batch %d for good: %s", claimed.seq, outcome.detail)
             spool.reject(claimed.seq, outcome.detail,
                          self.identity if outcome.kind == "reject" else None)
             with self.stats.lock:
                 self.stats.rejected_batches += 1
-            return True, 0.0
+            return _Step(True, 0.0)
         spool.release(claimed.seq, outcome.detail)
         if outcome.delay_s >= 0:
-            self.hold_until = max(self.hold_until, time.monotonic() + outcome.delay_s)
+            self.hold_until = max(self.hold_until, self.clock.monotonic() + outcome.delay_s)
             with self.stats.lock:
                 self.stats.backoff_s = outcome.delay_s
-            return False, outcome.delay_s
+            return _Step(False, outcome.delay_s)
+        # The collector (or something in its place) answered: a probe would say it is up,
+        # so this backoff is sat out in full rather than cut short into a send loop.
         self._warn_once(f"batches not delivered: {outcome.detail}")
-        return False, self._fail(backoff)
+        return _Step(False, self._fail(backoff))
+
+    def _request_timeout(self) -> float:
+        """The configured timeout, but never past the end of a stop's grace."""
+        limit = float(self.config.timeout)
+        if self.draining.is_set():
+            limit = min(limit, max(0.05, self.drain_deadline - self.clock.monotonic()))
+        return limit
+
+    def _probe(self) -> bool:
+        """One GET /healthz on a new connection: does the collector answer, able to write?"""
+        with self.stats.lock:
+            self.stats.probes += 1
+        conn = _Connection(self.config, timeout=min(float(self.config.timeout), PROBE_TIMEOUT_S))
+        path = urlsplit(self.config.url).path.rstrip("/") + "/healthz"
+        try:
+            status, _, _ = conn.request("GET", path, None, min(conn.timeout, self._request_timeout()))
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+        return status == 200
+
+    def _wait_out(self, delay: float, unreachable: bool) -> None:
+        """Sit out a backoff of `delay` seconds. When the collector could not be reached,
+        probe it every probe_interval meanwhile and end the wait at the first probe it
+        answers, so the newest batch goes the moment it is back, not when the backoff ends."""
+        every = self.config.probe_interval_s if unreachable else 0.0
+        now = self.clock.monotonic()
+        end = now + delay
+        # A stop that begins during the wait ends it: the grace is for one more try now,
+        # not for the rest of a backoff. Once stopping, only the stop itself ends a wait.
+        wake = self.stop_event if self.draining.is_set() else self.draining
+        next_probe = now + every  # the send just failed: probing at once would tell nothing
+        while not wake.is_set():
+            now = self.clock.monotonic()
+            if now >= end:
+                return
+            if every > 0 and now >= next_probe:
+                # Start to start: a slow probe delays the next one, never doubles them up.
+                next_probe = now + every
+                if self._probe():
+                    log.info("collector answers again; sending the newest batch now")
+                    return
+                continue
+            self.clock.wait(wake, min(end, next_probe) - now if every > 0 else end - now)
 
     def _warn_once(self, problem: str) -> None:
         """Log a delivery problem when it starts or changes, not on every retry."""
@@ -378,41 +512,48 @@ class Uplink:
         return delay
 
     def _backoff(self) -> Backoff:
-        return Backoff(float(self.config.backoff_initial), float(self.config.backoff_max))
+        return Backoff(float(self.config.backoff_initial), float(self.config.backoff_max), self.rng)
 
     def _live(self, spool: Spool, conn: _Connection) -> None:
         backoff = self._backoff()
         newest_seen = 0
         while not self.stop_event.is_set():
+            if self.draining.is_set() and self.clock.monotonic() >= self.drain_deadline:
+                return
+            # Cleared before the claim, so a batch signed after the claim still wakes the wait.
+            self.new_batch.clear()
             claimed = spool.claim_newest_after(newest_seen)
             if claimed is None:
                 self.live_ok.set()
-                self.new_batch.wait(1.0)
-                self.new_batch.clear()
+                if self.draining.is_set():
+                    return  # everything the live lane owns is delivered: the stop goes on
+                self.clock.wait(self.new_batch, 1.0)
                 continue
-            settled, delay = self._send(spool, conn, claimed, backoff)
-            if settled:
+            step = self._send(spool, conn, claimed, backoff)
+            if step.settled:
                 # Everything older than what the live lane settled is the backfill lane's job.
                 newest_seen = claimed.seq
                 self.live_ok.set()
             else:
                 self.live_ok.clear()
-                self.stop_event.wait(delay)
+                self._wait_out(step.wait_s, step.unreachable)
 
     def _backfill(self, spool: Spool, conn: _Connection) -> None:
         backoff = self._backoff()
         rate = float(self.config.max_bytes_per_second)
-        while not self.stop_event.is_set():
-            if not self.live_ok.wait(1.0):
+        # A stop ends the backfill at once: its grace is for the newest batch, not the backlog.
+        while not self.draining.is_set():
+            if not self.clock.wait(self.live_ok, 1.0) or self.draining.is_set():
                 continue
             claimed = spool.claim_oldest()
             if claimed is None:
-                self.stop_event.wait(1.0)
+                self.clock.wait(self.draining, 1.0)
                 continue
-            started = time.monotonic()
-            settled, delay = self._send(spool, conn, claimed, backoff)
-            if settled:
+            started = self.clock.monotonic()
+            step = self._send(spool, conn, claimed, backoff)
+            delay = step.wait_s
+            if step.settled:
                 # The byte-rate cap: a batch of N bytes buys N/rate seconds of the uplink.
-                delay = max(0.0, len(claimed.frame) / rate - (time.monotonic() - started))
+                delay = max(0.0, len(claimed.frame) / rate - (self.clock.monotonic() - started))
             if delay:
-                self.stop_event.wait(delay)
+                self.clock.wait(self.draining, delay)

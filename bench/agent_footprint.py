@@ -118,6 +118,7 @@ def main() -> int:
             + (f'[sources.gpu]\ninterval = "{args.interval}"\n'
                f'[sources.smart]\ninterval = "{args.smart_interval}"\n'
                f'smartctl = "{REPO}/tests/fakes/smartctl-replay"\n'
+               'output = "text"\n'  # its recorded NVMe (SMART_RECORDING) is pySMART's plain text
                '[[sources.smart.devices]]\nname = "/dev/nvme0"\ntype = "nvme"\n'
                f'[sources.network]\ninterval = "{args.interval}"\n'
                if args.all_sources else

@@ -86,8 +86,14 @@ class LedgerConfig:
     # Optional cap on the ledger's size (0: none). Over it, the oldest batches that every
     # target has go first; only then the oldest others (counted as expired unforwarded).
     max_size: Size = Size(0)
+    # How often the exposed latest state (only the series that changed) is saved in the
+    # ledger with the batch position it covers; a start after a crash restores it and
+    # replays the batches recorded after that position (about this long's worth).
+    state_save_interval: Duration = Duration(60.0)
 
     def __post_init__(self) -> None:
+        if not 1 <= self.state_save_interval <= 3600:
+            raise ValueError("state_save_interval must be 1s..1h")
         if self.retention < 3600:
             raise ValueError("retention must be at least 1h")
         if self.max_size and self.max_size < 16 * 1024 * 1024:

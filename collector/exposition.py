@@ -2,14 +2,15 @@
 
 Thread contract: `FleetState` is touched only on the event loop (ingest handlers
 apply accepted batches and ledger outcomes; the /metrics handler calls
-`FleetCollector.collect` through a per-app `CollectorRegistry`).
+`FleetCollector.collect` through a per-app `CollectorRegistry`; the periodic state
+save takes the changed series and renders them as rows there, a chunk at a time).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import (
@@ -37,6 +38,19 @@ RESERVED_PREFIXES = (
 FLEET_HELP = "Latest value reported by the fleet (via waystation-collector)."
 
 Labels = tuple[tuple[str, str], ...]
+# A saved series: (site, node, name, labels JSON as sent, type, ts_ms, value).
+Row = tuple[str, str, str, str, int, int, float]
+# A saved series' key: (site, node, name, labels JSON as sent).
+RowKey = tuple[str, str, str, str]
+
+# A fleet series is exposed with its own newest timestamp, so Prometheus stores it at the
+# node's sample time and rate() is right. A series the node sends less often than this
+# (SMART: every 10 min) would fall out of Prometheus' 5-minute lookback between reads and
+# make SMART alerts with `for:` never fire: while the node keeps reporting, such a series
+# is stamped HOLD_MS behind the node's newest sample instead (its value is still its
+# newest). Half the lookback leaves a flush window and a scrape interval to spare, and
+# keeps the own timestamps of every source that samples at least every 2.5 minutes.
+HOLD_MS = 150_000
 
 
 def reported_backlog(series: list[wire.Series]) -> tuple[float | None, float | None] | None:
@@ -101,6 +115,10 @@ class FleetState:
         self.sweep_every_ms = max(SWEEP_EVERY_MS, self.series_ttl_ms // 8)
         self._latest: dict[tuple[str, str], _NodeLatest] = {}
         self._states: dict[tuple[str, str], NodeState] = {}
+        # Changed and expired series since the last `take_changes`: what the next periodic
+        # save writes, so a save costs what changed rather than the whole fleet.
+        self._changed: set[_Entry] = set()
+        self._removed: set[RowKey] = set()
 
     def update_node(self, state: NodeState) -> None:
         self._states[(state.site, state.node)] = state
@@ -126,6 +144,7 @@ class FleetState:
         if latest is None:
             latest = self._latest[(site, node)] = _NodeLatest()
         by_raw = latest.by_raw
+        changed = self._changed
         newest = latest.newest_ms
         horizon = (int(time.time() * 1000) if now_ms is None else now_ms) + self.series_ttl_ms
         floor = newest - self.series_ttl_ms
@@ -144,19 +163,39 @@ class FleetState:
                 entry.ts_ms = ts
                 entry.value = s.values[-1]
                 entry.mtype = s.mtype
+                changed.add(entry)
         latest.newest_ms = newest
         if newest - latest.swept_ms >= self.sweep_every_ms:
             self._expire(latest)
 
-    def snapshot(self) -> Iterator[tuple[str, str, str, str, int, int, float]]:
-        """Every exposed series as (site, node, name, labels JSON as sent, type, ts_ms, value)."""
-        for (site, node), latest in self._latest.items():
+    def snapshot(self) -> Iterator[Row]:
+        """Every exposed series as a saved row."""
+        for latest in self._latest.values():
             for e in latest.entries.values():
-                sent = [[k, v] for k, v in e.labels if k not in ("site", "node")]
-                yield site, node, e.name, json.dumps(sent), int(e.mtype), e.ts_ms, e.value
+                yield _row(e)
 
-    def restore(self, rows: Iterable[tuple[str, str, str, str, int, int, float]]) -> int:
-        """Load a snapshot (before any batch is applied); returns how many series were taken."""
+    def take_changes(self) -> tuple[list[_Entry], set[RowKey]]:
+        """The series changed and the keys expired since the last call; tracking starts afresh."""
+        changed, removed = list(self._changed), self._removed
+        self._changed, self._removed = set(), set()
+        return changed, removed
+
+    def mark_all_changed(self) -> None:
+        """After a failed save: the next save writes every series (what failed is not known)."""
+        for latest in self._latest.values():
+            self._changed.update(latest.entries.values())
+
+    @staticmethod
+    def rows(entries: Iterable[_Entry]) -> list[Row]:
+        """Saved rows for entries from `take_changes`, with their values as they are now."""
+        return [_row(e) for e in entries]
+
+    def restore(self, rows: Iterable[Row], now_ms: int | None = None, saved: bool = True) -> int:
+        """Load saved rows (before any batch is applied); returns how many series were taken.
+
+        `saved`: the rows are already where the periodic save writes, so they are not
+        written again; rows from elsewhere (an older version's table) are.
+        """
         by_node: dict[tuple[str, str], list[wire.Series]] = {}
         for site, node, name, labels, mtype, ts_ms, value in rows:
             try:
@@ -166,8 +205,10 @@ class FleetState:
                 continue  # one unreadable row loses that series only
             by_node.setdefault((site, node), []).append(series)
         for (site, node), series_list in by_node.items():
-            newest = max(s.timestamps_ms[0] for s in series_list)
-            self.apply(site, node, series_list, now_ms=newest)
+            self.apply(site, node, series_list, now_ms=now_ms)
+        if saved:
+            # Keys expired while restoring stay in _removed: their rows must go.
+            self._changed.clear()
         return sum(self.series_count(site, node) for site, node in by_node)
 
     def _expire(self, latest: _NodeLatest) -> None:
@@ -176,7 +217,9 @@ class FleetState:
         stale = [identity for identity, e in latest.entries.items() if e.ts_ms < cutoff]
         if stale:
             for identity in stale:
-                del latest.entries[identity]
+                e = latest.entries.pop(identity)
+                self._changed.discard(e)
+                self._removed.add(_row(e)[:4])
             self.total_series -= len(stale)
             # The cache keeps what is still exposed: clearing it would cost every series a
             # label normalization on the next batch.
@@ -208,20 +251,44 @@ class FleetState:
         latest.by_raw[(s.name, s.labels)] = entry
         return entry
 
-    def fleet_families(self) -> Iterator[Metric]:
+    def fleet_families(self, now_ms: int) -> Iterator[Metric]:
+        """Every fleet series with the timestamp Prometheus should store it at.
+
+        That is its own newest point's time (or HOLD_MS behind the node's newest sample,
+        whichever is later), never later than `now_ms`, the collector's clock: a node whose
+        clock runs ahead must not put samples into Prometheus' future, where they would
+        refuse every real sample of the series until that time and could push Prometheus'
+        head window past everything else. The result never moves backwards while the
+        collector's clock does not: the point's time, the node's newest and now only grow.
+        """
         families: dict[str, Metric] = {}
         for latest in self._latest.values():
+            held = latest.newest_ms - HOLD_MS
             for e in latest.entries.values():
                 fam = families.get(e.name)
                 if fam is None:
                     fam = families[e.name] = _family(e.name, e.mtype)
-                fam.samples.append(Sample(e.name, dict(e.labels), e.value))
+                ts_ms = min(max(e.ts_ms, held), now_ms)
+                fam.samples.append(Sample(e.name, dict(e.labels), e.value, ts_ms / 1000))
         return iter(families.values())
 
     def series_accounting(self) -> Iterator[tuple[str, str, int, int]]:
         """(site, node, dropped, expired) per node."""
         for (site, node), latest in self._latest.items():
             yield site, node, latest.dropped_series, latest.expired_series
+
+
+def _row(e: _Entry) -> Row:
+    site = node = ""
+    sent = []
+    for k, v in e.labels:
+        if k == "site":
+            site = v
+        elif k == "node":
+            node = v
+        else:
+            sent.append([k, v])
+    return site, node, e.name, json.dumps(sent), int(e.mtype), e.ts_ms, e.value
 
 
 def _family(name: str, mtype: wire.MetricType) -> Metric:
@@ -240,11 +307,14 @@ def _family(name: str, mtype: wire.MetricType) -> Metric:
 class FleetCollector(Collector):
     """prometheus_client collector over a FleetState: fleet series and per-node accounting."""
 
-    def __init__(self, fleet: FleetState) -> None:
+    def __init__(self, fleet: FleetState, clock: Callable[[], float] = time.time) -> None:
         self.fleet = fleet
+        self.clock = clock
 
     def collect(self) -> Iterator[Metric]:
-        yield from self.fleet.fleet_families()
+        # Fleet series carry their sample times; the collector's own families below do not
+        # (they describe now, and Prometheus stamps them with its scrape time).
+        yield from self.fleet.fleet_families(int(self.clock() * 1000))
         labels = ["site", "node"]
         last_seen = GaugeMetricFamily(
             "waystation_node_last_seen_timestamp_seconds",

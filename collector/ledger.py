@@ -78,17 +78,19 @@ CREATE TABLE IF NOT EXISTS nodes (
     backlog_seq      INTEGER NOT NULL,
     PRIMARY KEY (site, node)
 ) WITHOUT ROWID;
--- The exposed latest state, written at a clean stop and read (then emptied) at the next
--- start, so series a node sends only now and then survive a restart.
-CREATE TABLE IF NOT EXISTS latest (
+-- The exposed latest state: each series' newest point, upserted periodically (only what
+-- changed) and at a clean stop; meta 'latest_through' is the highest batch rowid whose
+-- series the table holds, so a start after a crash replays only the batches after it.
+CREATE TABLE IF NOT EXISTS latest_state (
     site   TEXT NOT NULL,
     node   TEXT NOT NULL,
     name   TEXT NOT NULL,
-    labels TEXT NOT NULL,  -- JSON [[name, value], ...] as sent
+    labels TEXT NOT NULL,  -- JSON [[name, value], ...] as sent, without site and node
     mtype  INTEGER NOT NULL,
     ts_ms  INTEGER NOT NULL,
-    value  REAL NOT NULL
-);
+    value  REAL NOT NULL,
+    PRIMARY KEY (site, node, name, labels)
+) WITHOUT ROWID;
 -- Per remote_write target: the batches (by rowid, in arrival order) it holds or needs not,
 -- and its counters. Written by the forwarder, read by /metrics and by the pruning.
 CREATE TABLE IF NOT EXISTS forward_targets (
@@ -400,19 +402,64 @@ class Ledger:
         n = self._nodes.get((site, node))
         return n.snapshot() if n else None
 
-    def save_latest(self, rows: Iterable[tuple[str, str, str, str, int, int, float]]) -> int:
-        """Replace the saved latest state with `rows`; returns how many were written."""
+    def save_latest(
+        self,
+        rows: Iterable[tuple[str, str, str, str, int, int, float]],
+        removed: Iterable[tuple[str, str, str, str]] = (),
+        through: int | None = None,
+    ) -> int:
+        """Upsert saved series, delete expired ones (by site, node, name, labels) and, with
+        `through`, record that the table now holds every batch up to that rowid; one
+        transaction. Returns how many rows were written."""
         with immediate(self.conn):
-            self.conn.execute("DELETE FROM latest")
-            return self.conn.executemany("INSERT INTO latest VALUES (?, ?, ?, ?, ?, ?, ?)", rows).rowcount
+            self.conn.executemany(
+                "DELETE FROM latest_state WHERE site = ? AND node = ? AND name = ? AND labels = ?", removed
+            )
+            written = self.conn.executemany(
+                "INSERT INTO latest_state (site, node, name, labels, mtype, ts_ms, value) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, node, name, labels) DO UPDATE SET "
+                "mtype = excluded.mtype, ts_ms = excluded.ts_ms, value = excluded.value",
+                rows,
+            ).rowcount
+            if through is not None:
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO meta (k, v) VALUES ('latest_through', ?)", (str(through),)
+                )
+        return max(written, 0)
 
-    def take_latest(self) -> list[tuple[str, str, str, str, int, int, float]]:
-        """The saved latest state, once: it is deleted as it is read, so a later crash
-        does not bring back a state from before it."""
-        with immediate(self.conn):
-            rows = self.conn.execute("SELECT site, node, name, labels, mtype, ts_ms, value FROM latest").fetchall()
-            self.conn.execute("DELETE FROM latest")
-        return rows
+    def load_latest(self) -> tuple[list[tuple[str, str, str, str, int, int, float]], int | None]:
+        """The saved latest state and the batch rowid it covers (None: never saved).
+
+        The rows of an older version's `latest` table (saved at its last clean stop, with
+        no position) are returned too, and that table is dropped: the next save keeps them.
+        """
+        rows = self.conn.execute(
+            "SELECT site, node, name, labels, mtype, ts_ms, value FROM latest_state"
+        ).fetchall()
+        legacy = self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'latest'"
+        ).fetchone()
+        if legacy:
+            with immediate(self.conn):
+                rows += self.conn.execute(
+                    "SELECT site, node, name, labels, mtype, ts_ms, value FROM latest"
+                ).fetchall()
+                self.conn.execute("DROP TABLE latest")
+        row = self.conn.execute("SELECT v FROM meta WHERE k = 'latest_through'").fetchone()
+        return rows, (int(row[0]) if row else None)
+
+    def max_rowid(self) -> int:
+        """The rowid of the newest recorded batch (0: none). Row ids only grow: pruning
+        always keeps the newest batch of all."""
+        return int(self.conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM batches").fetchone()[0])
+
+    def data_frames_after(self, rowid: int) -> Iterator[bytes]:
+        """Every data batch recorded after `rowid`, in arrival order (pruned ones are gone)."""
+        for (frame,) in self.conn.execute(
+            "SELECT frame FROM batches WHERE rowid > ? AND kind = ? ORDER BY rowid",
+            (rowid, int(wire.Kind.DATA)),
+        ):
+            yield bytes(frame)
 
     def newest_data_frames(self) -> Iterator[bytes]:
         """The newest data batch of every node: what the latest state is rebuilt from."""

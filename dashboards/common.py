@@ -34,6 +34,11 @@ Query = tuple[str, str]  # (PromQL, legend)
 # with the same meaning; tests/unit/test_dashboards.py holds each to its recording rule.
 
 
+# SMART is read every 10 minutes by default, beyond a Prometheus history store's 5-minute
+# lookback: SMART panels show each disk's last reading within this span.
+SMART_SPAN = "30m"
+
+
 def node_age(sel: str) -> str:
     """site_node:waystation_node_last_seen:age_seconds"""
     return f"time() - max by (site, node) ({LAST_SEEN}{{{sel}}})"

@@ -2,6 +2,7 @@
 GPUs, disks, network paths and model servers across the fleet."""
 
 from dashboards.common import (
+    SMART_SPAN,
     Layout,
     backlog_age,
     bargauge,
@@ -68,11 +69,12 @@ panels += [
     bargauge(L, "GPU uncorrectable ECC (24h)",
              (f"topk(10, sum by (site, node, gpu) (increase(DCGM_FI_DEV_ECC_DBE_VOL_TOTAL{{{S}}}[24h])) > 0)",
               "{{site}}/{{node}} GPU {{gpu}}"), max_value=10),
-    bargauge(L, "Most worn disks", (f"topk(10, max by (site, node, device) (smartctl_device_percentage_used{{{S}}}))",
+    bargauge(L, "Most worn disks", (f"topk(10, max by (site, node, device) "
+                                    f"(last_over_time(smartctl_device_percentage_used{{{S}}}[{SMART_SPAN}])))",
                                     "{{site}}/{{node}} {{device}}"), unit="percent"),
     table(L, "Disks failing SMART or with a critical warning", [
-        (f"smartctl_device_smart_status{{{S}}} == 0", ""),
-        (f"smartctl_device_critical_warning{{{S}}} > 0", ""),
+        (f"last_over_time(smartctl_device_smart_status{{{S}}}[{SMART_SPAN}]) == 0", ""),
+        (f"last_over_time(smartctl_device_critical_warning{{{S}}}[{SMART_SPAN}]) > 0", ""),
     ], w=16),
 ]
 L.newline()

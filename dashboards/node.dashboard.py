@@ -2,6 +2,7 @@
 telemetry pipeline (spool, uplink, acks, retries)."""
 
 from dashboards.common import (
+    SMART_SPAN,
     Layout,
     backlog_age,
     build,
@@ -61,13 +62,15 @@ L.newline()
 # Disks
 panels += [
     table(L, "Disks", [
-        (f"smartctl_device_smart_status{{{N}}}", ""),
-        (f"smartctl_device_percentage_used{{{N}}}", ""),
-        (f"smartctl_device_available_spare{{{N}}}", ""),
-        (f"smartctl_device_critical_warning{{{N}}}", ""),
-        (f"smartctl_device_media_errors{{{N}}}", ""),
+        (f"last_over_time(smartctl_device_smart_status{{{N}}}[{SMART_SPAN}])", ""),
+        (f"last_over_time(smartctl_device_percentage_used{{{N}}}[{SMART_SPAN}])", ""),
+        (f"last_over_time(smartctl_device_available_spare{{{N}}}[{SMART_SPAN}])", ""),
+        (f"last_over_time(smartctl_device_critical_warning{{{N}}}[{SMART_SPAN}])", ""),
+        (f"last_over_time(smartctl_device_media_errors{{{N}}}[{SMART_SPAN}])", ""),
     ], w=12, description="Per device: SMART status (1 passed), % used, spare %, critical warning bits, media errors."),
-    timeseries(L, "Disk temperature", [(f"smartctl_device_temperature{{{N}}}", "{{device}}")], unit="celsius", w=12),
+    timeseries(L, "Disk temperature", [
+        (f'last_over_time(smartctl_device_temperature{{{N}, temperature_type="current"}}[{SMART_SPAN}])', "{{device}}"),
+    ], unit="celsius", w=12),
 ]
 L.newline()
 # Network and system
@@ -85,8 +88,12 @@ panels += [
         (f"waystation_probe_loss_ratio{{{N}}}", "{{target}} loss"),
     ], unit="s", w=8),
     timeseries(L, "CPU busy", [
-        (f'1 - avg by (node) (rate(node_cpu_seconds_total{{{N}, mode="idle"}}[{R}]))', "busy"),
-    ], unit="percentunit", w=8),
+        (f'1 - sum by (node) (rate(node_cpu_seconds_total{{{N}, mode="idle"}}[{R}]))'
+         f" / sum by (node) (rate(node_cpu_seconds_total{{{N}}}[{R}]))", "busy"),
+    ], unit="percentunit", w=8,
+        description="Share of CPU time not idle. A share of the CPU time counted, not a rate against the "
+                    "clock: Prometheus' rate() reads low at a graph's newest point (the newest sample is up "
+                    "to a flush interval old), and the share cancels that out."),
     timeseries(L, "Filesystem available", [
         (f"node_filesystem_avail_bytes{{{N}}} / node_filesystem_size_bytes{{{N}}}", "{{mountpoint}}"),
     ], unit="percentunit", w=8),

@@ -1,11 +1,23 @@
-"""Disk health through smartctl, interpreted by pySMART, under smartctl_exporter's names.
+"""Disk health through smartctl, under smartctl_exporter's names.
 
 Every smartctl invocation goes through one runner, `(args, timeout) -> (exit status,
 stdout bytes)`: `run_smartctl` by default, `env.extra["smartctl_runner"]` in tests,
-which replay recorded outputs. pySMART does the interpretation: it gets a `Smartctl`
-subclass whose low-level `generic_call` goes through that runner (the same injection
-point pySMART's own tests use). `device_samples()` maps one parsed pySMART Device to
-samples and is pure.
+which replay recorded outputs. smartctl's answer is read in one of two modes,
+`[sources.smart] output`:
+- "json" (smartctl >= 7.0): one call per device, `smartctl -n standby [-d TYPE] --json
+  --info --health --attributes --tolerance=verypermissive --format=brief --log=error DEV`
+  (smartctl_exporter's read, plus our `-n standby`), and `--scan-open --json` to find the
+  devices. `samples_from_json()` maps the document with smartctl_exporter's field mapping
+  and is pure; pySMART is not imported at all.
+- "text": smartctl's plain text, interpreted by pySMART: it gets a `Smartctl` subclass
+  whose low-level `generic_call` goes through that runner (the same injection point
+  pySMART's own tests use). `device_samples()` maps one parsed pySMART Device to samples
+  and is pure. For a smartctl older than 7.0, which has no stable JSON.
+- "auto" (the default): json when `smartctl -V` says 7.0 or later, else text; decided once
+  per agent start (at the probe), so a smartctl upgraded under a running agent is picked
+  up at its next restart.
+Both modes give the same metric names, labels and types; the exit status and smartctl's
+messages are classified the same way (standby, permission, open failed, command line).
 
 Rules that keep SMART harmless on a production node:
 - never wake a sleeping disk: every call that reads a device carries `-n standby`, so
@@ -21,8 +33,9 @@ Rules that keep SMART harmless on a production node:
 The agent itself never imports pySMART: each read runs in a short-lived child process,
 `python -m agent.sources.smart_reader` (JSON request on stdin, JSON lines on stdout; see
 that module). pySMART with what it imports costs ~3.5 MB of RSS, which would otherwise stay
-resident for a read every 10 minutes. The child also contains a read that stalls past what
-smartctl's own timeout can stop (pySMART on odd output, a disk in uninterruptible I/O):
+resident for a read every 10 minutes; in json mode the child does not import it either.
+The child also contains a read that stalls past what smartctl's own timeout can stop
+(pySMART on odd output, a disk in uninterruptible I/O):
 each reply must come within the timeout plus READER_GRACE_S, or the child's whole process
 group is killed, that device is counted as a timeout, and a new child reads the devices
 after it. A device whose smartctl outlives SIGKILL (stuck in the kernel) is then skipped,
@@ -346,6 +359,209 @@ def capability_problem(proc_root: str) -> str | None:
     return None
 
 
+# ---- smartctl --json (smartctl >= 7.0), pure -------------------------------------------
+
+# smartctl_exporter's read in one call: identity, health, ATA attributes / NVMe health log /
+# SCSI counters, and the ATA error log's count. `-n standby` and `-d TYPE` go before these.
+JSON_READ_OPTIONS = ("--json", "--info", "--health", "--attributes", "--tolerance=verypermissive",
+                     "--format=brief", "--log=error")
+JSON_SCAN_ARGS = ("--scan-open", "--json")
+# smartctl 6.x's JSON was experimental (json_format_version 0.x): "auto" reads its text.
+JSON_MIN_VERSION = (7, 0)
+OUTPUT_MODES = ("json", "text")
+_VERSION = re.compile(rb"^smartctl (\d+)\.(\d+)", re.M)
+# Keys that only a document with something read from the device has.
+_DEVICE_DATA = ("model_name", "scsi_model_name", "serial_number", "smart_status", "ata_smart_attributes",
+                "nvme_smart_health_information_log", "scsi_grown_defect_list")
+
+
+def smartctl_version(out: bytes) -> tuple[int, int] | None:
+    """`smartctl -V` output -> (major, minor): "smartctl 7.3 2022-02-28 r5338 ..." -> (7, 3)."""
+    m = _VERSION.search(out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def output_for(version: tuple[int, int]) -> str:
+    """The output mode "auto" picks for this smartctl version."""
+    return "json" if version >= JSON_MIN_VERSION else "text"
+
+
+def json_read_args(spec: DeviceSpec) -> list[str]:
+    """One device's JSON read; without a type smartctl detects it (and says which in device.type)."""
+    return ["-n", "standby", *(("-d", spec.type) if spec.type else ()), *JSON_READ_OPTIONS, spec.name]
+
+
+def json_document(rc: int, raw: bytes, device: str) -> dict[str, Any]:
+    """smartctl's answer to a --json call -> its document.
+
+    An answer that is no smartctl document (a smartctl too old for --json, a wrapper's own
+    error) is classified from its text as in text mode, else refused as unparseable; either
+    way the error names the device.
+    """
+    text = raw.decode("utf-8", errors="replace")
+    # smartctl before 7.3 can print a text line ("  Pending defect count:...") ahead of a
+    # SCSI disk's document (smartctl_exporter strips it too): the document is the first line
+    # that opens one.
+    start = 0 if text.startswith("{") else text.find("\n{") + 1
+    try:
+        doc = json.loads(text[start:])
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("smartctl"), dict):
+        doc["smartctl"].setdefault("exit_status", rc)
+        return doc
+    lines = text.splitlines()
+    problem = classify_failure(rc, lines, device)
+    if isinstance(problem, SmartctlFailure):
+        raise problem
+    raise SmartctlFailure(f"smartctl {device}: unparseable output, not a smartctl JSON document: "
+                          f"{smartctl_said(lines, rc)}")
+
+
+def _num(value: object) -> float | None:
+    """A JSON number as a float; anything else (absent, a string, a bool) is None."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _obj(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    value = doc.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _text(doc: dict[str, Any], *keys: str) -> str:
+    """The first of `keys` that holds a non-empty string, stripped ("" when none does)."""
+    for key in keys:
+        value = doc.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return ""
+
+
+def json_messages(doc: dict[str, Any]) -> list[str]:
+    """smartctl.messages[].string: what smartctl said, errors included."""
+    messages = _obj(doc, "smartctl").get("messages")
+    return [str(m.get("string", "")) for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+
+
+def samples_from_json(doc: dict[str, Any], spec: DeviceSpec, ts_ms: int) -> list[Sample]:
+    """One device's `smartctl --json` document -> the samples device_samples() gives for its
+    text, under the same names, labels and types. Pure.
+
+    A sleeping device (exit bit 1, "Device is in STANDBY mode") gives standby_samples(); a
+    document saying the device could not be read raises SmartctlFailure naming the device
+    (SmartctlPermission, SmartctlOpenFailed, or the command-line error). Fields follow
+    smartctl_exporter's mapping; where smartctl's JSON differs between versions or device
+    kinds (SCSI's scsi_model_name, 6.x's revision) the first present one is used.
+    """
+    head = _obj(doc, "smartctl")
+    fmt = doc.get("json_format_version")
+    if not head or not isinstance(fmt, list) or not fmt or fmt[0] not in (0, 1):
+        # 0.x: smartctl 6.x's experimental JSON, whose fields read here are named as in 1.x.
+        raise SmartctlFailure(f"smartctl {spec.name}: not a smartctl JSON document this agent reads "
+                              f"(json_format_version {fmt!r}; 1.x expected)")
+    rc = int(_num(head.get("exit_status")) or 0)
+    messages = json_messages(doc)
+    power = _obj(doc, "power_mode").get("name")
+    power_mode = normalize_power_mode(power) if isinstance(power, str) and power.strip() else None
+    problem = classify_failure(rc, messages, spec.name)
+    if isinstance(problem, LowPowerMode):
+        return standby_samples(spec, power_mode or problem.mode, rc, ts_ms)
+    if problem is not None:
+        if power_mode is not None and isinstance(problem, SmartctlOpenFailed):
+            # Low power told by power_mode alone, without the message text mode matches.
+            return standby_samples(spec, power_mode, rc, ts_ms)
+        raise problem
+    if not any(key in doc for key in _DEVICE_DATA):
+        said = "; ".join(messages)
+        raise SmartctlFailure(f"smartctl {spec.name}: no SMART data in the output" + (f" ({said})" if said else ""))
+
+    device = _obj(doc, "device")
+    label = device_label(spec.name, spec.type)
+    dev_l: Labels = (("device", label),)
+    out: list[Sample] = []
+
+    def add(name: str, value: float | None, extra: Labels = ()) -> None:
+        if value is not None:
+            out.append(Sample(name, dev_l + extra, G, float(value), ts_ms))
+
+    protocol = _text(device, "protocol")
+    family = _text(doc, "model_family")
+    model = _text(doc, "model_name", "scsi_model_name")
+    serial = _text(doc, "serial_number")
+    out.append(Sample("smartctl_device", dev_l + (
+        ("interface", spec.type or _text(device, "type")), ("protocol", protocol),
+        ("model_family", family), ("model_name", model), ("serial_number", serial),
+        ("firmware_version", _text(doc, "firmware_version", "scsi_revision", "revision"))), G, 1.0, ts_ms))
+    passed = _obj(doc, "smart_status").get("passed")
+    if isinstance(passed, bool):
+        add("smartctl_device_smart_status", 1 if passed else 0)
+    add("smartctl_device_smartctl_exit_status", rc)
+    add(POWER_MODE_METRIC, 1, (("power_mode", power_mode or "ACTIVE"),))
+    for kind, degrees in _obj(doc, "temperature").items():  # current, drive_trip, ...
+        add("smartctl_device_temperature", _num(degrees), (("temperature_type", str(kind)),))
+    capacity = _num(_obj(doc, "user_capacity").get("bytes"))
+    # A multi-namespace NVMe read by its controller has no user_capacity, only the total.
+    add("smartctl_device_capacity_bytes", capacity if capacity is not None else _num(doc.get("nvme_total_capacity")))
+    nvme = _obj(doc, "nvme_smart_health_information_log")
+    if protocol != "NVMe" and not nvme:
+        add("smartctl_device_rotation_rate", _num(doc.get("rotation_rate")))
+    on_time = _obj(doc, "power_on_time")
+    hours = _num(on_time.get("hours"))
+    if hours is not None:
+        add("smartctl_device_power_on_seconds", hours * 3600 + (_num(on_time.get("minutes")) or 0) * 60)
+    cycles = _num(doc.get("power_cycle_count"))
+    if cycles is None:
+        cycles = _num(_obj(doc, "scsi_start_stop_cycle_counter").get("accumulated_start_stop_cycles"))
+    if cycles is None:
+        cycles = _num(nvme.get("power_cycles"))
+    add("smartctl_device_power_cycle_count", cycles)
+
+    if nvme:
+        for metric in ("percentage_used", "available_spare", "available_spare_threshold", "critical_warning",
+                       "media_errors", "num_err_log_entries"):
+            add("smartctl_device_" + metric, _num(nvme.get(metric)))
+        # NVMe data units are 1000 blocks of 512 bytes whatever the LBA size (NVMe base spec).
+        for metric, key in (("bytes_read", "data_units_read"), ("bytes_written", "data_units_written")):
+            units = _num(nvme.get(key))
+            add("smartctl_device_" + metric, None if units is None else units * 512_000)
+    table = _obj(doc, "ata_smart_attributes").get("table")
+    for a in table if isinstance(table, list) else []:
+        if not isinstance(a, dict) or _num(a.get("id")) is None:
+            continue
+        short, long = attribute_flags(int(_num(_obj(a, "flags").get("value")) or 0))
+        base: Labels = (("attribute_name", str(a.get("name", ""))), ("attribute_flags_short", short),
+                        ("attribute_flags_long", long), ("attribute_id", str(int(a["id"]))))
+        for kind, value in (("value", a.get("value")), ("worst", a.get("worst")), ("thresh", a.get("thresh")),
+                            ("raw", _obj(a, "raw").get("value"))):
+            add("smartctl_device_attribute", _num(value), base + (("attribute_value_type", kind),))
+    for log_type, log in _obj(doc, "ata_smart_error_log").items():  # summary, extended
+        if isinstance(log, dict):
+            add("smartctl_device_error_log_count", _num(log.get("count")), (("error_log_type", str(log_type)),))
+    ident: Labels = (("model_family", family), ("model_name", model), ("serial_number", serial))
+    add("smartctl_scsi_grown_defect_list", _num(doc.get("scsi_grown_defect_list")), ident)
+    counters = _obj(doc, "scsi_error_counter_log")
+    for direction in ("read", "write"):
+        add(f"smartctl_{direction}_total_uncorrected_errors",
+            _num(_obj(counters, direction).get("total_uncorrected_errors")), ident)
+    return out
+
+
+def parse_scan_json(doc: dict[str, Any]) -> tuple[list[DeviceSpec], list[tuple[str, str]]]:
+    """`smartctl --scan-open --json` -> (devices, [(device, message)] for those it could not open)."""
+    found: list[DeviceSpec] = []
+    failed: list[tuple[str, str]] = []
+    devices = doc.get("devices")
+    for d in devices if isinstance(devices, list) else []:
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            continue
+        name, dev_type = d["name"], str(d.get("type") or "")
+        if "open_error" in d:
+            failed.append((name, f"{name} -d {dev_type}: open failed: {d['open_error']}"))
+        else:
+            found.append(DeviceSpec(name, dev_type))
+    return found, failed
+
+
 # ---- raw I/O ----------------------------------------------------------------------------
 
 
@@ -474,28 +690,65 @@ def scan_devices(runner: SmartctlRunner, timeout: float) -> tuple[list[DeviceSpe
     return parse_scan(lines), failed
 
 
+def read_device_json(runner: SmartctlRunner, spec: DeviceSpec, timeout: float, ts_ms: int) -> DeviceRead:
+    """Read one device with `smartctl --json`, no pySMART; failures come back in .error, never raised."""
+    try:
+        rc, raw = runner(json_read_args(spec), timeout)
+    except subprocess.TimeoutExpired as exc:
+        return DeviceRead(spec, [], SmartctlTimeout(f"smartctl {spec.name}: timed out after {exc.timeout:.0f}s"))
+    except OSError as exc:
+        return DeviceRead(spec, [], SmartctlFailure(f"smartctl {spec.name}: {exc}"))
+    try:
+        doc = json_document(rc, raw, spec.name)
+        resolved = spec if spec.type else DeviceSpec(spec.name, _text(_obj(doc, "device"), "type"))
+        return DeviceRead(spec, samples_from_json(doc, resolved, ts_ms))
+    except SmartctlFailure as exc:
+        return DeviceRead(spec, [], exc)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a document shaped like no smartctl's
+        return DeviceRead(spec, [], SmartctlFailure(f"smartctl {spec.name}: unparseable output: {exc!r}"))
+
+
+def scan_devices_json(runner: SmartctlRunner, timeout: float) -> tuple[list[DeviceSpec], list[DeviceRead]]:
+    """scan_devices() through `smartctl --scan-open --json`."""
+    try:
+        rc, raw = runner(list(JSON_SCAN_ARGS), timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise SmartctlTimeout(f"smartctl --scan-open: timed out after {exc.timeout:.0f}s") from exc
+    found, failures = parse_scan_json(json_document(rc, raw, "--scan-open"))
+    failed = []
+    for name, msg in failures:
+        err: SmartctlFailure = (SmartctlPermission(f"smartctl {name}: permission denied: {CAPS_HINT}")
+                                if any(p in msg for p in _PERMISSION) else SmartctlOpenFailed(f"smartctl {msg}"))
+        failed.append(DeviceRead(DeviceSpec(name), [], err))
+    return found, failed
+
+
 def _ignore(_: object) -> None:
     return None
 
 
 def read_devices(runner: SmartctlRunner, configured: Sequence[DeviceSpec], timeout: float, ts_ms: int,
                  skip: Sequence[DeviceSpec] = (), listed: Callable[[list[DeviceSpec]], None] = _ignore,
-                 starting: Callable[[DeviceSpec], None] = _ignore) -> Iterator[DeviceRead]:
+                 starting: Callable[[DeviceSpec], None] = _ignore, output: str = "text") -> Iterator[DeviceRead]:
     """Every device's read, one at a time: the configured devices, or a scan's; not `skip`.
 
     `listed(specs)` is told the devices about to be read, and `starting(spec)` each one
     before it is read, so whoever watches the reads knows which device a stall belongs to
-    and which are left after it.
+    and which are left after it. `output` is "json" or "text" (see the module docstring).
     """
+    if output not in OUTPUT_MODES:
+        raise ValueError(f"output {output!r} must be one of {OUTPUT_MODES}")
+    json_mode = output == "json"
     specs = list(configured)
     if not specs:
-        specs, failed = scan_devices(runner, timeout)
+        specs, failed = scan_devices_json(runner, timeout) if json_mode else scan_devices(runner, timeout)
         yield from failed
     specs = [s for s in specs if s not in skip]
     listed(specs)
+    read = read_device_json if json_mode else read_device
     for spec in specs:
         starting(spec)
-        yield read_device(runner, spec, timeout, ts_ms)
+        yield read(runner, spec, timeout, ts_ms)
 
 
 # ---- the reader child process ---------------------------------------------------------
@@ -738,10 +991,38 @@ class Smart:
         self.reader_command, self.reader_env = reader_command()
         self.errors: dict[tuple[str, str], int] = {}  # (device, reason) -> count since start
         self.stuck: dict[DeviceSpec, int] = {}  # device -> process group of a read killed mid-device
+        # "json" or "text"; None until `smartctl -V` has decided "auto" (the probe, or the first collect).
+        self._output: str | None = None if config.output == "auto" else config.output
+        self.smartctl_version: tuple[int, int] | None = None
 
     @property
     def timeout(self) -> float:
         return float(self.config.timeout)
+
+    def _version_said(self, rc: int, out: bytes) -> str | None:
+        """Take in `smartctl -V`'s answer (deciding "auto"); why it is unusable, else None."""
+        version = smartctl_version(out)
+        if rc != 0 or version is None:
+            said = smartctl_said(out.decode(errors="replace").splitlines(), rc)
+            return f"smartctl -V exited {rc} without a version: {said}"
+        self.smartctl_version = version
+        if self._output is None:
+            self._output = output_for(version)
+            log.info("smart: smartctl %d.%d: reading its %s output", *version, self._output)
+        return None
+
+    def output(self) -> str:
+        """The mode reads use, "json" or "text" (see the module docstring)."""
+        if self._output is None:
+            try:
+                rc, out = self.runner(["-V"], self.timeout)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise SmartctlFailure(f"smartctl -V: {exc}") from exc
+            problem = self._version_said(rc, out)
+            if problem is not None:
+                raise SmartctlFailure(problem)
+        assert self._output is not None
+        return self._output
 
     def probe(self) -> str | None:
         if not self.in_process:
@@ -750,24 +1031,28 @@ class Smart:
             problem = capability_problem(self.env.proc_root)
             if problem is not None:
                 return f"unavailable: {problem}"
-        import importlib.util
-
-        if importlib.util.find_spec("pySMART") is None:
-            return "unavailable: pySMART not installed (pip install pySMART)"
         try:
             rc, out = self.runner(["-V"], self.timeout)
         except (OSError, subprocess.SubprocessError) as exc:
             return f"unavailable: smartctl not runnable: {exc}"
         if rc != 0 or b"smartctl" not in out:
             return f"unavailable: smartctl -V exited {rc}"
+        if self._output is None and (problem := self._version_said(rc, out)) is not None:
+            return f"unavailable: {problem}"
+        import importlib.util
+
+        if self._output == "text" and importlib.util.find_spec("pySMART") is None:
+            why = "" if self.config.output == "text" else " (smartctl before 7.0 has no --json)"
+            return f"unavailable: pySMART not installed (pip install pySMART), needed for smartctl's text output{why}"
         return None
 
     def configured(self) -> list[DeviceSpec]:
         return [DeviceSpec(d.name, d.type) for d in self.config.devices]
 
     def reads(self, ts_ms: int) -> Iterator[DeviceRead]:
+        output = self.output()
         if self.in_process:
-            yield from read_devices(self.runner, self.configured(), self.timeout, ts_ms)
+            yield from read_devices(self.runner, self.configured(), self.timeout, ts_ms, output=output)
             return
         for spec, pgid in list(self.stuck.items()):
             if process_group_alive(pgid, self.env.proc_root):
@@ -779,7 +1064,7 @@ class Smart:
         smartctl = which(self.config.smartctl) or self.config.smartctl
         devices = self.configured()  # empty: the child scans
         while True:
-            request = {"smartctl": smartctl, "timeout": self.timeout, "ts_ms": ts_ms,
+            request = {"smartctl": smartctl, "timeout": self.timeout, "ts_ms": ts_ms, "output": output,
                        "devices": [[d.name, d.type] for d in devices],
                        "skip": [[d.name, d.type] for d in self.stuck]}
             child = ReaderProcess(self.reader_command, self.reader_env, request, self.timeout + READER_GRACE_S)

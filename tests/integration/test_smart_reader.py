@@ -8,6 +8,7 @@ sample; a child that stalls or dies must cost the agent one device's read, never
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from agent.config import SmartDeviceConfig, SmartSourceConfig
 from agent.sources import smart
 from agent.sources.base import Sample, SourceEnv
+from tests.fakes.smart_fleet import FAILING, HEALTHY, replay_folder
 from tests.fakes.smartctl import Replay
 from tests.unit.test_smart_source import DATASET, LISTING, SINGLE, TS, by_name, case, json_case, value
 
@@ -27,16 +29,19 @@ REPLAY = REPO / "tests" / "fakes" / "smartctl-replay"
 
 
 def child_source(monkeypatch: pytest.MonkeyPatch, *folders: Path, devices: tuple[SmartDeviceConfig, ...] = (),
-                 timeout: float = 10.0) -> smart.Smart:
+                 timeout: float = 10.0, output: str = "text") -> smart.Smart:
+    """The source as the agent runs it; `output` "text" for pySMART's recordings."""
     monkeypatch.setenv("SMARTCTL_REPLAY", ":".join(map(str, folders)))
-    config = SmartSourceConfig(smartctl=str(REPLAY), devices=devices, timeout=timeout)  # type: ignore[arg-type]
+    config = SmartSourceConfig(smartctl=str(REPLAY), devices=devices, timeout=timeout,  # type: ignore[arg-type]
+                               output=output)
     source = smart.Smart(config, SourceEnv())
     assert not source.in_process
     return source
 
 
 def in_process(folder: Path, devices: tuple[SmartDeviceConfig, ...]) -> list[Sample]:
-    source = smart.Smart(SmartSourceConfig(devices=devices), SourceEnv(extra={"smartctl_runner": Replay(folder)}))
+    source = smart.Smart(SmartSourceConfig(devices=devices, output="text"),
+                         SourceEnv(extra={"smartctl_runner": Replay(folder)}))
     return source.collect(TS / 1000)
 
 
@@ -74,6 +79,56 @@ def test_standby_and_failing_devices_through_the_child(tmp_path: Path, monkeypat
     assert value(samples, "smartctl_device_percentage_used", device="nvme0") == 28
 
 
+def test_recorded_failing_and_worn_disks_through_the_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorded fleet, healthy and failing, answered in smartctl --json by the shell
+    stand-in and read by the real reader child as the agent runs it ("auto": the folder's
+    smartctl says 7.x): what makes each failing disk failing arrives, sample for sample as
+    in-process, and a scan finds the same disks."""
+    folder = tmp_path / "replay"
+    pairs = replay_folder(folder, {**HEALTHY, **FAILING})
+    devices = tuple(SmartDeviceConfig(name, dev_type) for name, dev_type in pairs)
+    source = child_source(monkeypatch, folder, devices=devices, output="auto")
+    assert source.output() == "json"
+    samples = source.collect(TS / 1000)
+    assert not by_name(samples, smart.ERRORS_METRIC)
+    assert len(by_name(samples, "smartctl_device")) == len(pairs) == 12
+    assert value(samples, "smartctl_device_smart_status", device="nvme2") == 0
+    assert value(samples, "smartctl_device_critical_warning", device="nvme2") == 16
+    assert value(samples, "smartctl_device_smartctl_exit_status", device="nvme2") == 8
+    assert value(samples, "smartctl_device_percentage_used", device="nvme3") == 75
+    assert value(samples, "smartctl_device_smart_status", device="sdg") == 0
+    assert value(samples, "smartctl_device_smartctl_exit_status", device="sdg") == 216
+    for device, raw in (("sdf", 304), ("bus_0_megaraid_1", 387), ("sdg", 1975)):
+        assert value(samples, "smartctl_device_attribute", device=device, attribute_name="Reallocated_Sector_Ct",
+                     attribute_value_type="raw") == raw
+    assert value(samples, "smartctl_scsi_grown_defect_list", device="sde") == 0
+    in_process = smart.Smart(SmartSourceConfig(devices=devices),
+                             SourceEnv(extra={"smartctl_runner": Replay(folder)})).collect(TS / 1000)
+    assert samples == in_process
+    scanned = child_source(monkeypatch, folder, output="auto").collect(TS / 1000)
+    assert len(scanned) == len(samples) and set(scanned) == set(samples)
+
+
+def test_the_json_reader_child_never_imports_pysmart(tmp_path: Path) -> None:
+    """In json mode pySMART's ~3.5 MB stay out of the reader child too."""
+    pairs = replay_folder(tmp_path, FAILING)
+    request = {"smartctl": str(REPLAY), "timeout": 10, "ts_ms": TS, "output": "json",
+               "devices": [list(pair) for pair in pairs]}
+    code = ("import io, json, sys\n"
+            "from agent.sources import smart_reader\n"
+            f"sys.stdin = io.StringIO({json.dumps(request)!r})\n"
+            "rc = smart_reader.main()\n"
+            "heavy = ('pySMART', 'humanfriendly', 'chardet')\n"
+            "print(json.dumps({'rc': rc, 'heavy': sorted(m for m in sys.modules if m.split('.')[0] in heavy)}))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), SMARTCTL_REPLAY=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    replies = [json.loads(line) for line in out.stdout.splitlines()]
+    reads = [r["read"] for r in replies if "read" in r]
+    assert [(r["name"], r["type"], r["error"]) for r in reads] == [(n, t, None) for n, t in pairs]
+    assert replies[-1] == {"rc": 0, "heavy": []}
+
+
 def test_smartctl_timeout_inside_the_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """smartctl stalls on one disk: the child's own timeout kills it; the next disk is read."""
     stall = tmp_path / "smartctl"
@@ -81,7 +136,8 @@ def test_smartctl_timeout_inside_the_child(tmp_path: Path, monkeypatch: pytest.M
     stall.chmod(0o755)
     devices = (SmartDeviceConfig("/dev/sdz", "scsi"), SmartDeviceConfig("/dev/nvme0", "nvme"))
     source = child_source(monkeypatch, DATASET / "singletests" / "nvme_0", devices=devices, timeout=1.0)
-    source.config = SmartSourceConfig(smartctl=str(stall), devices=devices, timeout=1.0)  # type: ignore[arg-type]
+    source.config = SmartSourceConfig(smartctl=str(stall), devices=devices, timeout=1.0,  # type: ignore[arg-type]
+                                      output="text")
     t0 = time.monotonic()
     samples = source.collect(TS / 1000)
     assert time.monotonic() - t0 < 20
@@ -151,8 +207,6 @@ def stalling_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> smart.Sm
 
 def requests(tmp_path: Path) -> list[list[str]]:
     """The device names of each request the reader got, in order."""
-    import json
-
     lines = (tmp_path / "requests").read_text().splitlines()
     return [[d[0] for d in json.loads(line)["devices"] if d not in json.loads(line)["skip"]] for line in lines]
 
@@ -283,7 +337,8 @@ def test_the_agent_process_never_imports_pysmart() -> None:
         "from agent.config import SmartDeviceConfig, SmartSourceConfig\n"
         "from agent.sources import smart\n"
         "from agent.sources.base import SourceEnv\n"
-        f"config = SmartSourceConfig(smartctl={str(REPLAY)!r}, devices=(SmartDeviceConfig('/dev/nvme0', 'nvme'),))\n"
+        f"config = SmartSourceConfig(smartctl={str(REPLAY)!r}, devices=(SmartDeviceConfig('/dev/nvme0', 'nvme'),),"
+        " output='text')\n"
         "source = smart.Smart(config, SourceEnv())\n"
         "assert os.geteuid() != 0 or source.probe() is None, source.probe()\n"
         "samples = source.collect(1700000000.0)\n"

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import wire
-from collector.exposition import FleetCollector, FleetState
-from collector.ledger import NodeState
+from collector.exposition import HOLD_MS, FleetCollector, FleetState
+from collector.ledger import Ledger, NodeState
 from wire.schema import schema_problem
 
 G, C, U, INFO = wire.MetricType.GAUGE, wire.MetricType.COUNTER, wire.MetricType.UNTYPED, wire.MetricType.INFO
@@ -17,9 +23,9 @@ def series(name: str, ts: int, value: float, mtype: wire.MetricType = G, **label
     return wire.Series(name, tuple(labels.items()), mtype, (ts - 1, ts), (value - 1, value))
 
 
-def render(fleet: FleetState) -> str:
+def render(fleet: FleetState, clock: Callable[[], float] = time.time) -> str:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(fleet))
+    registry.register(FleetCollector(fleet, clock))
     return generate_latest(registry).decode()
 
 
@@ -175,24 +181,102 @@ def test_expiry_frees_the_cardinality_cap_and_old_backfill_is_not_exposed() -> N
     assert m[("waystation_exposition_series_expired_total", IDS)] == 1
 
 
-def test_snapshot_restores_the_same_exposition(tmp_path: object) -> None:
-    from pathlib import Path
-
-    from collector.ledger import Ledger
-
+def test_snapshot_restores_the_same_exposition(tmp_path: Path) -> None:
     fleet = FleetState(100)
     fleet.apply("s", "n", [series("node_load1", T, 1.5), series("up", T, 1.0, C, job="vllm"),
                            series("gpu_info", T, 1.0, INFO, driver='5"50')], now_ms=T)
     fleet.apply("s", "m", [series("node_load1", T + MIN, 2.5)], now_ms=T)
-    ledger = Ledger(Path(str(tmp_path)) / "ledger.db")
+    ledger = Ledger(tmp_path / "ledger.db")
     try:
-        assert ledger.save_latest(fleet.snapshot()) == 4
+        assert ledger.save_latest(fleet.snapshot(), through=7) == 4
+        rows, through = ledger.load_latest()
         restored = FleetState(100)
-        assert restored.restore(ledger.take_latest()) == 4
-        assert ledger.take_latest() == []  # used once
+        assert (restored.restore(rows), through) == (4, 7)
+        assert ledger.load_latest() == (rows, 7)  # kept: a later crash restores it again
     finally:
         ledger.close()
-    assert render(restored) == render(fleet)
+    assert stamped(render(restored)) == stamped(render(fleet))  # values and timestamps
     # Newer points from batches applied after the restore still win.
     restored.apply("s", "n", [series("node_load1", T + MIN, 9.0)], now_ms=T)
     assert samples(render(restored))[("node_load1", IDS)] == 9.0
+
+
+def at(ms: int) -> Callable[[], float]:
+    """A collector clock standing at `ms`."""
+    return lambda: ms / 1000
+
+
+def stamped(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], tuple[float, int | None]]:
+    """(value, timestamp in ms as written in the text) per sample."""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            ts = None if s.timestamp is None else round(float(s.timestamp) * 1000)
+            out[(s.name, tuple(sorted(s.labels.items())))] = (s.value, ts)
+    return out
+
+
+def test_fleet_series_carry_their_sample_time_in_milliseconds_and_ours_none() -> None:
+    fleet = FleetState(100)
+    fleet.apply("s", "n", [series("node_load1", T + 123, 1.5),
+                           series("node_cpu_seconds_total", T + 999, 7.0, C, cpu="0", mode="idle")], now_ms=T)
+    fleet.update_node(NodeState("s", "n", last_seen=1.7e9, highest_seq=3))
+    text = render(fleet, clock=lambda: T / 1000 + 60)
+    # The text format's timestamp is integer milliseconds, exactly the node's sample time.
+    assert f'node_load1{{node="n",site="s"}} 1.5 {T + 123}\n' in text
+    assert f'node_cpu_seconds_total{{cpu="0",mode="idle",node="n",site="s"}} 7.0 {T + 999}\n' in text
+    m = stamped(text)
+    # The collector's own families describe now: Prometheus stamps them at scrape time.
+    own = {k: ts for k, (_, ts) in m.items() if k[0].startswith("waystation_")}
+    assert own and set(own.values()) == {None}
+    assert m[("waystation_node_highest_seq", IDS)] == (3.0, None)
+
+
+def test_a_node_clock_running_ahead_is_stamped_no_later_than_the_collectors_now() -> None:
+    """A sample from the future would make Prometheus refuse the series' real samples until
+    then; it is exposed at the collector's clock, which only moves forward."""
+    fleet = FleetState(100)
+    ahead = T + 10 * MIN
+    fleet.apply("s", "n", [series("node_load1", ahead, 1.0)], now_ms=T)
+    now = T
+    assert stamped(render(fleet, clock=lambda: now / 1000))[("node_load1", IDS)] == (1.0, T)
+    fleet.apply("s", "n", [series("node_load1", ahead + 1000, 2.0)], now_ms=T)
+    now = T + 5000
+    assert stamped(render(fleet, clock=lambda: now / 1000))[("node_load1", IDS)] == (2.0, T + 5000)
+    now = T + 20 * MIN  # the collector's clock passes the node's: its own time again
+    assert stamped(render(fleet, clock=lambda: now / 1000))[("node_load1", IDS)] == (2.0, ahead + 1000)
+
+
+def test_a_series_sent_less_often_than_the_lookback_stays_within_it_behind_the_node() -> None:
+    """SMART is read every 10 minutes, Prometheus looks back 5: while the node reports, such a
+    series is stamped HOLD_MS behind the node's newest sample, with its newest value."""
+    fleet = FleetState(100)
+    fleet.apply("s", "n", [series("smartctl_device_temperature", T, 41.0, device="sda"),
+                           series("node_load1", T, 1.0)], now_ms=T)
+    temp = ("smartctl_device_temperature", (("device", "sda"), ("node", "n"), ("site", "s")))
+    for minute in range(1, 10):
+        newest = T + minute * MIN
+        fleet.apply("s", "n", [series("node_load1", newest, 1.0)], now_ms=newest)
+        m = stamped(render(fleet, clock=at(newest + 30_000)))
+        assert m[("node_load1", IDS)] == (1.0, newest)  # sent every minute: its own time
+        assert m[temp] == (41.0, max(T, newest - HOLD_MS))
+    fleet.apply("s", "n", [series("smartctl_device_temperature", T + 10 * MIN, 42.0, device="sda")], now_ms=T)
+    assert stamped(render(fleet, clock=lambda: T / 1000 + 3600))[temp] == (42.0, T + 10 * MIN)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(-20 * MIN, 20 * MIN),
+                          st.integers(0, 3 * MIN)), min_size=1, max_size=40))
+def test_a_series_exposed_timestamp_never_moves_backwards(steps: list[tuple[str, int, int]]) -> None:
+    """Prometheus drops a sample older than the series' newest as out-of-order: whatever order
+    points arrive in (backfill, a clock ahead), each scrape's timestamp is at least the last."""
+    fleet = FleetState(100)
+    now = T
+    last: dict[object, int] = {}
+    for name, offset, wait in steps:
+        now += wait
+        fleet.apply("s", "n", [series(name, now + offset, float(offset))], now_ms=now)
+        for key, (_, ts) in stamped(render(fleet, clock=at(now))).items():
+            if key[0] in ("a", "b", "c"):
+                assert ts is not None and ts >= last.get(key, ts) and ts <= now
+                last[key] = ts

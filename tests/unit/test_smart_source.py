@@ -4,6 +4,8 @@ Recordings are read in place from ../shared/fixtures/smartctl/ with pySMART's ow
 an argument list maps to the file `_` + args joined by `_`, with `/`, `\\` and `:` as `_`.
 The source adds `-n standby` to every device read; the recordings were taken without it
 (an awake drive answers the same), so the replay drops it, after checking it is there.
+These are smartctl's plain-text answers, so every source here asks for `output="text"`
+(the stand-in's `-V` says 7.3, for which "auto" would read JSON: tests/unit/test_smart_json.py).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def test_pysmart_replay_matches_device_json(folder: Path) -> None:
 
 def collect_one(folder: Path, name: str, dev_type: str, **replay: Any) -> tuple[list[Sample], Replay]:
     runner = Replay(folder, **replay)
-    config = SmartSourceConfig(devices=(SmartDeviceConfig(name=name, type=dev_type),))
+    config = SmartSourceConfig(devices=(SmartDeviceConfig(name=name, type=dev_type),), output="text")
     source = smart.Smart(config, SourceEnv(extra={"smartctl_runner": runner}))
     assert source.probe() is None
     return source.collect(TS / 1000), runner
@@ -169,7 +171,7 @@ def test_type_detection_when_no_type_is_given() -> None:
 def test_listing_scan_open_finds_every_device() -> None:
     expected = case(LISTING)["count"]
     runner = Replay(LISTING)
-    source = smart.Smart(SmartSourceConfig(), SourceEnv(extra={"smartctl_runner": runner}))
+    source = smart.Smart(SmartSourceConfig(output="text"), SourceEnv(extra={"smartctl_runner": runner}))
     samples = source.collect(TS / 1000)
     assert runner.calls[0] == ["--scan-open"]
     info = by_name(samples, "smartctl_device")
@@ -241,7 +243,8 @@ def test_standby_disk_is_reported_not_woken_and_errors_do_not_stop_the_others() 
     runner = Replay(None, names=names, answers=answers)
     devices = (SmartDeviceConfig("/dev/sdc", "sat"), SmartDeviceConfig("/dev/nonexistent", ""),
                SmartDeviceConfig("/dev/nvme0", "nvme"))
-    source = smart.Smart(SmartSourceConfig(devices=devices), SourceEnv(extra={"smartctl_runner": runner}))
+    source = smart.Smart(SmartSourceConfig(devices=devices, output="text"),
+                         SourceEnv(extra={"smartctl_runner": runner}))
     samples = source.collect(TS / 1000)
     # Standby: the power mode and exit status, no SMART read beyond the one -n standby call.
     sdc = [s for s in samples if dict(s.labels)["device"] == "sdc"]
@@ -270,7 +273,7 @@ def test_timeout_skips_the_device_and_bounds_its_calls() -> None:
         return replay(args, timeout)
 
     devices = (SmartDeviceConfig("/dev/sdz", "scsi"), SmartDeviceConfig("/dev/nvme0", "nvme"))
-    config = SmartSourceConfig(devices=devices, timeout=2.0)  # type: ignore[arg-type]
+    config = SmartSourceConfig(devices=devices, timeout=2.0, output="text")  # type: ignore[arg-type]
     samples = smart.Smart(config, SourceEnv(extra={"smartctl_runner": runner})).collect(TS / 1000)
     assert len(slow_calls) == 1  # pySMART's follow-up calls for that device fail fast
     assert value(samples, smart.ERRORS_METRIC, device="sdz", reason="timeout") == 1
@@ -288,7 +291,7 @@ def test_real_subprocess_timeout(tmp_path: Path) -> None:
 def test_permission_denied_names_the_capabilities() -> None:
     denied = (2, b"smartctl 7.3\n\nSmartctl open device: /dev/sda failed: Permission denied\n")
     runner = Replay(None, answers={"_-d_sat_--all__dev_sda": denied})
-    config = SmartSourceConfig(devices=(SmartDeviceConfig("/dev/sda", "sat"),))
+    config = SmartSourceConfig(devices=(SmartDeviceConfig("/dev/sda", "sat"),), output="text")
     source = smart.Smart(config, SourceEnv(extra={"smartctl_runner": runner}))
     with pytest.raises(smart.SmartctlPermission, match="CAP_SYS_RAWIO.*CAP_SYS_ADMIN"):
         source.collect(TS / 1000)
@@ -300,7 +303,8 @@ def test_scan_failures_are_counted() -> None:
             b"# /dev/sda -d scsi # /dev/sda, SCSI device open failed: Permission denied\n")
     nvme = DATASET / "singletests" / "nvme_0"
     runner = Replay(nvme, answers={"_--scan-open": (0, scan)})
-    samples = smart.Smart(SmartSourceConfig(), SourceEnv(extra={"smartctl_runner": runner})).collect(TS / 1000)
+    source = smart.Smart(SmartSourceConfig(output="text"), SourceEnv(extra={"smartctl_runner": runner}))
+    samples = source.collect(TS / 1000)
     assert value(samples, smart.ERRORS_METRIC, device="sda", reason="permission") == 1
     assert value(samples, "smartctl_device_percentage_used", device="nvme0") == 28
 
@@ -323,7 +327,7 @@ def test_unknown_to_pysmart_types_are_passed_through() -> None:
         seen.append(list(args))
         raise subprocess.TimeoutExpired(list(args), timeout)
 
-    config = SmartSourceConfig(devices=(SmartDeviceConfig("/dev/sg1", "cciss,3"),))
+    config = SmartSourceConfig(devices=(SmartDeviceConfig("/dev/sg1", "cciss,3"),), output="text")
     smart.Smart(config, SourceEnv(extra={"smartctl_runner": runner})).collect(TS / 1000)
     assert seen == [["-n", "standby", "-d", "cciss,3", "--all", "/dev/sg1"]]
 
@@ -370,7 +374,7 @@ def test_reading_devices_never_runs_charset_detection() -> None:
 def test_a_device_error_is_said_once_in_smartctls_words(caplog: pytest.LogCaptureFixture) -> None:
     answers = {"_-d_test__dev_nonexistent": json_case("error_unable-to-detect-device-type.json")}
     runner = Replay(None, answers=answers)
-    source = smart.Smart(SmartSourceConfig(devices=(SmartDeviceConfig("/dev/nonexistent", ""),)),
+    source = smart.Smart(SmartSourceConfig(devices=(SmartDeviceConfig("/dev/nonexistent", ""),), output="text"),
                          SourceEnv(extra={"smartctl_runner": runner}))
     caplog.set_level("WARNING", logger="waystation.smart")
     for interval in range(3):

@@ -1,13 +1,15 @@
-"""Uplink lanes against a scripted HTTP peer on loopback: Retry-After, backoff, byte-rate cap."""
+"""Uplink lanes against a scripted HTTP peer on loopback: Retry-After, backoff, byte-rate cap,
+probes after an outage, and the grace a stop gives the last batch."""
 
 from __future__ import annotations
 
 import http.server
 import json
 import random
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,9 @@ from nacl.signing import SigningKey
 import wire
 from agent.config import UplinkConfig
 from agent.spool import Spool
-from agent.uplink import Backoff, Outcome, Uplink, classify, retry_after_seconds
+from agent.uplink import Backoff, Outcome, SystemClock, Uplink, classify, retry_after_seconds
+from tests.fakes.clock import ManualClock
+from tests.fakes.counting_peer import CountingPeer, serving
 from wire.config import Duration, Size
 
 
@@ -166,3 +170,198 @@ def test_backfill_respects_byte_rate_cap_and_live_goes_first(tmp_path: Path) -> 
     span = backfill[-1][0] - backfill[0][0]
     sent_before_last = sum(a[2] for a in backfill[:-1])
     assert span >= 0.8 * sent_before_last / cap, (span, sent_before_last, cap)
+
+
+# ---------------------------------------------------------------- freshness after an outage, stop
+
+
+def _wait_until(cond: Callable[[], object], what: str, timeout: float = 15.0) -> None:
+    """Real-time wait for something the lanes do between the test's clock steps."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def _slow_backoff(url: str, initial: float, maximum: float, **kw: Any) -> UplinkConfig:
+    return UplinkConfig(url=url, backoff_initial=Duration(initial), backoff_max=Duration(maximum),
+                        probe_interval="500ms", **kw)
+
+
+def test_after_an_outage_the_newest_goes_at_the_first_answered_probe_not_after_the_backoff(
+    tmp_path: Path,
+) -> None:
+    _fill(tmp_path / "spool.db", 3, 5)
+    clock = ManualClock()
+    peer = CountingPeer(clock)
+    with serving(peer) as url:
+        # The first backoff is at least 4 s (full jitter over [4, 8]); probes every 0.5 s.
+        up = Uplink(_slow_backoff(url, 8.0, 10.0), tmp_path / "spool.db", clock=clock,
+                    rng=random.Random(7))
+        up.start()
+        try:
+            _wait_until(lambda: len(peer.posted()) == 1, "the first send")
+            clock.await_parked("uplink-live")
+            failed_at = clock.monotonic()
+            for k in range(1, 5):  # two seconds down: four probes, none answered
+                clock.advance(0.5)
+                _wait_until(lambda: len(peer.times("GET")) == k, f"probe {k}")  # noqa: B023
+                clock.await_parked("uplink-live")
+            peer.mode = "up"
+            clock.advance(0.5)
+            _wait_until(lambda: len(peer.posted()) == 2, "the send after the answered probe")
+            # The backlog follows behind it.
+            for _ in range(40):
+                if {seq for _, seq in peer.posted()} == {1, 2, 3}:
+                    break
+                clock.advance(0.5)
+                time.sleep(0.01)
+        finally:
+            up.stop()
+    posts = peer.posted()
+    probes = peer.times("GET")
+    assert posts[:2] == [(failed_at, 3), (failed_at + 2.5, 3)], "the newest batch, both times"
+    assert probes[:5] == [failed_at + 0.5 * k for k in range(1, 6)]
+    # The send came at the very moment the fifth probe was answered, long before the
+    # backoff (>= 4 s) would have let the lane try again.
+    assert posts[1][0] == probes[4] < failed_at + 4.0
+    assert len(probes) == 5, "probing stops once the collector answers"
+    assert [seq for _, seq in posts[2:]] == [1, 2], "then the backfill, oldest first"
+
+
+def test_a_down_collector_sees_one_probe_per_interval_plus_backed_off_sends(tmp_path: Path) -> None:
+    _fill(tmp_path / "spool.db", 2, 5)
+    clock = ManualClock()
+    peer = CountingPeer(clock)
+    with serving(peer) as url:
+        up = Uplink(_slow_backoff(url, 1.0, 4.0), tmp_path / "spool.db", clock=clock,
+                    rng=random.Random(11))
+        up.start()
+        try:
+            _wait_until(lambda: len(peer.posted()) == 1, "the first send")
+            clock.await_parked("uplink-live")
+            start = clock.monotonic()
+            for _ in range(240):  # one minute down, in quarter-second steps
+                clock.advance(0.25)
+                clock.await_parked("uplink-live")
+        finally:
+            up.stop()
+    posts = peer.posted()
+    probes = peer.times("GET")
+    assert {seq for _, seq in posts} == {2}, "only the live lane tries; the backfill waits"
+    # Sends: exactly the backoff's schedule (the lane's own jitter, replayed), each at the
+    # first clock step at or after its delay, never sooner.
+    delays = Backoff(1.0, 4.0, random.Random(11))
+    gaps = [b[0] - a[0] for a, b in zip(posts, posts[1:], strict=False)]
+    for gap in gaps:
+        expected = delays.next_delay()
+        assert expected <= gap <= expected + 0.25, (gaps, expected)
+    assert len(posts) >= 60 / 4.0, "the lane keeps trying at its capped backoff"
+    # Probes: never more than one per interval, and they do happen.
+    assert all(b - a >= 0.5 for a, b in zip(probes, probes[1:], strict=False))
+    assert 60 / 0.5 / 2 <= len(probes) <= 60 / 0.5 + 1
+    assert all(start < t <= start + 60 for t in probes)
+    assert up.stats.probes == len(probes)
+
+
+def test_a_collector_that_answers_but_fails_is_not_probed_into_a_send_loop(tmp_path: Path) -> None:
+    """Its /healthz may well say 200: a probe would end every backoff. It answered, so the
+    backoff is sat out in full."""
+    _fill(tmp_path / "spool.db", 1, 5)
+    clock = ManualClock()
+    peer = CountingPeer(clock, mode="failing")
+    with serving(peer) as url:
+        up = Uplink(_slow_backoff(url, 2.0, 8.0), tmp_path / "spool.db", clock=clock,
+                    rng=random.Random(5))
+        up.start()
+        try:
+            _wait_until(lambda: len(peer.posted()) == 1, "the first send")
+            clock.await_parked("uplink-live")
+            for _ in range(120):
+                clock.advance(0.25)
+                clock.await_parked("uplink-live")
+        finally:
+            up.stop()
+    assert peer.times("GET") == []
+    posts = peer.posted()
+    delays = Backoff(2.0, 8.0, random.Random(5))
+    for a, b in zip(posts, posts[1:], strict=False):
+        assert b[0] - a[0] >= delays.next_delay()
+    assert 2 <= len(posts) <= 1 + 30 / 1.0
+
+
+def _sign_one_more(path: Path) -> int:
+    key = SigningKey.generate()
+    sp = Spool(path)
+    try:
+        series = [wire.Series("m", (("k", "last"),), wire.MetricType.GAUGE, (1_800_000_000_000,), (1.0,))]
+        sp.append_data(key, "s", "n", series, 1 << 30)
+        return sp.stats().next_seq - 1
+    finally:
+        sp.close()
+
+
+def test_stop_delivers_the_batch_just_signed_within_the_grace(tmp_path: Path) -> None:
+    _fill(tmp_path / "spool.db", 2, 5)
+    peer = CountingPeer(SystemClock(), mode="up")
+    with serving(peer) as url:
+        up = Uplink(_config(url), tmp_path / "spool.db")
+        up.start()
+        _wait_until(lambda: up.stats.acked_batches == 2, "the first two batches")
+        last = _sign_one_more(tmp_path / "spool.db")  # what the agent signs on its way out
+        up.notify()
+        up.stop(grace=5.0)
+    assert (peer.posted() or [(0, 0)])[-1][1] == last
+    sp = Spool(tmp_path / "spool.db")
+    assert sp.stats().pending_batches == 0
+    sp.close()
+    assert not any(t.is_alive() for t in up.threads)
+
+
+def test_a_stop_during_a_long_backoff_tries_once_more_at_once(tmp_path: Path) -> None:
+    """The collector came back while the live lane sat out a minute's backoff (probing off):
+    the stop's grace is spent on a try now, not on the rest of the backoff."""
+    _fill(tmp_path / "spool.db", 1, 5)
+    peer = CountingPeer(SystemClock(), mode="down")
+    with serving(peer) as url:
+        config = UplinkConfig(url=url, backoff_initial=Duration(60.0), backoff_max=Duration(60.0),
+                              probe_interval="0s")
+        up = Uplink(config, tmp_path / "spool.db")
+        up.start()
+        _wait_until(lambda: up.stats.failures >= 1, "the first send to fail")
+        peer.mode = "up"
+        last = _sign_one_more(tmp_path / "spool.db")
+        up.notify()
+        up.stop(grace=5.0)
+    assert [seq for _, seq in peer.posted()] == [1, last], "the newest, right after the stop began"
+    assert peer.times("GET") == [], "probing was off"
+
+
+def test_stop_with_the_collector_down_gives_up_after_the_grace_and_keeps_the_batch(
+    tmp_path: Path,
+) -> None:
+    _fill(tmp_path / "spool.db", 1, 5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens: refused
+    up = Uplink(_config(closed, probe_interval="100ms"), tmp_path / "spool.db")
+    up.start()
+    _wait_until(lambda: up.stats.failures >= 1 and up.stats.probes >= 1, "a failed send and a probe")
+    started = time.monotonic()
+    up.stop(grace=1.0)
+    assert time.monotonic() - started < 1.0 + 10, "stop returns after the grace, not never"
+    assert not any(t.is_alive() for t in up.threads)
+    sp = Spool(tmp_path / "spool.db")
+    assert sp.stats().pending_batches == 1, "the batch stays in the spool"
+    sp.close()
+    # The next start delivers it.
+    peer = CountingPeer(SystemClock(), mode="up")
+    with serving(peer) as url:
+        again = Uplink(_config(url), tmp_path / "spool.db")
+        again.start()
+        try:
+            _wait_until(lambda: again.stats.acked_batches == 1, "delivery at the next start")
+        finally:
+            again.stop()
+    assert [seq for _, seq in peer.posted()] == [1]

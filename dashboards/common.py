@@ -57,7 +57,8 @@ def watermark_lag(sel: str) -> str:
 
 def clock_offset(sel: str) -> str:
     """site_node:waystation_clock_offset_seconds:estimate"""
-    return (f"max by (site, node) (waystation_agent_uplink_last_ack_timestamp_seconds{{{sel}}}) - on (site, node) "
+    return (f"max by (site, node) (last_over_time(waystation_agent_uplink_last_ack_timestamp_seconds{{{sel}}}[1h]))"
+            " - on (site, node) "
             f"max by (site, node) ({LAST_SEEN}{{{sel}}})")
 
 

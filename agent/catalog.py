@@ -203,7 +203,8 @@ SCRAPE = _m("scrape", ("job",),
 AGENT = (
     _m("agent", ("source", "stage"),
        ("waystation_source_errors_total", C, "",
-        "Source failures by stage (probe, collect, summarize, overrun)."))
+        "Source failures by stage (probe, collect, summarize, overrun); a running source's "
+        "collect, summarize and overrun are sent from 0."))
     + _m("agent", ("source",),
          ("waystation_agent_source_enabled", G, "", "1 if the source runs, 0 if its probe disabled it."))
     + _m("agent", (),

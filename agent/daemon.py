@@ -208,6 +208,8 @@ class Agent:
         """The agent's own health, sent in every batch (the collector reads the backlog from it)."""
         out: list[tuple[str, tuple[tuple[str, str], ...], wire.MetricType, float]] = []
         g, c = wire.MetricType.GAUGE, wire.MetricType.COUNTER
+        # From 0 for every running source and stage (Runner.error_counts): a counter born at
+        # its first error would never be counted by increase().
         for (source, stage), n in sorted(self.runner.error_counts().items()):
             out.append(("waystation_source_errors_total", (("source", source), ("stage", stage)), c, n))
         for item in self.runner.scheduled:

@@ -15,6 +15,15 @@ every node cuts the same windows. Per series and window:
   sample. Between any two consecutive forwarded points the raw samples then hold no
   reset, so Prometheus' increase()/rate() over forwarded points whose range starts and
   ends on forwarded points counts exactly what it counts over the raw samples.
+  A counter series the runner says was born in this collect (see agent/runner.py: it
+  did not exist a moment before) also gets a 0 one millisecond before its first sample,
+  forwarded with that sample's window even when that millisecond lies in an earlier,
+  already flushed window (a tick on a window boundary whose read ends after the flush):
+  the zero is part of the first point's window, never late. It is forwarded only with
+  its sample (a late first sample drops both), only when the summarizer holds no earlier
+  point of the series (so it can never be out of order), and only before a first value
+  above 0 (a 0 before a 0 counts nothing). A batch's window range (wire.prepare_data)
+  is computed over every point, so it simply starts that millisecond earlier.
 - INFO: the last sample.
 
 Samples are folded into running aggregates as they arrive; only counters keep extra
@@ -25,7 +34,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from agent.sources.base import Labels, Sample
@@ -61,7 +70,7 @@ class _GaugeWindow:
 class _CounterWindow:
     last_ts: int
     last_v: float
-    extra: list[tuple[int, float]] = field(default_factory=list)  # first ever, reset edges
+    extra: list[tuple[int, float]] = field(default_factory=list)  # born zero, first ever, reset edges
 
 
 @dataclass(slots=True)
@@ -93,8 +102,11 @@ class Summarizer:
         self._closed_before = -(2**62)  # windows with index below this have been flushed
         self.dropped_samples = 0
 
-    def add(self, samples: Iterable[Sample]) -> None:
-        """Fold samples in; called from source threads, concurrently with each other."""
+    def add(self, samples: Iterable[Sample], born: Collection[tuple[str, Labels]] = ()) -> None:
+        """Fold samples in; called from source threads, concurrently with each other.
+
+        born: (name, labels) of counter series born in these samples (the runner's
+        judgement); each gets a 0 just before its first sample, in that sample's window."""
         wms = self.window_ms
         with self._lock:
             for s in samples:
@@ -120,6 +132,8 @@ class Summarizer:
                         win = state.windows[w] = _CounterWindow(ts, v)
                     assert isinstance(win, _CounterWindow)
                     if first:
+                        if v > 0 and born and (s.name, s.labels) in born:
+                            win.extra.append((ts - 1, 0.0))
                         win.extra.append((ts, v))
                     elif v < state.last_v:
                         # The pre-reset sample, if it lies in an earlier window, was that

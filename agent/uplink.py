@@ -11,16 +11,32 @@ Failures: connection errors and 5xx back off exponentially with full jitter;
 data and retry slowly; 400/409/413 mean resending cannot help, so the batch is
 set aside as rejected (kept for audit) and the error is recorded for `status`.
 
-Freshness after an outage: while the live lane sits out a backoff because the
-collector could not be reached, it probes the collector every `probe_interval`
-with a GET /healthz (no body, a bounded timeout, one at a time: the lane itself
-probes) and sends the newest batch the moment a probe is answered 200. A down
-collector therefore sees at most one probe per interval plus the backed-off sends;
-a Retry-After is never cut short.
+Freshness after an outage: while the live lane sits out a backoff because a send got
+no answer (the connection was refused, reset or timed out), it probes the collector
+about every `probe_interval` (jittered by +-20%, so a fleet that lost the collector
+together does not probe in step) with a GET /healthz (no body, a bounded timeout, one
+at a time: the lane itself probes). A probe ends the wait only on a change it saw: the
+collector was down during this outage (a probe failed, or the send could not even
+connect) and now answers 200; the newest batch goes at that moment. If the first probe
+after a failed send is answered, the collector was reachable all along and the send
+failed for another reason (a proxy resetting large uploads, a collector failing on this
+batch): the backoff is sat out in full. So is the one after a send a probe let through
+fails again. A down collector therefore sees at most one probe per interval plus the
+backed-off sends, a reachable one that fails sends only the backoff's, and a Retry-After
+is never cut short.
 
-Stop: `stop(grace)` lets the live lane deliver what it owns (the batch the agent
-signed on its way out) for up to `grace` seconds while the backfill lane stops at
-once; whatever is not acked by then stays in the spool for the next start.
+Stop: `stop(grace)` gives the live lane up to `grace` seconds to deliver, newest first,
+every batch newer than the last one it settled before the stop (the batch the agent
+signed on its way out, and one a window boundary signed just before it). The backfill
+lane stops at once and is not waited for (a request it has in flight is left to the
+process's exit; its batch is pending again at the next start), unless that request
+carries a batch newer than the live lane's last, which the stop then waits for within
+the grace. A stop before the first delivery could be prepared (a new spool and the
+collector down) does not wait at all. Whatever is not acked stays in the spool.
+
+Randomness: each lane draws its backoff jitter, and the live lane and the preparing
+step their probe jitter, from a generator of its own, seeded from the one handed in
+(`lane_rngs`), so a test that replays one lane's schedule holds whatever the others do.
 
 Threads: `start()`, `notify()` and `stop()` are called from the agent's main thread;
 `notify()` may be called at any time. Each lane, and the one-off resume step, is a
@@ -107,16 +123,43 @@ class Outcome:
     complete_through: int | None = None
 
 
+# How an attempt failed, as far as reachability goes (what a probe can tell about it).
+DOWN = "down"  # no connection could be opened (refused, unreachable, DNS, connect/TLS timeout)
+LOST = "lost"  # connected, but no answer came back (reset, closed, timed out mid-request)
+ANSWERED = "answered"  # an HTTP reply came back: the collector (or something in its place) is up
+HELD = ""  # not a failure of reachability (a Retry-After, a spool error): never probed
+
+
 class _Step(NamedTuple):
     """What a lane does after one delivery attempt."""
 
     settled: bool  # acked, or set aside for good: the batch is done with
     wait_s: float  # how long to wait before the next attempt
-    unreachable: bool = False  # the collector could not be reached: a probe may end the wait
+    failure: str = HELD  # DOWN or LOST: a probe may end the wait (see _Outage)
+
+
+class _Outage:
+    """What one lane has seen of the collector since its last delivery, so that a probe
+    ends a wait only on a down->up change it observed, never merely because /healthz
+    answers while sends fail for another reason."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng  # the probe interval's jitter
+        self.down_seen = False  # a probe, or a send's connect, failed during this outage
+        self.released = False  # a probe ended the last wait: the send after it was let through
+
+    def delivered(self) -> None:
+        self.down_seen = self.released = False
 
 
 class NotTheCollector(Exception):
     """Something answered that is not the collector's own reply (a proxy, a portal)."""
+
+
+class CouldNotConnect(OSError):
+    """No connection to the collector could be opened: refused, unreachable, a DNS failure,
+    a connect or TLS handshake timeout. Unlike a reset after connecting, this says the
+    collector (or the way to it) is down."""
 
 
 class _Connection:
@@ -156,6 +199,11 @@ class _Connection:
                     )
                 else:
                     self.conn = http.client.HTTPConnection(self.host, self.port, timeout=limit)
+                try:
+                    self.conn.connect()  # apart from the request: its failure means "down"
+                except OSError as exc:
+                    self.close()
+                    raise CouldNotConnect(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
             elif self.conn.sock is not None:
                 self.conn.sock.settimeout(limit)
             try:
@@ -251,6 +299,26 @@ class Backoff:
         self.failures = 0
 
 
+LANE_RNGS = ("prepare", "live", "backfill", "prepare-probe", "live-probe")
+
+
+def lane_rngs(rng: random.Random) -> dict[str, random.Random]:
+    """One generator per user of randomness (LANE_RNGS), each seeded from `rng` in a fixed
+    order: what one lane draws never shifts another's sequence."""
+    return {name: random.Random(rng.getrandbits(64)) for name in LANE_RNGS}
+
+
+def _failure_of(exc: BaseException) -> str:
+    """What a failed attempt says about reachability."""
+    if isinstance(exc, CouldNotConnect):
+        return DOWN
+    if isinstance(exc, NotTheCollector):
+        return ANSWERED
+    if isinstance(exc, OSError | http.client.HTTPException):
+        return LOST
+    return HELD  # a spool error, say: nothing a probe can tell
+
+
 class Uplink:
     """Runs the two delivery lanes until stop() is called."""
 
@@ -268,8 +336,11 @@ class Uplink:
         self.stats = stats or UplinkStats()
         self.identity = identity  # key, site, node: needed to resume a new spool's chain
         self.clock: Clock = clock or SystemClock()
-        self.rng = rng or random.Random()
+        self.rngs = lane_rngs(rng or random.Random())
+        # resumed: _prepare succeeded, the lanes may send. prepare_ended: it returned, having
+        # succeeded or given up (a stop began): a lane waiting for it then knows which.
         self.resumed = threading.Event()
+        self.prepare_ended = threading.Event()
         self.stop_event = threading.Event()
         self.new_batch = threading.Event()
         # Set when stop() begins: the backfill lane ends, the live lane ends once it has
@@ -280,6 +351,10 @@ class Uplink:
         self.threads: list[threading.Thread] = []
         # A Retry-After is the collector speaking to this node, not to one lane: both honour it.
         self.hold_until = 0.0
+        # The seq the live lane last settled, and the one the backfill lane is sending (0 when
+        # none): a stop waits for the backfill's request only if it carries a newer batch.
+        self.live_settled = 0
+        self.backfill_sending = 0
         # Set while the live lane is delivering (or has nothing to deliver). The backfill lane
         # waits for it, so after an outage the newest batch is always the first to arrive.
         self.live_ok = threading.Event()
@@ -301,28 +376,44 @@ class Uplink:
 
     def stop(self, grace: float = 0.0, join_timeout: float = 1.0) -> None:
         """Stop both lanes, after giving the live lane up to `grace` seconds to deliver what it
-        owns (the batch just signed). Returns within about grace + join_timeout, whatever the
-        collector does; a lane still in a request then is left to die with the process (its
-        claim goes back to pending at the next start)."""
+        owns (every batch newer than the last it settled: the batch just signed). Only the
+        live lane is waited for, and the backfill lane only while its request in flight
+        carries a batch newer than that. Returns within about grace + join_timeout, whatever
+        the collector does; a lane still in a request then is left to die with the process
+        (its claim goes back to pending at the next start)."""
         self.drain_deadline = self.clock.monotonic() + max(0.0, grace)
         self.draining.set()
         self.new_batch.set()
         self.live_ok.set()  # the backfill lane may be waiting for it: let it see the stop
-        if grace > 0:
-            for done in self.done.values():
-                left = self.drain_deadline - self.clock.monotonic()
-                if left <= 0 or not self.clock.wait(done, left):
-                    break
+        if grace > 0 and self.done and self._drained(self.done["uplink-live"]):
+            if self.backfill_sending > self.live_settled:
+                # It claimed the oldest pending batch just as that was the newest (right after
+                # a boundary): the live lane could not send it, so this request is worth a wait.
+                self._drained(self.done["uplink-backfill"])
         self.stop_event.set()
         end = time.monotonic() + join_timeout
         for t in self.threads:
             t.join(max(0.0, end - time.monotonic()))
 
+    def _drained(self, done: threading.Event) -> bool:
+        """Wait for a lane to end, until the drain deadline at most; whether it ended."""
+        left = self.drain_deadline - self.clock.monotonic()
+        return done.is_set() or (left > 0 and self.clock.wait(done, left))
+
     def _prepare(self) -> None:
         """Runs once before either lane sends: hand back claims a killed process left, and
         for a new spool learn where this node's chain stands at the collector."""
-        backoff = self._backoff()
+        try:
+            self._prepare_loop()
+        finally:
+            self.prepare_ended.set()
+
+    def _prepare_loop(self) -> None:
+        backoff = self._backoff("prepare")
+        outage = _Outage(self.rngs["prepare-probe"])
         recovered = False
+        # A stop ends the retries: the try under way (or one at once, if the stop ended a
+        # wait) finishes and the lanes wait for it, but once that fails there is no more.
         while not self.stop_event.is_set():
             try:
                 spool = Spool(self.spool_path)
@@ -346,8 +437,11 @@ class Uplink:
                 break
             except Exception as exc:  # noqa: BLE001 (collector down, spool unwritable: retry)
                 log.info("waiting before the first delivery: %s", exc)
-                unreachable = isinstance(exc, OSError | http.client.HTTPException)
-                self._wait_out(backoff.next_delay(), unreachable)
+                if self.draining.is_set():
+                    return  # not resumed: the lanes send nothing; the next start tries again
+                self._wait_out(backoff.next_delay(), _failure_of(exc), outage)
+        else:
+            return
         self.resumed.set()
 
     def _chain_head(self, site: str, node: str) -> tuple[int, bytes]:
@@ -355,7 +449,7 @@ class Uplink:
         conn = _Connection(self.config)
         try:
             path = f"{parts.path.rstrip('/')}/v1/nodes/{quote(site, safe='')}/{quote(node, safe='')}/chain"
-            status, _, body = conn.request("GET", path, None)
+            status, _, body = conn.request("GET", path, None, self._request_timeout())
         finally:
             conn.close()
         try:
@@ -373,9 +467,13 @@ class Uplink:
         # A lane never dies: an unexpected error is logged and the lane starts over. It ends
         # when its body returns (a stop) or at stop_event.
         try:
-            while not self.clock.wait(self.resumed, 1.0):
+            # Until the first delivery is prepared. If that gave up (a stop came while the
+            # collector was down on a new spool), there is nothing this lane may send.
+            while not self.clock.wait(self.prepare_ended, 1.0):
                 if self.stop_event.is_set():
                     return
+            if not self.resumed.is_set():
+                return
             while not self.stop_event.is_set():
                 try:
                     spool = Spool(self.spool_path)
@@ -419,7 +517,7 @@ class Uplink:
             problem = f"collector unreachable ({self.config.url}): {exc}"
             spool.release(claimed.seq, problem)
             self._warn_once(problem)
-            return _Step(False, self._fail(backoff), unreachable=True)
+            return _Step(False, self._fail(backoff), _failure_of(exc))
         with self.stats.lock:
             self.stats.sent_bytes += len(claimed.frame)
             self.stats.sent_batches += 1
@@ -451,7 +549,7 @@ class Uplink:
         # The collector (or something in its place) answered: a probe would say it is up,
         # so this backoff is sat out in full rather than cut short into a send loop.
         self._warn_once(f"batches not delivered: {outcome.detail}")
-        return _Step(False, self._fail(backoff))
+        return _Step(False, self._fail(backoff), ANSWERED)
 
     def _request_timeout(self) -> float:
         """The configured timeout, but never past the end of a stop's grace."""
@@ -474,29 +572,51 @@ class Uplink:
             conn.close()
         return status == 200
 
-    def _wait_out(self, delay: float, unreachable: bool) -> None:
-        """Sit out a backoff of `delay` seconds. When the collector could not be reached,
-        probe it every probe_interval meanwhile and end the wait at the first probe it
-        answers, so the newest batch goes the moment it is back, not when the backoff ends."""
-        every = self.config.probe_interval_s if unreachable else 0.0
+    def _wait_out(self, delay: float, failure: str, outage: _Outage) -> None:
+        """Sit out a backoff of `delay` seconds after an attempt that failed so (`failure`).
+        When no answer came back (DOWN or LOST), probe the collector about every
+        probe_interval meanwhile, and end the wait at the first answered probe if the
+        collector was seen down during this outage; see the module docstring."""
+        if failure == ANSWERED:
+            outage.delivered()  # it is up: whatever comes next starts a new story
+        probing = failure in (DOWN, LOST) and self.config.probe_interval_s > 0
+        if probing and outage.released:
+            # A probe let the last send through and it failed again: /healthz answers but
+            # sends do not get through. Sit this one out; the next failure starts afresh.
+            outage.delivered()
+            probing = False
+        elif failure == DOWN:
+            outage.down_seen = True
         now = self.clock.monotonic()
         end = now + delay
         # A stop that begins during the wait ends it: the grace is for one more try now,
         # not for the rest of a backoff. Once stopping, only the stop itself ends a wait.
         wake = self.stop_event if self.draining.is_set() else self.draining
-        next_probe = now + every  # the send just failed: probing at once would tell nothing
+        # The send just failed: probing at once would tell nothing.
+        next_probe = now + self._probe_gap(outage) if probing else end
         while not wake.is_set():
             now = self.clock.monotonic()
             if now >= end:
                 return
-            if every > 0 and now >= next_probe:
+            if probing and now >= next_probe:
                 # Start to start: a slow probe delays the next one, never doubles them up.
-                next_probe = now + every
-                if self._probe():
+                next_probe = now + self._probe_gap(outage)
+                if not self._probe():
+                    outage.down_seen = True
+                elif outage.down_seen:
+                    outage.down_seen, outage.released = False, True
                     log.info("collector answers again; sending the newest batch now")
                     return
+                else:
+                    # Answered, and never seen down: the send failed for another reason (a
+                    # proxy resetting the upload, a collector failing on this batch).
+                    probing = False
                 continue
-            self.clock.wait(wake, min(end, next_probe) - now if every > 0 else end - now)
+            self.clock.wait(wake, (min(end, next_probe) if probing else end) - now)
+
+    def _probe_gap(self, outage: _Outage) -> float:
+        """probe_interval, jittered by +-20% so a fleet does not probe in step."""
+        return self.config.probe_interval_s * outage.rng.uniform(0.8, 1.2)
 
     def _warn_once(self, problem: str) -> None:
         """Log a delivery problem when it starts or changes, not on every retry."""
@@ -511,11 +631,13 @@ class Uplink:
             self.stats.backoff_s = delay
         return delay
 
-    def _backoff(self) -> Backoff:
-        return Backoff(float(self.config.backoff_initial), float(self.config.backoff_max), self.rng)
+    def _backoff(self, lane: str) -> Backoff:
+        return Backoff(float(self.config.backoff_initial), float(self.config.backoff_max),
+                       self.rngs[lane])
 
     def _live(self, spool: Spool, conn: _Connection) -> None:
-        backoff = self._backoff()
+        backoff = self._backoff("live")
+        outage = _Outage(self.rngs["live-probe"])
         newest_seen = 0
         while not self.stop_event.is_set():
             if self.draining.is_set() and self.clock.monotonic() >= self.drain_deadline:
@@ -531,15 +653,19 @@ class Uplink:
                 continue
             step = self._send(spool, conn, claimed, backoff)
             if step.settled:
-                # Everything older than what the live lane settled is the backfill lane's job.
-                newest_seen = claimed.seq
+                outage.delivered()
+                # Everything older than what the live lane settled is the backfill lane's job,
+                # but not while stopping (the backfill has stopped): then the lane goes on to
+                # each batch newer than the last it settled before the stop, newest first.
+                if not self.draining.is_set():
+                    newest_seen = self.live_settled = claimed.seq
                 self.live_ok.set()
             else:
                 self.live_ok.clear()
-                self._wait_out(step.wait_s, step.unreachable)
+                self._wait_out(step.wait_s, step.failure, outage)
 
     def _backfill(self, spool: Spool, conn: _Connection) -> None:
-        backoff = self._backoff()
+        backoff = self._backoff("backfill")
         rate = float(self.config.max_bytes_per_second)
         # A stop ends the backfill at once: its grace is for the newest batch, not the backlog.
         while not self.draining.is_set():
@@ -550,7 +676,11 @@ class Uplink:
                 self.clock.wait(self.draining, 1.0)
                 continue
             started = self.clock.monotonic()
-            step = self._send(spool, conn, claimed, backoff)
+            self.backfill_sending = claimed.seq
+            try:
+                step = self._send(spool, conn, claimed, backoff)
+            finally:
+                self.backfill_sending = 0
             delay = step.wait_s
             if step.settled:
                 # The byte-rate cap: a batch of N bytes buys N/rate seconds of the uplink.

@@ -96,7 +96,12 @@ class SourceEnv:
 
 
 class Source(Protocol):
-    """What the runner needs from a source."""
+    """What the runner needs from a source.
+
+    Optionally a source sets `partial = True` after a collect that may lack counters it has
+    (a read that failed this once, families dropped over a limit), so that a counter showing
+    up later is not taken for one born at its first event (agent/runner.py); absent: False.
+    """
 
     name: str
 

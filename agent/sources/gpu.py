@@ -15,11 +15,19 @@ else skips the field for this interval only.
 XID errors are a real counter per XID code (`waystation_gpu_xid_errors_total`), fed
 from NVML critical-error events by a dedicated daemon thread whose waits are bounded,
 rather than dcgm-exporter's sticky last-XID gauge. A code's counter is born by its first
-event; the first reading that counts it also carries a 0 one millisecond earlier, so
-increase() and rate() over the history count that first event. Beside each counter,
+event, already at 1: the runner's generic rule for born counters (agent/runner.py) has
+the summarizer send a 0 just before the first reading that counts it, so increase() and
+rate() over the history count that first event (not for an XID that came before the
+source's first complete reading: that reading is the baseline). Beside each counter,
 `waystation_gpu_xid_last_timestamp_seconds` is the wall time of that code's last event: an
 alert on "an XID in the last 15 minutes" reads it on any path (the scrape of the collector
 shows only a series' newest point, never the zero), for a GPU's first XID as for its tenth.
+
+For that rule a reading is `partial` when a read that gives counters (COUNTER_READERS,
+the counter fields) failed for this interval only before it ever succeeded on that GPU:
+the series it would have given may exist, and must not look born when they show up
+next time. A read that has succeeded once has put its series in the runner's memory, so
+its later failures do not matter; one that is not supported is never asked again.
 """
 
 from __future__ import annotations
@@ -162,7 +170,6 @@ class GpuReading:
     values: Mapping[str, float] = field(default_factory=dict)
     mig: tuple[MigReading, ...] = ()
     xid_counts: Mapping[int, int] = field(default_factory=dict)
-    xid_new: frozenset[int] = frozenset()  # codes counted for the first time in this reading
     xid_last: Mapping[int, float] = field(default_factory=dict)  # code -> wall time of its last event
 
 
@@ -208,11 +215,6 @@ def parse(raw: NvmlReading, ts_ms: int) -> list[Sample]:
                     add(name, mig_labels, mtype, int(mig.values[key] * factor))
         for xid in sorted(gpu.xid_counts):
             xid_labels = labels + (("xid", str(xid)),)
-            if xid in gpu.xid_new:
-                # The counter is born by its first event: a 0 just before the first reading
-                # that counts it lets increase()/rate() count that event too (they never count
-                # a series' first point), wherever the history goes.
-                out.append(Sample(XID_METRIC, xid_labels, C, 0.0, ts_ms - 1))
             add(XID_METRIC, xid_labels, C, gpu.xid_counts[xid])
             if xid in gpu.xid_last:
                 add(XID_LAST_METRIC, xid_labels, G, round(gpu.xid_last[xid], 3))
@@ -324,6 +326,15 @@ FIELD_VALUES: dict[str, str] = {
     "NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL": "nvlink_recovery_errors",
 }
 
+# READERS whose values include a counter (METRICS type C): a transient failure of one that
+# never succeeded on a GPU makes the reading partial (module docstring).
+COUNTER_READERS = frozenset({
+    "energy", "pcie_replay", "ecc_sbe_vol", "ecc_dbe_vol", "ecc_sbe_agg", "ecc_dbe_agg",
+    "retired_sbe", "retired_dbe", "remapped_rows",
+})
+# FIELD_VALUES keys that are counters.
+COUNTER_FIELDS = frozenset(key for key in FIELD_VALUES.values() if METRICS[key][1] == C)
+
 
 @dataclass
 class _GpuState:
@@ -333,6 +344,7 @@ class _GpuState:
     identity: GpuIdentity
     unsupported: set[str] = field(default_factory=set)
     lost: bool = False
+    read_once: set[str] = field(default_factory=set)  # counter reads (and "field:" keys) that succeeded
 
 
 class Gpu:
@@ -349,11 +361,12 @@ class Gpu:
         self._cuda_version = ""
         self._xid_lock = threading.Lock()
         self._xid: dict[str, dict[int, int]] = {}  # UUID -> xid -> count
-        self._xid_reported: set[tuple[str, int]] = set()  # (UUID, xid) already in a reading
         self._xid_last: dict[str, dict[int, float]] = {}  # UUID -> xid -> wall time of the last event
         self._stop = threading.Event()
         self._event_thread: threading.Thread | None = None
         self._event_set: Any = None
+        # The last reading lacks counters that may exist (a first read failed this time only).
+        self.partial = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -405,6 +418,7 @@ class Gpu:
 
     def collect(self, now: float) -> list[Sample]:
         """Read every GPU once; called from the source's worker thread every interval."""
+        self.partial = False
         return parse(self._read(), round(now * 1000))
 
     # -- raw NVML reads -----------------------------------------------------------------
@@ -447,7 +461,7 @@ class Gpu:
             return None
         nvml = self._nvml
         try:
-            return reader(nvml, gpu.handle)
+            got = reader(nvml, gpu.handle)
         except nvml.NVMLError as exc:
             code = _error_code(exc)
             if code == NVML_ERROR_GPU_IS_LOST:
@@ -458,7 +472,21 @@ class Gpu:
                 log.info("gpu %s: %s not available, not asking again: %s", gpu.identity.index, key, exc)
             else:
                 log.debug("gpu %s: %s failed this time: %s", gpu.identity.index, key, exc)
+                self._failed_once(gpu, key)
             return None
+        if key in COUNTER_READERS:
+            gpu.read_once.add(key)
+        return got
+
+    def _failed_once(self, gpu: _GpuState, key: str) -> None:
+        """A read failed for this interval only: partial if it gives counters never read yet."""
+        if key == "field_values":
+            if any(k in COUNTER_FIELDS and hasattr(self._nvml, const)
+                   and f"field:{k}" not in gpu.read_once and f"field:{k}" not in gpu.unsupported
+                   for const, k in FIELD_VALUES.items()):
+                self.partial = True
+        elif key in COUNTER_READERS and key not in gpu.read_once:
+            self.partial = True
 
     def _field_values(self, gpu: _GpuState) -> dict[str, float]:
         nvml = self._nvml
@@ -477,8 +505,12 @@ class Gpu:
             ret = int(fv.nvmlReturn)
             if ret == NVML_SUCCESS:
                 out[key] = _field_value(fv)
+                if key in COUNTER_FIELDS:
+                    gpu.read_once.add(f"field:{key}")
             elif ret in PERMANENT_ERRORS:
                 gpu.unsupported.add(f"field:{key}")
+            elif key in COUNTER_FIELDS and f"field:{key}" not in gpu.read_once:
+                self.partial = True
         return out
 
     def _mig_devices(self, gpu: _GpuState) -> tuple[MigReading, ...]:
@@ -513,9 +545,6 @@ class Gpu:
         with self._xid_lock:
             xid = {uuid: dict(counts) for uuid, counts in self._xid.items()}
             xid_last = {uuid: dict(times) for uuid, times in self._xid_last.items()}
-        new_xids = {uuid: frozenset(c for c in counts if (uuid, c) not in self._xid_reported)
-                    for uuid, counts in xid.items()}
-        self._xid_reported.update((uuid, c) for uuid, codes in new_xids.items() for c in codes)
         gpus: list[GpuReading] = []
         for gpu in self._gpus:
             values: dict[str, float] = {}
@@ -532,7 +561,7 @@ class Gpu:
                 mig = self._mig_devices(gpu)
             uuid = gpu.identity.uuid
             gpus.append(GpuReading(gpu.identity, gpu.lost, values, mig, xid.get(uuid, {}),
-                                   new_xids.get(uuid, frozenset()), xid_last.get(uuid, {})))
+                                   xid_last.get(uuid, {})))
         return NvmlReading(self._driver_version, self._cuda_version, tuple(gpus))
 
     # -- XID events ---------------------------------------------------------------------

@@ -164,6 +164,9 @@ class Scrape:
         self._allow = [re.compile(p) for p in allow]
         self._deny = [re.compile(p) for p in config.deny]
         self.series_dropped = 0
+        # A page with families dropped over max_series is incomplete: a dropped counter family
+        # that fits later must not look born (agent/runner.py, counter births).
+        self.partial = False
 
     def probe(self) -> str | None:
         """Always runnable: the endpoint may come up later, and each failed GET is counted."""
@@ -180,5 +183,6 @@ class Scrape:
         families = parse_families(text, self.name, self._allow, self._deny, ts_ms)
         kept, dropped = limit_series(families, self.config.max_series)
         self.series_dropped += dropped
+        self.partial = dropped > 0
         kept.append(Sample(SERIES_DROPPED, (("job", self.name),), C, float(self.series_dropped), ts_ms))
         return kept

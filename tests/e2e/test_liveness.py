@@ -157,8 +157,6 @@ HEALTHY_EXCEPTIONS: dict[str, str] = {}
 EMPTY_TARGETS: dict[tuple[str, str, str], tuple[str, str]] = {
     ("node", "GPU XID and ECC errors", "A"): (HEALTHY, "no XID ever on this node: the counter is born at its "
                                                        "first event"),
-    ("node", "Posts, acks and retries", "E"): ("all", "no source failed in this run: "
-                                                      "waystation_source_errors_total is born at a first error"),
     ("pipeline", "Remote write refused samples/s", "A"): ("all", "nothing refused: the counter is born at a "
                                                                  "first refusal"),
     ("pipeline", "Remote write retries/s by reason", "A"): ("all", "nothing retried: the counter is born at a "

@@ -45,6 +45,12 @@ class ManualClock:
             self.now += seconds
             self.cond.notify_all()
 
+    def advance_to_wake(self, thread_name: str) -> None:
+        """Advance to the moment `thread_name` waits for (it must be waiting on this clock)."""
+        with self.cond:
+            self.now = max(self.now, self.sleepers[thread_name])
+            self.cond.notify_all()
+
     def await_parked(self, thread_name: str, timeout: float = 10.0) -> None:
         """Block (real time) until `thread_name` waits on this clock for a future moment."""
         end = time.monotonic() + timeout

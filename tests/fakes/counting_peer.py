@@ -4,13 +4,20 @@ makes, so tests can count what a down collector would see.
 Modes: "down" drops each connection unanswered (the process behind the port is gone, or
 hangs up); "up" answers /healthz 200, the chain endpoint "unknown node" and acks every
 batch (it verifies nothing: use the real collector for that); "failing" answers /healthz
-200 but every batch with the collector's own 500.
+200 but every batch with the collector's own 500; "resetting" answers /healthz 200 but
+resets the connection (TCP RST) on every batch once it has read it, as a proxy that
+drops large uploads would; "hanging" answers /healthz 200 and holds every batch
+unanswered until `release` is set (then answers as "up").
+
+`modes` overrides the mode for particular batches (by seq): {1: "hanging"}.
 """
 
 from __future__ import annotations
 
 import http.server
 import json
+import socket
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +34,8 @@ class CountingPeer:
     def __init__(self, clock: _Clock, mode: str = "down") -> None:
         self.clock = clock
         self.mode = mode
+        self.modes: dict[int, str] = {}  # seq -> mode, for those batches only
+        self.release = threading.Event()  # ends "hanging"
         self.requests: list[tuple[float, str, str, int]] = []  # (clock time, method, path, seq or 0)
         self.lock = threading.Lock()
 
@@ -54,10 +63,20 @@ class CountingPeer:
                 seq = wire.parse_frame(body).header.seq if body else 0
                 with peer.lock:
                     peer.requests.append((peer.clock.monotonic(), self.command, self.path, seq))
-                    mode = peer.mode
+                    mode = peer.modes.get(seq, peer.mode) if body else peer.mode
                 if mode == "down":
                     self.close_connection = True
                     return
+                if mode == "resetting" and body is not None:
+                    # SO_LINGER 0: close() sends RST instead of FIN, so the client sees a reset.
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                    return
+                if mode == "hanging" and body is not None:
+                    peer.release.wait(60)
+                    mode = "up"
                 if body is None and self.path.endswith("/healthz"):
                     status, reply = 200, b"ok\n"
                 elif body is None and self.path.endswith("/chain"):

@@ -128,7 +128,7 @@ def test_a_down_collector_sees_only_probes_and_backed_off_sends(tmp_path: Path) 
     probes = [1 for m, p in during if (m, p) == ("GET", "/healthz")]
     sends = [1 for m, _ in during if m == "POST"]
     assert len(probes) + len(sends) == len(during), f"nothing else contacts it: {set(during)}"
-    assert 1 <= len(probes) <= elapsed / 0.25 + 2
+    assert 1 <= len(probes) <= elapsed / (0.25 * 0.8) + 2  # jittered: 200..300 ms apart
     # Backed-off sends: delays of at least 0.1, 0.2, 0.4 s, then 0.5 s once capped at 1 s,
     # plus one failed send of the backfill lane (it then waits for the live lane).
     assert 1 <= len(sends) <= 4 + elapsed / 0.5 + 1
@@ -145,6 +145,9 @@ def test_sigterm_delivers_the_final_batch_and_exits_promptly(tmp_path: Path) -> 
         _sigterm(agent, within=5 + 10)  # the default stop_grace, and slack
         status = agent.status()
         final = status["next_seq"] - 1
+        # Nothing pending, even if a window boundary signed a batch just before the SIGTERM
+        # did: while stopping, the live lane delivers every batch newer than the last it
+        # settled (the collector was up all along, so it settled each one as it was signed).
         assert final >= 1 and status["pending_batches"] == 0, status
         node = _node(collector)
         assert node["highest_seq"] == node["complete_through"] == final, node

@@ -20,6 +20,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
+import wire
 from agent.config import GpuSourceConfig
 from agent.sources.base import Sample, SourceEnv
 from agent.sources.gpu import Gpu
@@ -241,43 +242,127 @@ def test_xid_events_count_per_code() -> None:
     assert source._event_thread is not None and not source._event_thread.is_alive()
 
 
-def test_a_first_xid_comes_with_a_zero_point_so_increase_counts_it() -> None:
-    """The agent sends the counter only from its first event on, already at 1: a 0 just before
-    that first reading makes increase() count the event; later readings carry no zero."""
+def wait_for_xid(source: Gpu, count: float) -> None:
+    """Until the event thread has counted `count` XIDs (a direct collect: not seen by any runner)."""
+    deadline = time.monotonic() + 10
+    while [s.value for s in source.collect(0.0) if s.name == "waystation_gpu_xid_errors_total"] != [count]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("first_at", [660.0, 675.0], ids=["on-a-window-boundary", "mid-window"])
+def test_a_first_xid_comes_with_a_zero_point_so_increase_counts_it(first_at: float) -> None:
+    """The counter of a code appears with its first event, already at 1: the runner sees it
+    born (the source was reporting a moment before) and the summarizer forwards a 0 just
+    before it, so increase() counts the event. On a window boundary that 0 lies in the window
+    already flushed when the read ends: it travels with the first point's window, not dropped."""
+    from agent.runner import Runner, Scheduled
     from agent.summarize import Summarizer
 
     fake = FakeNvml(*load("tesla-t4.xml"))
     source = started(fake)
     summarizer = Summarizer(60.0)
-
-    def xid_points(now: float) -> list[tuple[int, float]]:
-        samples = source.collect(now)
-        summarizer.add(samples)
-        return [(s.ts_ms, s.value) for s in samples if s.name == "waystation_gpu_xid_errors_total"]
-
-    assert xid_points(600.0) == []
+    runner = Runner([Scheduled(source, 15.0)], summarizer.add)
+    (item,) = runner.scheduled
+    out: list[wire.Series] = []
+    runner.run_once(item, 600.0)  # the baseline reading: no XID yet
+    runner.run_once(item, 645.0)
+    out += summarizer.flush(660_000)  # window [600 s, 660 s) is gone before the next read
     fake.inject_xid(0, 79)
-    deadline = time.monotonic() + 10
-    first = xid_points(610.0)
-    while not first:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-        first = xid_points(610.5)
-    now_ms = first[-1][0]
-    assert first == [(now_ms - 1, 0.0), (now_ms, 1.0)]
-    (last,) = [s for s in source.collect(611.0) if s.name == "waystation_gpu_xid_last_timestamp_seconds"]
+    wait_for_xid(source, 1.0)
+    runner.run_once(item, first_at)
+    (last,) = [s for s in source.collect(first_at) if s.name == "waystation_gpu_xid_last_timestamp_seconds"]
     assert dict(last.labels)["xid"] == "79" and last.mtype == MetricType.GAUGE
     assert time.time() - 15 < last.value <= time.time()  # the event's wall time, not the reading's
     fake.inject_xid(0, 79)
-    now = 620.0
-    while (later := xid_points(now)) != [(round(now * 1000), 2.0)]:
-        assert later == [(round(now * 1000), 1.0)] and time.monotonic() < deadline, later
-        time.sleep(0.02)
-        now += 0.01
-    # The summarizer forwards the zero (a counter's first point ever) and the window's last point.
-    (xid,) = [s for s in summarizer.flush(660_000) if s.name == "waystation_gpu_xid_errors_total"]
-    assert list(zip(xid.timestamps_ms, xid.values, strict=True)) == [(now_ms - 1, 0.0), (round(now * 1000), 2.0)]
+    wait_for_xid(source, 2.0)
+    runner.run_once(item, 690.0)
+    out += summarizer.flush(720_000)
+    assert summarizer.dropped_samples == 0
+    (xid,) = [s for s in out if s.name == "waystation_gpu_xid_errors_total"]
+    assert xid.mtype == MetricType.COUNTER
+    first_ms = round(first_at * 1000)
+    assert list(zip(xid.timestamps_ms, xid.values, strict=True)) == [
+        (first_ms - 1, 0.0), (first_ms, 1.0), (690_000, 2.0)]
+    # The batch carrying it is valid: its window simply starts a millisecond earlier.
+    batch = wire.prepare_data(out)
+    assert batch.window_start_ms == min(s.timestamps_ms[0] for s in out)
     source.close()
+
+
+def test_an_xid_at_the_first_reading_is_the_baseline_not_born() -> None:
+    """Before its first reading the source was not reporting: what it sees then may be old."""
+    from agent.runner import Runner, Scheduled
+    from agent.summarize import Summarizer
+
+    fake = FakeNvml(*load("tesla-t4.xml"))
+    source = started(fake)
+    fake.inject_xid(0, 13)
+    wait_for_xid(source, 1.0)
+    summarizer = Summarizer(60.0)
+    runner = Runner([Scheduled(source, 15.0)], summarizer.add)
+    runner.run_once(runner.scheduled[0], 600.0)
+    (xid,) = [s for s in summarizer.flush_all() if s.name == "waystation_gpu_xid_errors_total"]
+    assert list(zip(xid.timestamps_ms, xid.values, strict=True)) == [(600_000, 1.0)]
+    source.close()
+
+
+def test_a_counter_read_that_failed_before_it_ever_succeeded_makes_the_reading_partial() -> None:
+    """ECC totals since the driver loaded, missing once by a transient error: when they come
+    back they are not born (a 0 before them would invent every error since boot)."""
+    from agent.runner import Runner, Scheduled
+    from agent.summarize import Summarizer
+
+    fake = FakeNvml(*load("a10g.xml"))
+    real = fake.nvmlDeviceGetTotalEccErrors
+    failures = [pynvml.NVML_ERROR_UNKNOWN]
+
+    def flaky(h: FakeHandle, error_type: int, counter: int) -> int:
+        if failures:
+            raise nvml_error(failures.pop())
+        return int(real(h, error_type, counter)) + 7  # the records have none: 7 since the driver loaded
+
+    fake.nvmlDeviceGetTotalEccErrors = flaky  # type: ignore[method-assign]
+    source = started(fake)
+    summarizer = Summarizer(60.0)
+    runner = Runner([Scheduled(source, 10.0)], summarizer.add)
+    (item,) = runner.scheduled
+    runner.run_once(item, 600.0)
+    assert source.partial
+    runner.run_once(item, 610.0)  # the ECC series show up: after a partial reading, not born
+    assert not source.partial
+    failures.append(pynvml.NVML_ERROR_UNKNOWN)
+    runner.run_once(item, 620.0)  # read once already: a later failure is not partial
+    assert not source.partial
+    runner.run_once(item, 630.0)
+    ecc = [s for s in summarizer.flush_all() if s.name.startswith("DCGM_FI_DEV_ECC_")]
+    assert len(ecc) == 4
+    for s in ecc:
+        # The first ECC read (volatile corrected) failed at 600 s; the other three were read.
+        first = 610_000 if s.name == "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL" else 600_000
+        assert list(zip(s.timestamps_ms, s.values, strict=True)) == [(first, 7.0), (630_000, 7.0)], s.name
+    source.close()
+
+
+def test_counter_readers_are_the_reads_that_give_counters() -> None:
+    from agent.sources.gpu import COUNTER_READERS, FALLBACKS, METRICS, READERS
+
+    assert COUNTER_READERS <= set(READERS)
+    checked = set()
+    for xml_name in XMLS:
+        fake = FakeNvml(*load(xml_name))
+        handle = fake.nvmlDeviceGetHandleByIndex(0)
+        for key, reader in READERS.items():
+            if key in FALLBACKS:
+                continue
+            try:
+                got = reader(fake, handle)
+            except pynvml.NVMLError:
+                continue
+            checked.add(key)
+            gives_counter = any(METRICS[k][1] == MetricType.COUNTER for k in got)
+            assert (key in COUNTER_READERS) == gives_counter, (xml_name, key)
+    assert COUNTER_READERS - {"energy"} <= checked  # energy is in none of the records
 
 
 def test_without_a_driver_the_source_says_why() -> None:

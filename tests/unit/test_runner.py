@@ -6,7 +6,7 @@ import threading
 import time
 
 from agent.runner import Runner, Scheduled
-from agent.sources.base import Sample
+from agent.sources.base import Labels, Sample
 from wire import MetricType
 
 
@@ -41,7 +41,7 @@ def test_failures_are_isolated_counted_and_reported_once() -> None:
     got: list[Sample] = []
     lock = threading.Lock()
 
-    def sink(samples: list[Sample]) -> None:
+    def sink(samples: list[Sample], born: frozenset[tuple[str, Labels]]) -> None:
         with lock:
             got.extend(samples)
 
@@ -63,7 +63,7 @@ def test_failures_are_isolated_counted_and_reported_once() -> None:
 def test_wall_clock_stepping_back_does_not_stall_sampling() -> None:
     offset = [0.0]
     got: list[int] = []
-    runner = Runner([Scheduled(Steady("ok"), 0.1)], lambda s: got.extend(x.ts_ms for x in s),
+    runner = Runner([Scheduled(Steady("ok"), 0.1)], lambda s, _born: got.extend(x.ts_ms for x in s),
                     clock=lambda: time.time() - offset[0])
     runner.start()
     time.sleep(0.4)

@@ -19,7 +19,15 @@ from nacl.signing import SigningKey
 import wire
 from agent.config import UplinkConfig
 from agent.spool import Spool
-from agent.uplink import Backoff, Outcome, SystemClock, Uplink, classify, retry_after_seconds
+from agent.uplink import (
+    Backoff,
+    Outcome,
+    SystemClock,
+    Uplink,
+    classify,
+    lane_rngs,
+    retry_after_seconds,
+)
 from tests.fakes.clock import ManualClock
 from tests.fakes.counting_peer import CountingPeer, serving
 from wire.config import Duration, Size
@@ -204,12 +212,12 @@ def test_after_an_outage_the_newest_goes_at_the_first_answered_probe_not_after_t
             _wait_until(lambda: len(peer.posted()) == 1, "the first send")
             clock.await_parked("uplink-live")
             failed_at = clock.monotonic()
-            for k in range(1, 5):  # two seconds down: four probes, none answered
-                clock.advance(0.5)
-                _wait_until(lambda: len(peer.times("GET")) == k, f"probe {k}")  # noqa: B023
-                clock.await_parked("uplink-live")
+            for k in range(1, 5):  # four probes, none answered
+                while len(peer.times("GET")) < k:  # to the moment the lane waits for
+                    clock.advance_to_wake("uplink-live")
+                    clock.await_parked("uplink-live")
             peer.mode = "up"
-            clock.advance(0.5)
+            clock.advance_to_wake("uplink-live")
             _wait_until(lambda: len(peer.posted()) == 2, "the send after the answered probe")
             # The backlog follows behind it.
             for _ in range(40):
@@ -221,8 +229,15 @@ def test_after_an_outage_the_newest_goes_at_the_first_answered_probe_not_after_t
             up.stop()
     posts = peer.posted()
     probes = peer.times("GET")
-    assert posts[:2] == [(failed_at, 3), (failed_at + 2.5, 3)], "the newest batch, both times"
-    assert probes[:5] == [failed_at + 0.5 * k for k in range(1, 6)]
+    assert [seq for _, seq in posts[:2]] == [3, 3], "the newest batch, both times"
+    assert posts[0][0] == failed_at
+    # A probe every jittered interval (the live lane's own generator, replayed).
+    jitter = lane_rngs(random.Random(7))["live-probe"]
+    expected, t = [], failed_at
+    for _ in range(5):
+        t += 0.5 * jitter.uniform(0.8, 1.2)
+        expected.append(t)
+    assert all(abs(a - b) < 1e-6 for a, b in zip(probes[:5], expected, strict=True)), probes
     # The send came at the very moment the fifth probe was answered, long before the
     # backoff (>= 4 s) would have let the lane try again.
     assert posts[1][0] == probes[4] < failed_at + 4.0
@@ -252,15 +267,15 @@ def test_a_down_collector_sees_one_probe_per_interval_plus_backed_off_sends(tmp_
     assert {seq for _, seq in posts} == {2}, "only the live lane tries; the backfill waits"
     # Sends: exactly the backoff's schedule (the lane's own jitter, replayed), each at the
     # first clock step at or after its delay, never sooner.
-    delays = Backoff(1.0, 4.0, random.Random(11))
+    delays = Backoff(1.0, 4.0, lane_rngs(random.Random(11))["live"])
     gaps = [b[0] - a[0] for a, b in zip(posts, posts[1:], strict=False)]
     for gap in gaps:
         expected = delays.next_delay()
         assert expected <= gap <= expected + 0.25, (gaps, expected)
     assert len(posts) >= 60 / 4.0, "the lane keeps trying at its capped backoff"
-    # Probes: never more than one per interval, and they do happen.
-    assert all(b - a >= 0.5 for a, b in zip(probes, probes[1:], strict=False))
-    assert 60 / 0.5 / 2 <= len(probes) <= 60 / 0.5 + 1
+    # Probes: never more than one per jittered interval (0.4..0.6 s), and they do happen.
+    assert all(b - a >= 0.4 for a, b in zip(probes, probes[1:], strict=False))
+    assert 60 / 0.6 / 2 <= len(probes) <= 60 / 0.4 + 1
     assert all(start < t <= start + 60 for t in probes)
     assert up.stats.probes == len(probes)
 
@@ -285,10 +300,112 @@ def test_a_collector_that_answers_but_fails_is_not_probed_into_a_send_loop(tmp_p
             up.stop()
     assert peer.times("GET") == []
     posts = peer.posted()
-    delays = Backoff(2.0, 8.0, random.Random(5))
+    delays = Backoff(2.0, 8.0, lane_rngs(random.Random(5))["live"])
     for a, b in zip(posts, posts[1:], strict=False):
         assert b[0] - a[0] >= delays.next_delay()
     assert 2 <= len(posts) <= 1 + 30 / 1.0
+
+
+def test_probes_are_spaced_by_the_jittered_interval(tmp_path: Path) -> None:
+    """+-20% around probe_interval, from the live lane's own probe generator: a fleet that
+    lost the collector together does not probe it in step."""
+    _fill(tmp_path / "spool.db", 1, 5)
+    clock = ManualClock()
+    peer = CountingPeer(clock, mode="down")
+    with serving(peer) as url:
+        # A first backoff of 50..100 s: the 30 probes below all fall inside it.
+        up = Uplink(_slow_backoff(url, 100.0, 100.0), tmp_path / "spool.db", clock=clock,
+                    rng=random.Random(13))
+        up.start()
+        try:
+            _wait_until(lambda: len(peer.posted()) == 1, "the first send")
+            clock.await_parked("uplink-live")
+            while len(peer.times("GET")) < 30:  # to each moment the lane waits for, exactly
+                clock.advance_to_wake("uplink-live")
+                clock.await_parked("uplink-live")
+        finally:
+            up.stop()
+    assert len(peer.posted()) == 1, "no send: the backoff is far from over"
+    moments = [peer.posted()[0][0], *peer.times("GET")]
+    gaps = [b - a for a, b in zip(moments, moments[1:], strict=False)]
+    jitter = lane_rngs(random.Random(13))["live-probe"]
+    expected = [0.5 * jitter.uniform(0.8, 1.2) for _ in gaps]
+    assert all(abs(g - e) < 1e-6 for g, e in zip(gaps, expected, strict=True)), (gaps, expected)
+    assert all(0.4 <= g <= 0.6 for g in gaps)
+    assert max(gaps) - min(gaps) > 0.05, "jittered, not a fixed interval"
+
+
+def test_a_reachable_collector_whose_uploads_reset_gets_the_backoff_schedule_not_a_send_loop(
+    tmp_path: Path,
+) -> None:
+    """Its /healthz answers 200 while every upload is reset after it was read (a proxy that
+    drops large uploads, a collector that crashes on this batch). The outage it first had
+    ends at an answered probe, once; from then on a probe tells nothing new and each backoff
+    is sat out in full."""
+    _fill(tmp_path / "spool.db", 1, 5)
+    clock = ManualClock()
+    peer = CountingPeer(clock, mode="down")
+    with serving(peer) as url:
+        up = Uplink(_slow_backoff(url, 2.0, 8.0), tmp_path / "spool.db", clock=clock,
+                    rng=random.Random(5))
+        up.start()
+        try:
+            _wait_until(lambda: len(peer.posted()) == 1, "the first send")
+            clock.await_parked("uplink-live")
+            for _ in range(4):  # down for a second: its probes fail
+                clock.advance(0.25)
+                clock.await_parked("uplink-live")
+            peer.mode = "resetting"
+            for _ in range(240):  # then a minute of answered probes and reset uploads
+                clock.advance(0.25)
+                clock.await_parked("uplink-live")
+        finally:
+            up.stop()
+    posts = peer.posted()
+    probes = peer.times("GET")
+    delays = Backoff(2.0, 8.0, lane_rngs(random.Random(5))["live"])
+    first = delays.next_delay()
+    assert posts[1][0] - posts[0][0] < first, "the down->up change a probe saw ends that wait"
+    gaps = [b[0] - a[0] for a, b in zip(posts[1:], posts[2:], strict=False)]
+    for gap in gaps:
+        expected = delays.next_delay()
+        assert expected <= gap <= expected + 0.25, (gaps, expected)
+    assert 2 + 60 / 8.0 <= len(posts) <= 2 + 60 / 1.0, len(posts)  # not 2 a second
+    # Once it answers: one probe per failed upload at most (the first answered ends probing).
+    assert len([t for t in probes if t > posts[1][0]]) <= len(posts) - 1
+
+
+def test_each_lane_replays_its_own_seeded_backoff_whatever_the_other_draws(tmp_path: Path) -> None:
+    """The backfill lane backs off first (batch 1 fails), then the live lane (batch 4 fails):
+    the live lane's schedule is still its own generator's, from the seed handed in."""
+    _fill(tmp_path / "spool.db", 3, 5)
+    clock = ManualClock()
+    peer = CountingPeer(clock, mode="up")
+    peer.modes = {1: "failing", 4: "failing"}
+    with serving(peer) as url:
+        up = Uplink(_slow_backoff(url, 1.0, 4.0), tmp_path / "spool.db", clock=clock,
+                    rng=random.Random(17))
+        up.start()
+        try:
+            _wait_until(lambda: [s for _, s in peer.posted()] == [3, 1], "live 3, then backfill 1")
+            _wait_until(lambda: up.stats.failures == 1, "the backfill lane's failure")
+            clock.await_parked("uplink-backfill")
+            assert _sign_one_more(tmp_path / "spool.db") == 4
+            up.notify()
+            _wait_until(lambda: up.stats.failures == 2, "the live lane's failure")
+            clock.await_parked("uplink-live")
+            for _ in range(120):
+                clock.advance(0.25)
+                clock.await_parked("uplink-live")
+        finally:
+            up.stop()
+    live = [t for t, seq in peer.posted() if seq == 4]
+    assert len(live) >= 30 / 4.0
+    delays = Backoff(1.0, 4.0, lane_rngs(random.Random(17))["live"])
+    gaps = [b - a for a, b in zip(live, live[1:], strict=False)]
+    for gap in gaps:
+        expected = delays.next_delay()
+        assert expected <= gap <= expected + 0.25, (gaps, expected)
 
 
 def _sign_one_more(path: Path) -> int:
@@ -319,6 +436,72 @@ def test_stop_delivers_the_batch_just_signed_within_the_grace(tmp_path: Path) ->
     assert not any(t.is_alive() for t in up.threads)
 
 
+def test_stop_delivers_every_batch_newer_than_the_live_lane_settled(tmp_path: Path) -> None:
+    """A window boundary signed a batch just before the stop signed the last one: the live
+    lane, while draining, sends both (newest first), though the backfill has stopped."""
+    _fill(tmp_path / "spool.db", 2, 5)
+    clock = ManualClock()  # never advanced: nothing happens but what the events cause
+    peer = CountingPeer(clock, mode="up")
+    with serving(peer) as url:
+        up = Uplink(_config(url), tmp_path / "spool.db", clock=clock)
+        up.start()
+        _wait_until(lambda: up.stats.acked_batches == 2, "the first two batches")
+        clock.await_parked("uplink-live")
+        clock.await_parked("uplink-backfill")
+        boundary = _sign_one_more(tmp_path / "spool.db")
+        last = _sign_one_more(tmp_path / "spool.db")
+        up.notify()
+        up.stop(grace=5.0)
+    assert [seq for _, seq in peer.posted()][2:] == [last, boundary]
+    sp = Spool(tmp_path / "spool.db")
+    assert sp.stats().pending_batches == 0
+    sp.close()
+
+
+def test_stop_on_a_new_spool_with_the_collector_down_does_not_wait_out_the_grace(
+    tmp_path: Path,
+) -> None:
+    """Nothing can be sent before the collector says where the node's chain stands: the
+    stop has nothing to wait for."""
+    _fill(tmp_path / "spool.db", 1, 5)  # a new spool: it must resume the collector's chain
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens: refused
+    up = Uplink(_config(closed, probe_interval="100ms"), tmp_path / "spool.db",
+                identity=(SigningKey.generate(), "s", "n"))
+    up.start()
+    _wait_until(lambda: up.stats.probes >= 1, "a probe while preparing")
+    started = time.monotonic()
+    up.stop(grace=20.0)
+    assert time.monotonic() - started < 20.0 / 2, "returned long before the grace"
+    assert not any(t.is_alive() for t in up.threads)
+    assert not up.resumed.is_set()
+    sp = Spool(tmp_path / "spool.db")
+    assert sp.resume_needed() and sp.stats().pending_batches == 1, "kept for the next start"
+    sp.close()
+
+
+def test_stop_does_not_wait_for_the_backfill_lanes_request(tmp_path: Path) -> None:
+    """The backfill's grace is zero: a request it has in flight to a collector that holds it
+    does not keep the stop waiting."""
+    _fill(tmp_path / "spool.db", 2, 5)
+    peer = CountingPeer(SystemClock(), mode="up")
+    peer.modes = {1: "hanging"}
+    with serving(peer) as url:
+        up = Uplink(_config(url), tmp_path / "spool.db")
+        up.start()
+        try:
+            _wait_until(lambda: up.stats.acked_batches == 1 and len(peer.posted()) == 2,
+                        "batch 2 acked, batch 1 held by the peer")
+            started = time.monotonic()
+            up.stop(grace=20.0)
+            took = time.monotonic() - started
+        finally:
+            peer.release.set()
+    assert took < 20.0 / 2, "returned long before the grace"
+    assert [seq for _, seq in peer.posted()] == [2, 1]
+
+
 def test_a_stop_during_a_long_backoff_tries_once_more_at_once(tmp_path: Path) -> None:
     """The collector came back while the live lane sat out a minute's backoff (probing off):
     the stop's grace is spent on a try now, not on the rest of the backoff."""
@@ -334,7 +517,10 @@ def test_a_stop_during_a_long_backoff_tries_once_more_at_once(tmp_path: Path) ->
         last = _sign_one_more(tmp_path / "spool.db")
         up.notify()
         up.stop(grace=5.0)
-    assert [seq for _, seq in peer.posted()] == [1, last], "the newest, right after the stop began"
+    seqs = [seq for _, seq in peer.posted()]
+    assert seqs[:2] == [1, last], "the newest, right after the stop began"
+    # The lane never settled a batch before the stop: all it holds is its to deliver.
+    assert seqs[2:] == [1]
     assert peer.times("GET") == [], "probing was off"
 
 

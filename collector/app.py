@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -39,27 +40,49 @@ READER = web.AppKey("reader", sqlite3.Connection)  # request handlers' own WAL c
 def rebuild_latest_state(
     ledger: Ledger, fleet: FleetState, limits: wire.OpenLimits, now_ms: int | None = None
 ) -> tuple[int, int]:
-    """Latest state at start: every node's accounting, the latest state last saved, and the
-    data batches recorded after the position that save covers (newer points win, whatever
-    the order), so the state is what it was at the stop or crash. Without a saved position
-    (a ledger never saved), each node's newest data batch. Returns (series restored,
-    batches replayed). A batch pruned since the save is simply missing from the state."""
+    """Latest state at start: every node's accounting, the latest state last saved (series,
+    and each node's newest sample and arrival times), and the data batches recorded after
+    the position that save recorded (newer points win, whatever the order), so the state is
+    what it was at the stop or crash. Without a saved position (a ledger never saved, or an
+    older version's state), each node's newest data batch; everything is then written by
+    the next save. Returns (series restored, batches replayed). A batch pruned since the
+    save is simply missing from the state."""
     for state in ledger.states():
         fleet.update_node(state)
     rows, through = ledger.load_latest()
     # Rows without a position (an older version's clean-stop save) are written again.
     restored = fleet.restore(rows, now_ms=now_ms, saved=through is not None)
+    fleet.restore_marks(ledger.load_latest_nodes())
     keys = partial(trust.lookup_recorded, ledger.conn)
-    frames = ledger.newest_data_frames() if through is None else ledger.data_frames_after(through)
     replayed = 0
-    for raw in frames:
+    for raw, received_at in ledger.replay_frames(through):
         opened = wire.open_batch(raw, keys, limits)
         if isinstance(opened, wire.Refusal):  # recorded under other limits; not fatal at start
             log.warning("cannot rebuild latest state from a stored batch: %s: %s", opened.result, opened.detail)
             continue
-        fleet.apply(opened.header.site, opened.header.node, opened.series, now_ms=now_ms)
+        # Replayed as it arrived: at the collector's clock when it was received, as ingest did.
+        fleet.apply(opened.header.site, opened.header.node, opened.series, now_ms=int(received_at * 1000))
         replayed += 1
+    if through is None:
+        fleet.mark_all_changed()
+        through = ledger.max_rowid()
+    # What the replay changed comes from batches after `through`: the saves may keep it
+    # unwritten (still covered by that position) like any other recent change.
+    fleet.start_saves(through)
     return restored, replayed
+
+
+# A save leaves unwritten the series that changed within about this long (in whole save
+# intervals): the batches after the position it records bring them back at a start. Above
+# the longest flush interval (150 s) plus delivery, so a series every node sends with each
+# batch is never written; what is written is what changed before it (slow series such as
+# SMART, silent nodes) and the expired keys. A start replays about this long's batches.
+REPLAY_HORIZON_S = 180.0
+
+
+def kept_epochs(interval_s: float) -> int:
+    """Save intervals a save leaves unwritten: REPLAY_HORIZON_S, in whole intervals."""
+    return max(1, math.ceil(REPLAY_HORIZON_S / interval_s))
 
 
 # Rows per chunk: measured with 1M series on 2 loaded cores, a chunk costs ~35 ms on the event
@@ -97,9 +120,13 @@ class StateSaves(Collector):
 SAVES = web.AppKey("saves", StateSaves)
 
 
-async def save_latest_state(ledger: Ledger, fleet: FleetState, call: Callable[..., Awaitable[Any]]) -> int:
-    """Write the series changed since the last save, and the batch position they cover, in
-    chunks through `call` (the committer: between group commits); returns rows written.
+async def save_latest_state(
+    ledger: Ledger, fleet: FleetState, call: Callable[..., Awaitable[Any]], keep: int
+) -> int:
+    """One save: the series `fleet.begin_save` hands out (changed before the `keep` newest
+    save epochs, or overdue), the expired keys, the nodes' marks and the position that
+    covers the rest, in chunks through `call` (the committer: between group commits);
+    returns series rows written. A chunk that was not written is requeued.
 
     The position is read first: any batch recorded by then is in the state once its
     handler has applied it, which happens on the event loop right after its commit is
@@ -108,20 +135,21 @@ async def save_latest_state(ledger: Ledger, fleet: FleetState, call: Callable[..
     """
     through = await call(ledger.max_rowid)
     await call(_nothing)
-    changed, removed = fleet.take_changes()
-    written = 0
+    due, removed, nodes, position = fleet.begin_save(through, keep)
+    written = start = 0
     try:
-        start = 0
         while True:
-            rows = fleet.rows(changed[start:start + SAVE_CHUNK])
+            rows = fleet.rows(due[start:start + SAVE_CHUNK])
+            last = start + SAVE_CHUNK >= len(due)
+            written += int(await call(ledger.save_latest, rows, removed, position if last else None,
+                                      nodes if last else ()))
             start += SAVE_CHUNK
-            last = start >= len(changed)
-            written += int(await call(ledger.save_latest, rows, removed, through if last else None))
             removed = set()
             if last:
                 return written
     except BaseException:
-        fleet.mark_all_changed()  # which chunks made it is not known: the next save writes all
+        # A chunk whose call did not return may or may not be written: written again.
+        fleet.requeue(due[start:], removed)
         raise
 
 
@@ -132,15 +160,20 @@ def _nothing() -> None:
 async def _save_latest_forever(
     interval: float, ledger: Ledger, fleet: FleetState, committer: Committer, saves: StateSaves
 ) -> None:
+    keep = kept_epochs(interval)
     while True:
         await asyncio.sleep(interval)
         started = time.monotonic()
         try:
-            saves.rows += await save_latest_state(ledger, fleet, committer.call)
+            saves.rows += await save_latest_state(ledger, fleet, committer.call, keep)
             saves.results["ok"] += 1
         except (sqlite3.Error, OSError) as exc:
             saves.results["failed"] += 1
             log.warning("could not save the latest state, trying again later: %s", exc)
+        except Exception:
+            # Not a ledger error: a bug. Saving goes on (what was not written is requeued).
+            saves.results["failed"] += 1
+            log.exception("could not save the latest state, trying again later")
         saves.seconds = time.monotonic() - started
 
 
@@ -211,7 +244,7 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         finally:
             pruning.cancel()
             saving.cancel()
-            # A save cut short records no position: the one below covers everything.
+            # A save cut short requeued what it had not written: the one below writes it.
             await asyncio.gather(saving, return_exceptions=True)
             if supervisor is not None:
                 await supervisor.stop()
@@ -223,10 +256,13 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
                 async def direct(fn: Callable[..., Any], *args: Any) -> Any:
                     return await loop.run_in_executor(None, fn, *args)
 
-                saved = await save_latest_state(ledger, fleet, direct)
-                log.info("saved %d changed series of latest state for the next start", saved)
-            except sqlite3.Error as exc:  # the next start replays from the last periodic save
+                keep = kept_epochs(config.ledger.state_save_interval)
+                saved = await save_latest_state(ledger, fleet, direct, keep)
+                log.info("saved %d series of latest state for the next start", saved)
+            except (sqlite3.Error, OSError) as exc:  # the next start replays from the last periodic save
                 log.warning("could not save the latest state: %s", exc)
+            except Exception:
+                log.exception("could not save the latest state")
     finally:
         keys.close()
         reader.close()

@@ -86,9 +86,10 @@ class LedgerConfig:
     # Optional cap on the ledger's size (0: none). Over it, the oldest batches that every
     # target has go first; only then the oldest others (counted as expired unforwarded).
     max_size: Size = Size(0)
-    # How often the exposed latest state (only the series that changed) is saved in the
-    # ledger with the batch position it covers; a start after a crash restores it and
-    # replays the batches recorded after that position (about this long's worth).
+    # How often the exposed latest state is saved in the ledger with a batch position that,
+    # with the batches after it, covers everything; the position trails by about 3 min (at
+    # least one interval), so a save writes only series that changed before that (SMART,
+    # silent nodes) and expired keys. A start restores it and replays the batches after it.
     state_save_interval: Duration = Duration(60.0)
 
     def __post_init__(self) -> None:

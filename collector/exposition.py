@@ -2,14 +2,17 @@
 
 Thread contract: `FleetState` is touched only on the event loop (ingest handlers
 apply accepted batches and ledger outcomes; the /metrics handler calls
-`FleetCollector.collect` through a per-app `CollectorRegistry`; the periodic state
-save takes the changed series and renders them as rows there, a chunk at a time).
+`FleetCollector.collect` through a per-app `CollectorRegistry`, which also records what
+each series last showed; the periodic state save takes the series due and renders them as
+rows there, a chunk at a time).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -47,10 +50,19 @@ RowKey = tuple[str, str, str, str]
 # node's sample time and rate() is right. A series the node sends less often than this
 # (SMART: every 10 min) would fall out of Prometheus' 5-minute lookback between reads and
 # make SMART alerts with `for:` never fire: while the node keeps reporting, such a series
-# is stamped HOLD_MS behind the node's newest sample instead (its value is still its
-# newest). Half the lookback leaves a flush window and a scrape interval to spare, and
-# keeps the own timestamps of every source that samples at least every 2.5 minutes.
-HOLD_MS = 150_000
+# is stamped at the node's floor instead (its value is still its newest): HOLD_MS behind
+# the later of the node's newest sample and the collector's clock when that sample's batch
+# arrived, never after the collector's clock. The arrival term makes the hold independent
+# of the node's clock (a node running slow would otherwise push its held series, and past
+# 5 min all of them, out of the lookback), and it moves only when batches arrive, so a
+# dead node's series still leave the lookback. A held sample is then at most a flush
+# interval + HOLD_MS + delivery old at any evaluation: under 300 s up to a 150 s flush.
+HOLD_MS = 120_000
+# After an outage the live batch lands first and a held series is exposed at the floor;
+# a backfilled point may then change its value. Prometheus refuses a second value at a
+# timestamp it stored (sample_duplicate_timestamp), so a value that changes while its
+# timestamp would not move is exposed this much after the previous exposed timestamp.
+BUMP_MS = 1
 
 
 def reported_backlog(series: list[wire.Series]) -> tuple[float | None, float | None] | None:
@@ -67,9 +79,10 @@ def reported_backlog(series: list[wire.Series]) -> tuple[float | None, float | N
 
 
 class _Entry:
-    """One exposed series: identity plus the newest point seen."""
+    """One exposed series: identity, the newest point seen, what /metrics last showed of it,
+    and the save queue it waits in (None: its saved row, if any, is current)."""
 
-    __slots__ = ("name", "labels", "mtype", "ts_ms", "value")
+    __slots__ = ("name", "labels", "mtype", "ts_ms", "value", "shown_ms", "shown_value", "queue")
 
     def __init__(self, name: str, labels: Labels, mtype: wire.MetricType) -> None:
         self.name = name
@@ -77,6 +90,9 @@ class _Entry:
         self.mtype = mtype
         self.ts_ms = -(1 << 63)
         self.value = 0.0
+        self.shown_ms = -(1 << 63)
+        self.shown_value = 0.0
+        self.queue: set[_Entry] | None = None
 
 
 @dataclass
@@ -87,7 +103,14 @@ class _NodeLatest:
     dropped_series: int = 0
     expired_series: int = 0
     newest_ms: int = -(1 << 63)  # the node's newest sample time, on its own clock
+    # The collector's clock when the node's newest data batch arrived (one carrying a point
+    # within HOLD_MS of the node's newest): moves only on arrivals, never backwards.
+    arrival_ms: int = -(1 << 63)
     swept_ms: int = -(1 << 63)
+
+
+# A node's marks as saved: (site, node, newest_ms, arrival_ms).
+NodeMark = tuple[str, str, int, int]
 
 
 # How often, in the node's sample time, a node's series are checked against the TTL:
@@ -115,9 +138,17 @@ class FleetState:
         self.sweep_every_ms = max(SWEEP_EVERY_MS, self.series_ttl_ms // 8)
         self._latest: dict[tuple[str, str], _NodeLatest] = {}
         self._states: dict[tuple[str, str], NodeState] = {}
-        # Changed and expired series since the last `take_changes`: what the next periodic
-        # save writes, so a save costs what changed rather than the whole fleet.
-        self._changed: set[_Entry] = set()
+        # The highest collector clock seen (scrapes, arrivals, restored arrivals): exposed
+        # timestamps are capped by it, so a clock stepped back does not step them back.
+        self.clock_ms = -(1 << 63)
+        # What the periodic save has still to write. Each entry changed since its row was
+        # last written waits in exactly one queue: the epoch it last changed in (epochs are
+        # cut by the saves; each remembers the batch position read when it began, and its
+        # changes all come from batches after that position), or `_overdue` (to be written
+        # by the next save whatever its epoch: after a failed save, or a start that found
+        # no saved position). The last epoch is the open one.
+        self._epochs: deque[tuple[int, set[_Entry]]] = deque([(0, set())])
+        self._overdue: set[_Entry] = set()
         self._removed: set[RowKey] = set()
 
     def update_node(self, state: NodeState) -> None:
@@ -133,23 +164,31 @@ class FleetState:
         latest = self._latest.get((site, node))
         return len(latest.entries) if latest else 0
 
-    def apply(self, site: str, node: str, series: Iterable[wire.Series], now_ms: int | None = None) -> None:
+    def apply(
+        self, site: str, node: str, series: Iterable[wire.Series], now_ms: int | None = None, arrived: bool = True
+    ) -> None:
         """Take each series' newest point where it is newer than what is held (backfill is older).
 
-        `now_ms` (the collector's clock) bounds how far a node's clock may run ahead and still
-        move its newest sample time: one batch stamped in the far future must not expire
-        every other series of the node.
+        `now_ms` (the collector's clock when the batch arrived) bounds how far a node's clock
+        may run ahead and still move its newest sample time: one batch stamped in the far
+        future must not expire every other series of the node. With `arrived` (a batch, not
+        saved rows), a batch carrying a point within HOLD_MS of the node's newest moves the
+        node's arrival time to `now_ms`.
         """
         latest = self._latest.get((site, node))
         if latest is None:
             latest = self._latest[(site, node)] = _NodeLatest()
         by_raw = latest.by_raw
-        changed = self._changed
+        queue = self._epochs[-1][1]
         newest = latest.newest_ms
-        horizon = (int(time.time() * 1000) if now_ms is None else now_ms) + self.series_ttl_ms
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        horizon = now + self.series_ttl_ms
         floor = newest - self.series_ttl_ms
+        top = -(1 << 63)
         for s in series:
             ts = s.timestamps_ms[-1]
+            if ts > top:
+                top = ts
             if newest < ts < horizon:
                 newest = ts
             entry = by_raw.get((s.name, s.labels))
@@ -163,7 +202,16 @@ class FleetState:
                 entry.ts_ms = ts
                 entry.value = s.values[-1]
                 entry.mtype = s.mtype
-                changed.add(entry)
+                q = entry.queue
+                if q is not queue:
+                    if q is not None:
+                        q.discard(entry)
+                    queue.add(entry)
+                    entry.queue = queue
+        if arrived and top >= latest.newest_ms - HOLD_MS and now > latest.arrival_ms:
+            latest.arrival_ms = now
+            if now > self.clock_ms:
+                self.clock_ms = now
         latest.newest_ms = newest
         if newest - latest.swept_ms >= self.sweep_every_ms:
             self._expire(latest)
@@ -174,20 +222,70 @@ class FleetState:
             for e in latest.entries.values():
                 yield _row(e)
 
-    def take_changes(self) -> tuple[list[_Entry], set[RowKey]]:
-        """The series changed and the keys expired since the last call; tracking starts afresh."""
-        changed, removed = list(self._changed), self._removed
-        self._changed, self._removed = set(), set()
-        return changed, removed
+    def start_saves(self, position: int) -> None:
+        """Before any batch arrives: everything changed so far comes from batches after
+        `position` (or is overdue), so a save may record it until this epoch is written."""
+        self._epochs[0] = (position, self._epochs[0][1])
+
+    def begin_save(self, position: int, keep: int) -> tuple[list[_Entry], set[RowKey], list[NodeMark], int]:
+        """Cut an epoch at `position` (every batch up to it is applied) and take what this
+        save writes: (entries, expired keys, node marks, the position the save records).
+
+        The `keep` newest closed epochs stay unwritten: the batches after the recorded
+        position (the oldest kept epoch's start) bring them back at the next start. What is
+        older (series not sent for `keep` epochs: SMART, silent nodes) and what is overdue
+        is written, so a save costs the slow series and the expired keys, not the fleet.
+        """
+        self._epochs.append((position, set()))
+        due = list(self._overdue)
+        self._overdue = set()
+        while len(self._epochs) > keep + 1:
+            due.extend(self._epochs.popleft()[1])
+        for e in due:
+            e.queue = None
+        removed, self._removed = self._removed, set()
+        return due, removed, self.marks(), self._epochs[0][0]
+
+    def requeue(self, entries: Iterable[_Entry], removed: Iterable[RowKey]) -> None:
+        """After a save that did not write these: the next save writes them (an entry that
+        changed again meanwhile waits in its epoch: the replay brings it back)."""
+        overdue = self._overdue
+        for e in entries:
+            if e.queue is None:
+                e.queue = overdue
+                overdue.add(e)
+        self._removed.update(removed)
 
     def mark_all_changed(self) -> None:
-        """After a failed save: the next save writes every series (what failed is not known)."""
+        """The next save writes every series (a start that found no saved position)."""
+        overdue = self._overdue
+        for _, queue in self._epochs:
+            queue.clear()
         for latest in self._latest.values():
-            self._changed.update(latest.entries.values())
+            for e in latest.entries.values():
+                e.queue = overdue
+                overdue.add(e)
+
+    def marks(self) -> list[NodeMark]:
+        """Each node's newest sample time and arrival time, for the save."""
+        return [(site, node, latest.newest_ms, latest.arrival_ms)
+                for (site, node), latest in self._latest.items()]
+
+    def restore_marks(self, marks: Iterable[NodeMark]) -> None:
+        """Saved node marks (after the saved rows, before replaying the batches after them):
+        a node's newest and arrival time, and the collector's clock, never step back across
+        a restart."""
+        for site, node, newest_ms, arrival_ms in marks:
+            latest = self._latest.get((site, node))
+            if latest is None:
+                latest = self._latest[(site, node)] = _NodeLatest()
+            latest.newest_ms = max(latest.newest_ms, int(newest_ms))
+            latest.arrival_ms = max(latest.arrival_ms, int(arrival_ms))
+            self.clock_ms = max(self.clock_ms, latest.arrival_ms)
 
     @staticmethod
     def rows(entries: Iterable[_Entry]) -> list[Row]:
-        """Saved rows for entries from `take_changes`, with their values as they are now."""
+        """Saved rows for entries from `begin_save`, with their values as they are now."""
         return [_row(e) for e in entries]
 
     def restore(self, rows: Iterable[Row], now_ms: int | None = None, saved: bool = True) -> int:
@@ -205,10 +303,15 @@ class FleetState:
                 continue  # one unreadable row loses that series only
             by_node.setdefault((site, node), []).append(series)
         for (site, node), series_list in by_node.items():
-            self.apply(site, node, series_list, now_ms=now_ms)
+            self.apply(site, node, series_list, now_ms=now_ms, arrived=False)
         if saved:
             # Keys expired while restoring stay in _removed: their rows must go.
-            self._changed.clear()
+            for _, queue in self._epochs:
+                for e in queue:
+                    e.queue = None
+                queue.clear()
+        else:
+            self.mark_all_changed()
         return sum(self.series_count(site, node) for site, node in by_node)
 
     def _expire(self, latest: _NodeLatest) -> None:
@@ -218,7 +321,9 @@ class FleetState:
         if stale:
             for identity in stale:
                 e = latest.entries.pop(identity)
-                self._changed.discard(e)
+                if e.queue is not None:
+                    e.queue.discard(e)
+                    e.queue = None
                 self._removed.add(_row(e)[:4])
             self.total_series -= len(stale)
             # The cache keeps what is still exposed: clearing it would cost every series a
@@ -254,28 +359,56 @@ class FleetState:
     def fleet_families(self, now_ms: int) -> Iterator[Metric]:
         """Every fleet series with the timestamp Prometheus should store it at.
 
-        That is its own newest point's time (or HOLD_MS behind the node's newest sample,
-        whichever is later), never later than `now_ms`, the collector's clock: a node whose
-        clock runs ahead must not put samples into Prometheus' future, where they would
-        refuse every real sample of the series until that time and could push Prometheus'
-        head window past everything else. The result never moves backwards while the
-        collector's clock does not: the point's time, the node's newest and now only grow.
+        That is its own newest point's time, or its node's floor (HOLD_MS behind the later
+        of the node's newest sample and that sample's arrival) if that is later, never
+        later than the collector's clock (`now_ms`, or the highest seen before): a node
+        whose clock runs ahead must not put samples into Prometheus' future, where they
+        would refuse every real sample of the series until that time. Per series it never
+        moves backwards, and a value that changes gets a later timestamp than the last one
+        shown (BUMP_MS later if nothing else moved it; while the clock allows none, the
+        last shown value stays), so Prometheus never sees two values at one timestamp.
         """
+        if now_ms > self.clock_ms:
+            self.clock_ms = now_ms
+        now = self.clock_ms
         families: dict[str, Metric] = {}
         for latest in self._latest.values():
-            held = latest.newest_ms - HOLD_MS
+            floor = min(max(latest.newest_ms, latest.arrival_ms) - HOLD_MS, now)
             for e in latest.entries.values():
                 fam = families.get(e.name)
                 if fam is None:
                     fam = families[e.name] = _family(e.name, e.mtype)
-                ts_ms = min(max(e.ts_ms, held), now_ms)
-                fam.samples.append(Sample(e.name, dict(e.labels), e.value, ts_ms / 1000))
+                ts_ms = e.ts_ms
+                if ts_ms < floor:
+                    ts_ms = floor
+                elif ts_ms > now:
+                    ts_ms = now
+                value = e.value
+                shown = e.shown_ms
+                if ts_ms <= shown:
+                    if value is e.shown_value or _same(value, e.shown_value):
+                        ts_ms = shown
+                    elif shown + BUMP_MS <= now:
+                        ts_ms = shown + BUMP_MS
+                    else:
+                        ts_ms, value = shown, e.shown_value
+                e.shown_ms = ts_ms
+                e.shown_value = value
+                fam.samples.append(Sample(e.name, dict(e.labels), value, ts_ms / 1000))
         return iter(families.values())
 
     def series_accounting(self) -> Iterator[tuple[str, str, int, int]]:
         """(site, node, dropped, expired) per node."""
         for (site, node), latest in self._latest.items():
             yield site, node, latest.dropped_series, latest.expired_series
+
+
+def _same(a: float, b: float) -> bool:
+    """Equal as Prometheus compares samples: -0.0 is not 0.0, and the text format makes
+    every NaN the same NaN."""
+    if a == b:
+        return a != 0.0 or math.copysign(1.0, a) == math.copysign(1.0, b)
+    return a != a and b != b
 
 
 def _row(e: _Entry) -> Row:

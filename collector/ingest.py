@@ -303,7 +303,8 @@ class Ingest:
         if outcome.result != "accepted":
             raise _Refusal(outcome.result, outcome.detail, h, signed=True)
         if opened.series:
-            self.fleet.apply(h.site, h.node, opened.series)
+            # At the collector's clock when it was received: a replay at start applies it so too.
+            self.fleet.apply(h.site, h.node, opened.series, now_ms=int(received_at * 1000))
         self.metrics.count("accepted")
         self.metrics.samples += h.sample_count
         return web.json_response(self._ack("accepted", h))

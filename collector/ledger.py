@@ -78,9 +78,9 @@ CREATE TABLE IF NOT EXISTS nodes (
     backlog_seq      INTEGER NOT NULL,
     PRIMARY KEY (site, node)
 ) WITHOUT ROWID;
--- The exposed latest state: each series' newest point, upserted periodically (only what
--- changed) and at a clean stop; meta 'latest_through' is the highest batch rowid whose
--- series the table holds, so a start after a crash replays only the batches after it.
+-- The exposed latest state: each series' newest point, upserted periodically and at a clean
+-- stop; meta 'latest_through' is a batch rowid such that this table plus the data batches
+-- recorded after it give the whole state, so a start replays only the batches after it.
 CREATE TABLE IF NOT EXISTS latest_state (
     site   TEXT NOT NULL,
     node   TEXT NOT NULL,
@@ -90,6 +90,15 @@ CREATE TABLE IF NOT EXISTS latest_state (
     ts_ms  INTEGER NOT NULL,
     value  REAL NOT NULL,
     PRIMARY KEY (site, node, name, labels)
+) WITHOUT ROWID;
+-- Per node, saved with the latest state: its newest sample time (its clock) and when the
+-- batch carrying it arrived (the collector's), so exposed timestamps never step back.
+CREATE TABLE IF NOT EXISTS latest_nodes (
+    site       TEXT NOT NULL,
+    node       TEXT NOT NULL,
+    newest_ms  INTEGER NOT NULL,
+    arrival_ms INTEGER NOT NULL,
+    PRIMARY KEY (site, node)
 ) WITHOUT ROWID;
 -- Per remote_write target: the batches (by rowid, in arrival order) it holds or needs not,
 -- and its counters. Written by the forwarder, read by /metrics and by the pruning.
@@ -407,10 +416,13 @@ class Ledger:
         rows: Iterable[tuple[str, str, str, str, int, int, float]],
         removed: Iterable[tuple[str, str, str, str]] = (),
         through: int | None = None,
+        nodes: Iterable[tuple[str, str, int, int]] = (),
     ) -> int:
-        """Upsert saved series, delete expired ones (by site, node, name, labels) and, with
-        `through`, record that the table now holds every batch up to that rowid; one
-        transaction. Returns how many rows were written."""
+        """Upsert saved series, delete expired ones (by site, node, name, labels), upsert the
+        nodes' (site, node, newest_ms, arrival_ms) and, with `through`, record that the table
+        and the data batches after that rowid hold the whole state (an older version's
+        `latest` table is then no longer needed: dropped); one transaction. Returns how many
+        series rows were written."""
         with immediate(self.conn):
             self.conn.executemany(
                 "DELETE FROM latest_state WHERE site = ? AND node = ? AND name = ? AND labels = ?", removed
@@ -421,17 +433,25 @@ class Ledger:
                 "mtype = excluded.mtype, ts_ms = excluded.ts_ms, value = excluded.value",
                 rows,
             ).rowcount
+            self.conn.executemany(
+                "INSERT INTO latest_nodes (site, node, newest_ms, arrival_ms) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (site, node) DO UPDATE SET newest_ms = max(newest_ms, excluded.newest_ms), "
+                "arrival_ms = max(arrival_ms, excluded.arrival_ms)",
+                nodes,
+            )
             if through is not None:
                 self.conn.execute(
                     "INSERT OR REPLACE INTO meta (k, v) VALUES ('latest_through', ?)", (str(through),)
                 )
+                self.conn.execute("DROP TABLE IF EXISTS latest")
         return max(written, 0)
 
     def load_latest(self) -> tuple[list[tuple[str, str, str, str, int, int, float]], int | None]:
-        """The saved latest state and the batch rowid it covers (None: never saved).
+        """The saved latest state and the batch rowid it covers (None: never saved, or an older
+        version's state still to be taken over).
 
         The rows of an older version's `latest` table (saved at its last clean stop, with
-        no position) are returned too, and that table is dropped: the next save keeps them.
+        no position) are returned too; the first save that records a position drops it.
         """
         rows = self.conn.execute(
             "SELECT site, node, name, labels, mtype, ts_ms, value FROM latest_state"
@@ -440,13 +460,21 @@ class Ledger:
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'latest'"
         ).fetchone()
         if legacy:
-            with immediate(self.conn):
-                rows += self.conn.execute(
-                    "SELECT site, node, name, labels, mtype, ts_ms, value FROM latest"
-                ).fetchall()
-                self.conn.execute("DROP TABLE latest")
+            rows += self.conn.execute(
+                "SELECT site, node, name, labels, mtype, ts_ms, value FROM latest"
+            ).fetchall()
+            return rows, None  # written again, with a position, by the next save
         row = self.conn.execute("SELECT v FROM meta WHERE k = 'latest_through'").fetchone()
         return rows, (int(row[0]) if row else None)
+
+    def load_latest_nodes(self) -> list[tuple[str, str, int, int]]:
+        """The nodes' saved (site, node, newest_ms, arrival_ms)."""
+        return [
+            (str(site), str(node), int(newest), int(arrival))
+            for site, node, newest, arrival in self.conn.execute(
+                "SELECT site, node, newest_ms, arrival_ms FROM latest_nodes"
+            )
+        ]
 
     def max_rowid(self) -> int:
         """The rowid of the newest recorded batch (0: none). Row ids only grow: pruning
@@ -455,22 +483,32 @@ class Ledger:
 
     def data_frames_after(self, rowid: int) -> Iterator[bytes]:
         """Every data batch recorded after `rowid`, in arrival order (pruned ones are gone)."""
-        for (frame,) in self.conn.execute(
-            "SELECT frame FROM batches WHERE rowid > ? AND kind = ? ORDER BY rowid",
-            (rowid, int(wire.Kind.DATA)),
-        ):
-            yield bytes(frame)
+        for frame, _ in self.replay_frames(rowid):
+            yield frame
 
     def newest_data_frames(self) -> Iterator[bytes]:
         """The newest data batch of every node: what the latest state is rebuilt from."""
+        for frame, _ in self.replay_frames(None):
+            yield frame
+
+    def replay_frames(self, rowid: int | None) -> Iterator[tuple[bytes, float]]:
+        """(frame, received_at) of every data batch recorded after `rowid` in arrival order
+        or, with None (no saved position), of each node's newest data batch."""
+        if rowid is not None:
+            for frame, received_at in self.conn.execute(
+                "SELECT frame, received_at FROM batches WHERE rowid > ? AND kind = ? ORDER BY rowid",
+                (rowid, int(wire.Kind.DATA)),
+            ):
+                yield bytes(frame), float(received_at)
+            return
         for site, node in list(self._nodes):
             row = self.conn.execute(
-                "SELECT frame FROM batches WHERE site = ? AND node = ? AND kind = ? "
+                "SELECT frame, received_at FROM batches WHERE site = ? AND node = ? AND kind = ? "
                 "ORDER BY seq DESC LIMIT 1",
                 (site, node, int(wire.Kind.DATA)),
             ).fetchone()
             if row is not None:
-                yield bytes(row[0])
+                yield bytes(row[0]), float(row[1])
 
     def frame(self, site: str, node: str, seq: int) -> bytes | None:
         row = self.conn.execute(

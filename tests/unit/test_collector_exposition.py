@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
@@ -264,19 +265,151 @@ def test_a_series_sent_less_often_than_the_lookback_stays_within_it_behind_the_n
     assert stamped(render(fleet, clock=lambda: T / 1000 + 3600))[temp] == (42.0, T + 10 * MIN)
 
 
-@settings(max_examples=200, deadline=None)
+SMART_IDS = (("device", "sda"), ("node", "n"), ("site", "s"))
+TEMP = ("smartctl_device_temperature", SMART_IDS)
+LOAD = ("node_load1", IDS)
+LOOKBACK_MS = 5 * MIN
+
+
+class Prometheus:
+    """What a Prometheus scraping the collector every 15 s stores of two series: it appends a
+    sample only if its timestamp is newer than the series' newest (an older one is
+    out-of-order, a same one a duplicate); a second value at a stored timestamp is counted."""
+
+    def __init__(self, fleet: FleetState) -> None:
+        self.fleet = fleet
+        self.newest: dict[object, tuple[int, float]] = {}
+        self.duplicates = 0
+
+    def scrape(self, now: int) -> None:
+        for key, (value, ts) in stamped(render(self.fleet, clock=at(now))).items():
+            if key not in (TEMP, LOAD):
+                continue
+            assert ts is not None and ts <= now, (key, ts, now)
+            held = self.newest.get(key)
+            if held is not None and ts == held[0] and value != held[1]:
+                self.duplicates += 1
+            if held is None or ts > held[0]:
+                self.newest[key] = (ts, value)
+
+    def age(self, key: object, now: int) -> int:
+        """How old the newest sample an instant query at `now` finds is (its lookback is 5 min)."""
+        return now - self.newest[key][0]
+
+
+def run_node(flush_ms: int, skew_ms: int, minutes: int, prom_minutes: int | None = None,
+             delivery_ms: int = 2000) -> tuple[Prometheus, dict[object, int], int]:
+    """A node whose clock is `skew_ms` off the collector's sends a batch every `flush_ms`
+    (node_load1 every time, SMART read every 10 minutes) for `minutes`; Prometheus scrapes
+    every 15 s for `prom_minutes`. Returns Prometheus, each series' worst age at any
+    evaluation (every second) while the node sends, and the last batch's arrival."""
+    fleet = FleetState(100)
+    prom = Prometheus(fleet)
+    worst = {TEMP: 0, LOAD: 0}
+    smart_read = None
+    last_arrival = T
+    for now in range(T, T + (prom_minutes or minutes) * MIN + 1, 1000):
+        sending = now < T + minutes * MIN
+        if sending and (now - T) % (10 * MIN) == 0:
+            smart_read = now + skew_ms  # read on the node, sent with the next batch
+        if sending and (now - T) % flush_ms == flush_ms - 1000:
+            sampled = now - delivery_ms + skew_ms
+            batch = [series("node_load1", sampled, (now - T) / MIN)]
+            if smart_read is not None:
+                batch.append(series("smartctl_device_temperature", smart_read, 40.0 + (now - T) // (10 * MIN),
+                                    device="sda"))
+                smart_read = None
+            fleet.apply("s", "n", batch, now_ms=now)
+            last_arrival = now
+        if (now - T) % 15_000 == 0:
+            prom.scrape(now)
+        if sending and now >= T + flush_ms:
+            for key in worst:
+                worst[key] = max(worst[key], prom.age(key, now))
+    return prom, worst, last_arrival
+
+
+@pytest.mark.parametrize(("flush_s", "skew_s"), [
+    (60, 0), (60, -90), (150, 0), (150, -90), (60, -600), (150, -600), (60, 180),
+])
+def test_every_series_stays_within_the_lookback_whatever_the_node_clock_and_flush(
+    flush_s: int, skew_s: int
+) -> None:
+    """A held series is at most a flush interval + HOLD_MS + delivery old at any evaluation,
+    measured on the collector's clock: a node clock running 90 s (or 10 min) slow, or the
+    longest allowed flush interval (150 s), must not drop SMART (and with it DiskWearHigh's
+    `for:`) or every series (and ClockSkew) out of Prometheus' 5-minute lookback."""
+    prom, worst, _ = run_node(flush_s * 1000, skew_s * 1000, minutes=40)
+    assert worst[TEMP] < LOOKBACK_MS and worst[LOAD] < LOOKBACK_MS, worst
+    assert worst[TEMP] <= flush_s * 1000 + HOLD_MS + 2000 + 15_000, worst
+    assert prom.duplicates == 0
+
+
+def test_a_dead_nodes_series_leave_the_lookback_within_five_minutes() -> None:
+    """The floor moves only when batches arrive: a node that stops stays queryable for at most
+    the lookback after its last batch, then its series are absent from instant queries."""
+    prom, _, last = run_node(60_000, -90_000, minutes=20, prom_minutes=30)
+    end = last + LOOKBACK_MS + 15_000
+    assert prom.age(TEMP, end) > LOOKBACK_MS and prom.age(LOAD, end) > LOOKBACK_MS
+
+
+def test_a_value_backfilled_at_the_held_timestamp_moves_the_timestamp() -> None:
+    """After an outage the live batch lands first and SMART is held at the floor; the backfill
+    then brings a newer SMART read (older than the floor): a second value at the same
+    timestamp would be refused by Prometheus, so it is exposed 1 ms later."""
+    fleet = FleetState(100)
+    fleet.apply("s", "n", [series("smartctl_device_temperature", T, 41.0, device="sda"),
+                           series("node_load1", T, 1.0)], now_ms=T + 1000)
+    back = T + 30 * MIN
+    fleet.apply("s", "n", [series("node_load1", back, 2.0)], now_ms=back + 1000)  # live batch first
+    floor = back + 1000 - HOLD_MS
+    assert stamped(render(fleet, clock=at(back + 2000)))[TEMP] == (41.0, floor)
+    fleet.apply("s", "n", [series("smartctl_device_temperature", T + 20 * MIN, 43.0, device="sda")],
+                now_ms=back + 3000)  # the backfill: read during the outage
+    assert stamped(render(fleet, clock=at(back + 4000)))[TEMP] == (43.0, floor + 1)
+    assert stamped(render(fleet, clock=at(back + 5000)))[TEMP] == (43.0, floor + 1)  # same again: ignored
+
+
+def test_a_changed_value_waits_for_the_clock_rather_than_repeat_a_timestamp() -> None:
+    """A node clock running ahead is exposed at the collector's clock; a second value within
+    the same millisecond keeps the last shown value until the clock allows a later stamp."""
+    fleet = FleetState(100)
+    fleet.apply("s", "n", [series("node_load1", T + MIN, 1.0)], now_ms=T)
+    assert stamped(render(fleet, clock=at(T)))[LOAD] == (1.0, T)
+    fleet.apply("s", "n", [series("node_load1", T + MIN + 1000, 2.0)], now_ms=T)
+    assert stamped(render(fleet, clock=at(T)))[LOAD] == (1.0, T)
+    assert stamped(render(fleet, clock=at(T + 1)))[LOAD] == (2.0, T + 1)
+
+
+def test_a_collector_clock_stepped_back_does_not_step_timestamps_back() -> None:
+    fleet = FleetState(100)
+    fleet.apply("s", "n", [series("node_load1", T + MIN, 1.0)], now_ms=T + MIN)
+    assert stamped(render(fleet, clock=at(T + MIN)))[LOAD] == (1.0, T + MIN)
+    # NTP steps the collector's clock back a minute: the node's next batch arrives at T + 30 s.
+    fleet.apply("s", "n", [series("node_load1", T + 2 * MIN, 2.0)], now_ms=T + 30_000)
+    # Not back to T + 31 s: the last shown stays until the clock passes it again.
+    assert stamped(render(fleet, clock=at(T + 31_000)))[LOAD] == (1.0, T + MIN)
+    assert stamped(render(fleet, clock=at(T + MIN + 5)))[LOAD] == (2.0, T + MIN + 5)
+
+
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(-20 * MIN, 20 * MIN),
-                          st.integers(0, 3 * MIN)), min_size=1, max_size=40))
-def test_a_series_exposed_timestamp_never_moves_backwards(steps: list[tuple[str, int, int]]) -> None:
-    """Prometheus drops a sample older than the series' newest as out-of-order: whatever order
-    points arrive in (backfill, a clock ahead), each scrape's timestamp is at least the last."""
+                          st.integers(0, 3 * MIN), st.integers(0, 3)), min_size=1, max_size=40))
+def test_a_series_exposed_timestamp_never_moves_backwards(steps: list[tuple[str, int, int, int]]) -> None:
+    """Prometheus drops a sample older than the series' newest as out-of-order, and refuses a
+    second value at a timestamp it has: whatever order points arrive in (backfill, a clock
+    ahead or behind), each scrape's timestamp is at least the last, never after the
+    collector's clock, and an equal timestamp carries an equal value."""
     fleet = FleetState(100)
     now = T
-    last: dict[object, int] = {}
-    for name, offset, wait in steps:
+    last: dict[object, tuple[int, float]] = {}
+    for name, offset, wait, value in steps:
         now += wait
-        fleet.apply("s", "n", [series(name, now + offset, float(offset))], now_ms=now)
-        for key, (_, ts) in stamped(render(fleet, clock=at(now))).items():
+        fleet.apply("s", "n", [series(name, now + offset, float(value))], now_ms=now)
+        for key, (v, ts) in stamped(render(fleet, clock=at(now))).items():
             if key[0] in ("a", "b", "c"):
-                assert ts is not None and ts >= last.get(key, ts) and ts <= now
-                last[key] = ts
+                assert ts is not None and ts <= now
+                if key in last:
+                    assert ts >= last[key][0]
+                    assert ts > last[key][0] or v == last[key][1], (key, ts, v, last[key])
+                last[key] = (ts, v)

@@ -68,6 +68,8 @@ def cmd_check_config(config: AgentConfig, args: argparse.Namespace) -> int:
         f"scrape:{s.name}" for s in config.sources.scrape
     ]
     print(f"  sources: {', '.join(sources) or 'none'}")
+    pin = config.uplink.collector_pin
+    print(f"  payloads sealed to collector key {pin.key_id.hex()}" if pin else "  payloads not sealed")
     if not config.key_path.exists():
         print(f"  note: no node key at {config.key_path} yet; run `waystation-agent keygen`")
     return 0

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wire.config import ConfigError, Duration, Size, load, parse_duration
+from wire.keys import CollectorKey, parse_collector_key
 
 DEFAULT_COLLECTOR_URL = "http://127.0.0.1:9480"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -32,10 +33,19 @@ class UplinkConfig:
     probe_interval: str = "500ms"
     # On stop (SIGTERM), up to this long to deliver the batch just signed; "0s" stops at once.
     stop_grace: str = "5s"
+    # The collector's public keys as `waystation-collector keygen` prints them. When set,
+    # every data payload is sealed (encrypted) to it before it is signed, so the spool and
+    # the wire are unreadable without the collector's private key; empty: not sealed.
+    collector_key: str = ""
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url {self.url!r} must start with http:// or https://")
+        if self.collector_key:
+            try:
+                parse_collector_key(self.collector_key)
+            except ValueError as exc:
+                raise ValueError(f"collector_key: {exc}") from None
         if self.max_bytes_per_second < 1024:
             raise ValueError("max_bytes_per_second must be at least 1KiB")
         for name in ("probe_interval", "stop_grace"):
@@ -50,6 +60,11 @@ class UplinkConfig:
     @property
     def stop_grace_s(self) -> float:
         return _seconds_or_off("stop_grace", self.stop_grace)
+
+    @property
+    def collector_pin(self) -> CollectorKey | None:
+        """The pinned collector key, or None when payloads are not sealed."""
+        return parse_collector_key(self.collector_key) if self.collector_key else None
 
 
 _ZERO_DURATION = re.compile(r"0+(?:\.0*)?(?:ms|s|m|h|d)?")

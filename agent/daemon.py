@@ -120,6 +120,10 @@ class Agent:
     def __init__(self, config: AgentConfig, key: SigningKey, env: SourceEnv | None = None) -> None:
         self.config = config
         self.key = key
+        # Parsed once (config validated it); drop receipts and key rotations stay unsealed:
+        # they carry no metric names or values, and the collector can account for losses
+        # even while it lacks a sealing key.
+        self.collector_pin = config.uplink.collector_pin
         self.summarizer = Summarizer(float(config.summary.window))
         sources: list[Scheduled] = build_sources(config, env or SourceEnv())
         self.runner = Runner(sources, self.summarizer.add)
@@ -161,7 +165,8 @@ class Agent:
             return
         try:
             spool.append_data(
-                self.key, self.config.site, self.config.node, self.held, self.config.spool.max_bytes
+                self.key, self.config.site, self.config.node, self.held, self.config.spool.max_bytes,
+                seal_to=self.collector_pin,
             )
         except (sqlite3.Error, OSError) as exc:
             self._write_failed(f"cannot write spool {self.config.spool_path}: {exc}")

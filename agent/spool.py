@@ -25,6 +25,7 @@ from pathlib import Path
 from nacl.signing import SigningKey
 
 import wire
+from wire.keys import CollectorKey
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -199,10 +200,17 @@ class Spool:
         series: list[wire.Series],
         max_bytes: int,
         now_ms: int | None = None,
+        seal_to: CollectorKey | None = None,
     ) -> int:
-        """Sign series into the next batch of the chain and store it; returns its seq."""
+        """Sign series into the next batch of the chain and store it; returns its seq.
+
+        With seal_to (the pinned collector key) the compressed payload is sealed to it first,
+        so no metric name, label or value reaches the spool file (or its WAL) in clear."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        prepared = wire.prepare_data(series, empty_window_ms=now_ms)  # compress outside the lock
+        # Compress and seal outside the lock.
+        prepared = wire.prepare_data(series, empty_window_ms=now_ms)
+        if seal_to is not None:
+            prepared = wire.seal_prepared(prepared, seal_to)
         with self._write():
             seq, prev = self._chain_head()
             frame = wire.sign_batch(

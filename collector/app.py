@@ -9,16 +9,18 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from nacl.public import PrivateKey
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 import wire
+from collector import keyring, remote_write, trust
 from collector import ledger as ledger_mod
-from collector import remote_write, trust
 from collector.config import CollectorConfig
 from collector.exposition import FleetCollector, FleetState
 from collector.ingest import Committer, Ingest, IngestMetrics, open_limits
@@ -35,10 +37,14 @@ LEDGER = web.AppKey("ledger", Ledger)
 COMMITTER = web.AppKey("committer", Committer)
 INGEST = web.AppKey("ingest", Ingest)
 READER = web.AppKey("reader", sqlite3.Connection)  # request handlers' own WAL connection
+# The collector's private sealing keys (current and retired) by key id, and their files.
+SEALING_KEYS: web.AppKey[dict[bytes, PrivateKey]] = web.AppKey("sealing_keys")
+SEALING_KEY_FILES: web.AppKey[list[Path]] = web.AppKey("sealing_key_files")
 
 
 def rebuild_latest_state(
-    ledger: Ledger, fleet: FleetState, limits: wire.OpenLimits, now_ms: int | None = None
+    ledger: Ledger, fleet: FleetState, limits: wire.OpenLimits, now_ms: int | None = None,
+    sealing_keys: wire.SealingKeys | None = None,
 ) -> tuple[int, int]:
     """Latest state at start: every node's accounting, the latest state last saved (series,
     and each node's newest sample and arrival times), and the data batches recorded after
@@ -56,7 +62,7 @@ def rebuild_latest_state(
     keys = partial(trust.lookup_recorded, ledger.conn)
     replayed = 0
     for raw, received_at in ledger.replay_frames(through):
-        opened = wire.open_batch(raw, keys, limits)
+        opened = wire.open_batch(raw, keys, limits, sealing_keys=sealing_keys)
         if isinstance(opened, wire.Refusal):  # recorded under other limits; not fatal at start
             log.warning("cannot rebuild latest state from a stored batch: %s: %s", opened.result, opened.detail)
             continue
@@ -210,8 +216,9 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     reader = ledger_mod.connect(config.ledger_path, create=False)
     keys = ledger_mod.connect(config.ledger_path, create=False)  # the verify thread's own
     try:
+        sealing_keys = app[SEALING_KEYS]
         restored, replayed = await loop.run_in_executor(
-            None, rebuild_latest_state, ledger, fleet, open_limits(limits)
+            None, partial(rebuild_latest_state, ledger, fleet, open_limits(limits), sealing_keys=sealing_keys)
         )
         log.info("latest state: %d series restored, %d batches replayed", restored, replayed)
 
@@ -223,8 +230,10 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         targets = [t.name for t in config.remote_write]
         supervisor = None
         if config.remote_write:
+            key_files: list[Path] = app[SEALING_KEY_FILES]
             line = remote_write.child_config(
-                config.ledger_path, config.remote_write, open_limits(limits), config.log_level
+                config.ledger_path, config.remote_write, open_limits(limits), config.log_level,
+                key_files=key_files,
             )
             supervisor = Supervisor(line)
             supervisor.start()
@@ -238,7 +247,7 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         app[LEDGER] = ledger
         app[READER] = reader
         app[COMMITTER] = committer
-        app[INGEST] = ingest = Ingest(limits, keys, committer, fleet, app[METRICS])
+        app[INGEST] = ingest = Ingest(limits, keys, committer, fleet, app[METRICS], sealing_keys)
         try:
             yield
         finally:
@@ -311,6 +320,13 @@ def create_app(config: CollectorConfig) -> web.Application:
     # client_max_size only guards request.read()/post(), which no route uses.
     app = web.Application(client_max_size=config.limits.max_body_bytes + 1)
     app[CONFIG] = config
+    # Read once, here: a key file that exists but cannot be read stops serve with its path
+    # (keyring.KeyringError) rather than refusing every sealed batch. Rotation takes effect
+    # at the next start.
+    app[SEALING_KEY_FILES] = files = keyring.sealing_key_files(Path(config.data_dir))
+    app[SEALING_KEYS] = sealing = keyring.load_sealing_keys(files)
+    if sealing:
+        log.info("sealing keys: %s", ", ".join(k.hex() for k in sealing))
     registry = CollectorRegistry(auto_describe=False)
     fleet = FleetState(config.limits.max_series_per_node, config.limits.series_ttl, config.limits.max_series_total)
     app[REGISTRY] = registry

@@ -1,4 +1,4 @@
-"""waystation-collector: serve | enroll | revoke | nodes."""
+"""waystation-collector: serve | keygen | enroll | revoke | nodes | audit | provenance."""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from typing import Any
 
 from aiohttp import web
 
-from collector import ledger, trust
+import wire
+from collector import audit, keyring, ledger, provenance, trust
 from collector.app import create_app
 from collector.config import CollectorConfig, load_config
-from wire.config import ConfigError
+from collector.ingest import open_limits
+from wire.config import ConfigError, parse_duration
 from wire.keys import parse_public_key
 
 EXIT_OK = 0
@@ -44,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     command("serve", "Run the collector (POST /v1/batches, GET /metrics, /healthz, /v1/nodes).")
+    p = command("keygen", "Create the collector's key pair in data_dir and print the line agents pin.")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--force", action="store_true",
+                     help="replace the current pair (batches sealed to it can never be opened again)")
+    how.add_argument("--rotate", action="store_true",
+                     help="keep the current pair for decryption (collector-keys/) and make a new one")
     p = command("enroll", "Accept a node's public key (as `waystation-agent keygen` prints it).")
     p.add_argument("--site", required=True)
     p.add_argument("--node", required=True)
@@ -53,6 +61,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--site", help="needed when the node name exists in several sites")
     p = command("nodes", "List nodes: last seen, complete-through seq, gaps, reported backlog.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = command("audit", "Re-verify the ledger from its own bytes: signatures, hash chain, every gap.")
+    p.add_argument("--site", help="only this site")
+    p.add_argument("--node", help="only this node (in every site, unless --site)")
+    p.add_argument("--json", action="store_true", help="print the findings and a summary as JSON")
+    p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
+                   help="progress line on stderr at most this often (default 5; 0: never)")
+    p = command("provenance", "Name the recorded batch that carried a sample, and how it arrived.")
+    p.add_argument("--site", required=True)
+    p.add_argument("--node", required=True)
+    p.add_argument("--metric", required=True, help="metric name, as exposed (without site/node)")
+    p.add_argument("--labels", help="'k=v,k2=v2': labels the series carries (a subset is enough)")
+    p.add_argument("--at", required=True, metavar="TIME",
+                   help="RFC 3339 time (2024-05-01T12:00:00Z; no zone: UTC) or Unix seconds")
+    p.add_argument("--lookback", default="1h",
+                   help="how far before TIME a sample may be (default 1h)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -85,7 +109,11 @@ async def _serve(config: CollectorConfig) -> int:
         except (OSError, ssl.SSLError) as exc:
             print(f"waystation-collector: cannot load TLS certificate/key: {exc}", file=sys.stderr)
             return EXIT_FAILED
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except keyring.KeyringError as exc:
+        print(f"waystation-collector: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     access_log = logging.getLogger("aiohttp.access") if config.log_level == "debug" else None
     runner = web.AppRunner(app, handle_signals=False, access_log=access_log)
     try:
@@ -179,6 +207,111 @@ def _print_table(nodes: list[dict[str, Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+def _keygen(config: CollectorConfig, args: argparse.Namespace) -> int:
+    data_dir = Path(config.data_dir)
+    try:
+        if args.rotate:
+            pair, old = keyring.rotate(data_dir)
+            print(f"kept key pair {old.key_id.hex()} in {keyring.retired_path(data_dir, old.key_id)} "
+                  "to open what is still sealed to it")
+        else:
+            pair, replaced = keyring.generate(data_dir, force=args.force)
+            if replaced is not None:
+                print(f"replaced key pair {replaced.key_id.hex()}: batches sealed to it can no longer be opened")
+    except (keyring.KeyringError, OSError) as exc:
+        print(f"waystation-collector keygen: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"wrote collector key pair {keyring.current_path(data_dir)} (key id {pair.key_id.hex()})")
+    print("pin it in each agent's agent.toml, under [uplink] (agents then seal their payloads to it):")
+    print(f"  {pair.pin_line()}")
+    print("restart `waystation-collector serve` to load it")
+    return EXIT_OK
+
+
+def _audit(config: CollectorConfig, args: argparse.Namespace) -> int:
+    """Findings stream to stdout as found (one line each, or one JSON document whose
+    findings array is written as it grows): memory stays bounded on any ledger."""
+    out = sys.stdout
+    count = 0
+
+    def on_finding(finding: audit.Finding) -> None:
+        nonlocal count
+        if args.json:
+            out.write(('{"findings": [\n  ' if count == 0 else ",\n  ") + json.dumps(finding.to_json()))
+        else:
+            out.write(f"{finding}\n")
+        count += 1
+
+    def progress(p: audit.Progress) -> None:
+        print(str(p), file=sys.stderr, flush=True)
+
+    sealing_keys = _sealing_keys(config, "audit")
+    if sealing_keys is None:
+        return EXIT_FAILED
+    try:
+        summary = audit.audit(
+            config.ledger_path, on_finding=on_finding, site=args.site, node=args.node,
+            limits=open_limits(config.limits), progress=progress if args.progress_every > 0 else None,
+            progress_every_s=args.progress_every, sealing_keys=sealing_keys,
+        )
+    except FileNotFoundError as exc:
+        print(f"waystation-collector audit: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    unmatched = summary.nodes == 0 and (args.site is not None or args.node is not None)
+    if args.json:
+        out.write(("\n" if count else '{"findings": [') + '], "summary": ' + json.dumps(summary.to_json()) + "}\n")
+    else:
+        print(audit.describe(summary))
+    if unmatched:
+        which = "/".join(x for x in (args.site, args.node) if x)
+        print(f"waystation-collector audit: the ledger has nothing for {which}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if summary.clean else EXIT_FAILED
+
+
+def _sealing_keys(config: CollectorConfig, command: str) -> wire.SealingKeys | None:
+    """The collector's private sealing keys (current and retired), to open sealed batches;
+    None after saying why they cannot be read."""
+    try:
+        return keyring.load_sealing_keys(keyring.sealing_key_files(Path(config.data_dir)))
+    except (keyring.KeyringError, OSError) as exc:
+        print(f"waystation-collector {command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _provenance(config: CollectorConfig, args: argparse.Namespace) -> int:
+    try:
+        labels = provenance.parse_labels(args.labels)
+        at_ms = provenance.parse_time_ms(args.at)
+        lookback_ms = int(parse_duration(args.lookback) * 1000)
+    except ValueError as exc:
+        print(f"waystation-collector provenance: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    sealing_keys = _sealing_keys(config, "provenance")
+    if sealing_keys is None:
+        return EXIT_FAILED
+    try:
+        conn = ledger.connect_readonly(config.ledger_path)
+    except (FileNotFoundError, sqlite3.Error) as exc:
+        print(f"waystation-collector provenance: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        search = provenance.find_sample(
+            conn, args.site, args.node, args.metric, labels, at_ms, lookback_ms, open_limits(config.limits),
+            sealing_keys,
+        )
+    except sqlite3.Error as exc:
+        print(f"waystation-collector provenance: cannot read {config.ledger_path}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(provenance.search_json(search), indent=2))
+    else:
+        print(provenance.describe(search, args.site, args.node, args.metric, labels, at_ms, lookback_ms))
+    return EXIT_OK if search.found else EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -195,6 +328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_serve(config))
         except KeyboardInterrupt:
             return EXIT_OK
+
+    if args.command == "audit":
+        return _audit(config, args)
+    if args.command == "provenance":
+        return _provenance(config, args)
+
+    if args.command == "keygen":
+        return _keygen(config, args)
 
     if args.command == "enroll":
         try:

@@ -46,7 +46,11 @@ STATUS: dict[str, int] = {
     "schema": 400,
     "limit": 400,
     "unsupported_version": 400,
-    "unsupported": 400,  # a feature this collector does not have (sealed payloads)
+    "unsupported": 400,  # a feature this collector does not have (an unknown seal scheme)
+    # Sealed to a collector key this collector does not hold: not a bad batch (restoring the
+    # key, or pinning the right collector, makes it open), so the agent keeps it and retries.
+    "sealed_to_unknown_key": 421,
+    "undecryptable": 400,  # signed, but the sealed payload does not decrypt with the key it names
     "timeout": 408,  # the body did not arrive within body_read_timeout
     "aborted": 400,  # the sender closed the connection mid-body (it never reads this answer)
     "overloaded": 503,
@@ -216,8 +220,10 @@ class Ingest:
         committer: Committer,
         fleet: FleetState,
         metrics: IngestMetrics,
+        sealing_keys: wire.SealingKeys | None = None,
     ) -> None:
         self.limits = limits
+        self.sealing_keys = sealing_keys  # the collector's private keys for sealed payloads
         self.keys = keys
         self.committer = committer
         self.fleet = fleet
@@ -274,7 +280,8 @@ class Ingest:
 
     def _open(self, body: bytes) -> wire.VerifiedBatch | wire.Refusal:
         """Runs in the verify thread: one at a time, so each node's table cache has one user."""
-        return wire.open_batch(body, partial(trust.lookup, self.keys), self.open_limits, self.tables)
+        return wire.open_batch(body, partial(trust.lookup, self.keys), self.open_limits, self.tables,
+                               sealing_keys=self.sealing_keys)
 
     async def _handle(self, request: web.Request) -> web.Response:
         # Bodies being read or waiting for the verify thread count too: they hold memory

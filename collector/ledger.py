@@ -47,8 +47,13 @@ CREATE TABLE IF NOT EXISTS batches (
     sample_count    INTEGER NOT NULL,
     bytes           INTEGER NOT NULL,
     frame           BLOB NOT NULL,
+    origin          TEXT NOT NULL DEFAULT 'http',  -- how it arrived: 'http' or 'bundle'
+    origin_file     TEXT,                          -- the bundle's file name (bundles only)
     PRIMARY KEY (site, node, seq)
 );
+-- Provenance finds the batches whose window reaches back to a time without reading the
+-- node's other frames.
+CREATE INDEX IF NOT EXISTS batches_by_window_end ON batches (site, node, window_end_ms);
 CREATE TABLE IF NOT EXISTS drops (
     site        TEXT NOT NULL,
     node        TEXT NOT NULL,
@@ -143,7 +148,50 @@ def connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=10000")
     if create:
         conn.executescript(SCHEMA)
+        _migrate(conn)
     return conn
+
+
+# Columns added to `batches` after ledgers were first written, with their definitions;
+# ALTER TABLE appends them, so old and new ledgers end with the same layout.
+_ADDED_BATCH_COLUMNS = (
+    ("origin", "TEXT NOT NULL DEFAULT 'http'"),  # every batch before this column came over HTTP
+    ("origin_file", "TEXT"),
+)
+
+
+def _batch_columns(conn: sqlite3.Connection) -> set[str]:
+    return {str(row[1]) for row in conn.execute("PRAGMA table_info(batches)")}
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an existing ledger's tables up to SCHEMA (one transaction; concurrent openers
+    of the same ledger serialize on it and the second finds nothing to do)."""
+    if all(name in _batch_columns(conn) for name, _ in _ADDED_BATCH_COLUMNS):
+        return
+    with immediate(conn):
+        present = _batch_columns(conn)
+        for name, definition in _ADDED_BATCH_COLUMNS:
+            if name not in present:
+                # Names and definitions are the constants above, never input.
+                conn.execute(f"ALTER TABLE batches ADD COLUMN {name} {definition}")
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open the ledger read-only (audit, provenance): never writes, never migrates, and reads
+    beside a running `serve` through WAL. Raises FileNotFoundError if there is no ledger."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no ledger here (has the collector run with this data_dir?)")
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+def has_batch_column(conn: sqlite3.Connection, name: str) -> bool:
+    """Whether the ledger's batches table has `name` (a ledger no newer collector opened yet
+    lacks the added columns; readers then assume their defaults)."""
+    return name in _batch_columns(conn)
 
 
 @contextmanager
@@ -315,6 +363,10 @@ class Submission:
     rotation: wire.KeyRotation | None = None
     # The agent's own spool backlog (batches, bytes) as reported in this data batch.
     backlog: tuple[float | None, float | None] | None = None
+    # How the batch arrived: "http" (POST /v1/batches) or "bundle" (an air-gap import of
+    # origin_file); recorded with it for `provenance`.
+    origin: str = "http"
+    origin_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -345,8 +397,8 @@ _UPSERT_NODE = (
 
 _INSERT_BATCH = (
     "INSERT INTO batches (site, node, seq, kind, hash, prev_hash, key_id, received_at, "
-    "created_wall_ms, window_start_ms, window_end_ms, series_count, sample_count, bytes, frame) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "created_wall_ms, window_start_ms, window_end_ms, series_count, sample_count, bytes, frame, "
+    "origin, origin_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 _ISLANDS = (
@@ -717,7 +769,7 @@ class Ledger:
             (
                 h.site, h.node, h.seq, int(h.kind), digest, h.prev_hash, h.key_id,
                 sub.received_at, h.created_wall_ms, h.window_start_ms, h.window_end_ms,
-                h.series_count, h.sample_count, len(frame.raw), frame.raw,
+                h.series_count, h.sample_count, len(frame.raw), frame.raw, sub.origin, sub.origin_file,
             ),
         )
         if not n.first_seen:

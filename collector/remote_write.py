@@ -56,9 +56,9 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 import wire
+from collector import keyring, trust
 from collector import ledger as ledger_mod
 from collector import remote_write_proto as proto
-from collector import trust
 from collector.config import RemoteWriteConfig
 from collector.exposition import RESERVED_PREFIXES
 from collector.ledger import IntervalSet
@@ -305,9 +305,12 @@ class Encoder:
     Labels are the batch's own plus site and node from the verified header (which win over
     any the batch carries), sorted by name as remote write requires."""
 
-    def __init__(self, conn: sqlite3.Connection, limits: wire.OpenLimits) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, limits: wire.OpenLimits, sealing_keys: wire.SealingKeys | None = None
+    ) -> None:
         self.conn = conn
         self.limits = limits
+        self.sealing_keys = sealing_keys
         self.keys = partial(trust.lookup_recorded, conn)
         self.tables = wire.SeriesTables()
         self.labels: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], bytes] = {}
@@ -329,7 +332,7 @@ class Encoder:
         return enc
 
     def _encode(self, rowid: int, frame: bytes) -> Encoded:
-        opened = wire.open_batch(frame, self.keys, self.limits, self.tables)
+        opened = wire.open_batch(frame, self.keys, self.limits, self.tables, sealing_keys=self.sealing_keys)
         if isinstance(opened, wire.Refusal):
             return Encoded(rowid, [], f"{opened.result}: {opened.detail}")
         h = opened.header
@@ -646,10 +649,11 @@ class Target:
 class Forwarder:
     """Every configured target's send loop over one ledger, in this (child) process."""
 
-    def __init__(self, ledger_path: Path, targets: Sequence[RemoteWriteConfig], limits: wire.OpenLimits) -> None:
+    def __init__(self, ledger_path: Path, targets: Sequence[RemoteWriteConfig], limits: wire.OpenLimits,
+                 sealing_keys: wire.SealingKeys | None = None) -> None:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="work")
         self.conn = ledger_mod.connect(ledger_path, create=False)
-        self.encoder = Encoder(self.conn, limits)
+        self.encoder = Encoder(self.conn, limits, sealing_keys)
         self.targets = [Target(c, self) for c in targets]
         self.stopping = asyncio.Event()
 
@@ -677,10 +681,13 @@ class Forwarder:
 
 
 def child_config(ledger_path: Path, targets: Sequence[RemoteWriteConfig], limits: wire.OpenLimits,
-                 log_level: str) -> bytes:
-    """The one JSON line `serve` writes to the forwarder's stdin."""
+                 log_level: str, key_files: Sequence[Path] = ()) -> bytes:
+    """The one JSON line `serve` writes to the forwarder's stdin. The collector's sealing keys
+    go as the paths of their files, never as key bytes: a pipe's contents are not a place
+    for secrets, and the child reads the files with the same rights serve has."""
     return json.dumps({
         "ledger": str(ledger_path),
+        "key_files": [str(p) for p in key_files],
         "log_level": log_level,
         "limits": {"max_decompressed_bytes": limits.max_decompressed_bytes, **asdict(limits.payload)},
         "targets": [asdict(t) for t in targets],
@@ -716,7 +723,10 @@ async def _child_main(obj: dict[str, Any]) -> None:
                 log.info("waiting for the previous forwarder to finish")
                 told = True
             await asyncio.sleep(0.2)
-    forwarder = Forwarder(ledger_path, _targets_from(obj), open_limits)
+    # A retired key file an operator deleted since serve listed it is skipped: deleting one
+    # means nothing sealed to it is left to read.
+    sealing_keys = keyring.load_sealing_keys([Path(p) for p in obj.get("key_files", [])], missing_ok=True)
+    forwarder = Forwarder(ledger_path, _targets_from(obj), open_limits, sealing_keys)
     loop.add_signal_handler(signal.SIGTERM, forwarder.stopping.set)
     loop.add_signal_handler(signal.SIGINT, forwarder.stopping.set)
     # The parent holds our stdin open; EOF means it is gone (even after SIGKILL): stop.

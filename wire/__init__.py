@@ -1,5 +1,5 @@
 """The batch protocol both sides share: model, payload codec, frame, control payloads,
-compression, and open_batch(), the one path by which any reader verifies a batch.
+compression, sealing, and open_batch(), the one path by which any reader verifies a batch.
 
 docs/wire.md is the normative description; this package is its reference implementation.
 The agent and the collector import it and nothing of each other's.
@@ -37,6 +37,7 @@ from wire.frame import (
     Prepared,
     batch_hash,
     check_counts,
+    check_raw_len,
     decompress_payload,
     encode_data_batch,
     key_id,
@@ -59,6 +60,7 @@ from wire.open import (
 )
 from wire.payload import MAX_SCALED, SeriesTableCache, ValueMode, decode_series, encode_series
 from wire.schema import schema_problem
+from wire.sealing import SEAL_OVERHEAD, SealingKeys, seal, seal_prepared, sealed_to, unseal
 
 __all__ = [
     "FIXED_HEADER_LEN", "FLAG_SEALED", "HASH_LEN", "I64_MAX", "I64_MIN", "KEY_ID_LEN", "KNOWN_FLAGS", "MAGIC",
@@ -72,4 +74,5 @@ __all__ = [
     "DEFAULT_OPEN_LIMITS", "KeyLookup", "NodeKey", "OpenLimits", "Refusal", "SeriesTables", "VerifiedBatch",
     "open_batch",
     "MAX_DROP_RANGES", "MAX_SEQ", "check_drop_receipt", "schema_problem",
+    "SEAL_OVERHEAD", "SealingKeys", "check_raw_len", "seal", "seal_prepared", "sealed_to", "unseal",
 ]

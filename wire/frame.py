@@ -1,7 +1,8 @@
 """The frame: fixed header, site and node, payload, Ed25519 signature; the hash chain.
 
 "Signing" a batch places a payload at its seq in the node's chain and signs it.
-"Sealing" (FLAG_SEALED) is reserved for encrypting a payload to the collector's key.
+"Sealing" (FLAG_SEALED, wire/sealing.py) encrypts a compressed payload to the collector's
+key before it is signed, so the signature covers the ciphertext.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ MAX_NAME_LEN = 255  # site and node names are one length byte each
 # INTEGER, Java long): the format itself stops at 2**63 - 1 so every reader can.
 MAX_SEQ = I64_MAX
 
-FLAG_SEALED = 0x01  # reserved: payload sealed to the collector's key (not produced by v1 agents)
+FLAG_SEALED = 0x01  # the payload is encrypted to the collector's key (wire/sealing.py)
 KNOWN_FLAGS = FLAG_SEALED
 
 
@@ -111,6 +112,7 @@ class Prepared:
     window_end_ms: int
     series_count: int
     sample_count: int
+    flags: int = 0  # FLAG_SEALED once wire.sealing.seal_prepared has encrypted the payload
 
 
 def _sign(
@@ -129,6 +131,8 @@ def _sign(
         raise ValueError(f"window ends at {p.window_end_ms}, before its start {p.window_start_ms}")
     if len(prev_hash) != HASH_LEN:
         raise ValueError("prev_hash must be 32 bytes")
+    if p.flags & ~KNOWN_FLAGS:
+        raise ValueError(f"unknown flags 0x{p.flags:02x}")
     site_b = site.encode("utf-8")
     node_b = node.encode("utf-8")
     if not 0 < len(site_b) <= MAX_NAME_LEN or not 0 < len(node_b) <= MAX_NAME_LEN:
@@ -138,7 +142,7 @@ def _sign(
         WIRE_VERSION,
         p.kind,
         p.codec,
-        0,
+        p.flags,
         seq,
         prev_hash,
         created_wall_ms,
@@ -204,10 +208,11 @@ def sign_batch(p: Prepared, ctx: BatchContext) -> bytes:
 
 def resign_batch(frame: Frame, ctx: BatchContext) -> bytes:
     """The same payload and times at a new place in the chain (an agent resuming after its
-    spool was lost renumbers what it had not sent yet above what the collector already holds)."""
+    spool was lost renumbers what it had not sent yet above what the collector already holds).
+    A sealed payload stays sealed: the ciphertext is carried over as it is."""
     h = frame.header
     p = Prepared(h.kind, h.codec, frame.payload, h.raw_len, h.window_start_ms, h.window_end_ms,
-                 h.series_count, h.sample_count)
+                 h.series_count, h.sample_count, h.flags)
     return _sign(p, ctx.signing_key, ctx.site, ctx.node, ctx.seq, ctx.prev_hash, h.created_wall_ms,
                  h.created_mono_ns)
 
@@ -270,8 +275,6 @@ def parse_frame(raw: bytes) -> Frame:
         raise WireError("malformed", "empty site or node")
     if flags & ~KNOWN_FLAGS:
         raise WireError("malformed", f"unknown flags 0x{flags:02x}")
-    if flags & FLAG_SEALED:
-        raise WireError("unsupported", "sealed payloads (encrypted to the collector's key) are not supported")
     if seq < 1:
         raise WireError("malformed", "seq 0 is never used")
     if seq > MAX_SEQ:
@@ -310,16 +313,30 @@ def verify_signature(frame: Frame, public_key: bytes) -> None:
         raise WireError("bad_signature", "signature does not verify with the node's key") from exc
 
 
-def decompress_payload(frame: Frame, max_raw_bytes: int) -> bytes:
-    """Return the raw payload, never producing more than max_raw_bytes (zstd bombs cost nothing)."""
+def check_raw_len(header: Header, max_raw_bytes: int) -> None:
+    """The declared decoded size against the reader's limit, before any work on the payload."""
+    if header.raw_len > max_raw_bytes:
+        raise WireError("too_large", f"declared payload of {header.raw_len} bytes exceeds {max_raw_bytes}")
+
+
+def decompress_payload(frame: Frame, max_raw_bytes: int, unsealed: bytes | None = None) -> bytes:
+    """Return the raw payload, never producing more than max_raw_bytes (zstd bombs cost nothing).
+
+    A sealed frame's payload is ciphertext: pass what wire.sealing.unseal made of it as
+    `unsealed` (wire.open_batch does)."""
     h = frame.header
-    if h.raw_len > max_raw_bytes:
-        raise WireError("too_large", f"declared payload of {h.raw_len} bytes exceeds {max_raw_bytes}")
+    check_raw_len(h, max_raw_bytes)
+    payload = frame.payload
+    if h.flags & FLAG_SEALED:
+        if unsealed is None:
+            raise WireError("sealed_to_unknown_key",
+                            "the payload is sealed (encrypted to the collector's key); unseal it first")
+        payload = unsealed
     if h.codec == Codec.NONE:
-        if h.raw_len != len(frame.payload):
+        if h.raw_len != len(payload):
             raise WireError("malformed", "uncompressed payload length differs from header")
-        return frame.payload
-    return compression.decompress(frame.payload, h.raw_len, max_raw_bytes)
+        return payload
+    return compression.decompress(payload, h.raw_len, max_raw_bytes)
 
 
 def check_counts(frame: Frame, series: list[Series]) -> None:

@@ -4,9 +4,11 @@ HTTP ingest, the collector's start-up rebuild and the remote-write forwarder cal
 air-gap import and the audit will), so a batch is verified the same way whichever path it
 took. It is pure and blocking: callers on an event loop run it in a worker thread.
 
-Order matters, because collector input is hostile: nothing is decompressed or decoded
-before the key is known and the signature verifies, and decompression is bounded before
-it starts (a zstd bomb costs nothing).
+Order matters, because collector input is hostile: nothing is decrypted, decompressed or
+decoded before the key is known and the signature verifies, and decompression is bounded
+before it starts (a zstd bomb costs nothing). A sealed payload is decrypted after the
+signature check and the declared-size check, with the collector's sealing keys, which
+every reader passes (`sealing_keys`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,21 @@ from typing import Protocol
 
 from wire import control
 from wire.control import DropReceipt, KeyRotation, decode_drop_receipt, decode_key_rotation
-from wire.frame import Frame, Header, Kind, check_counts, decompress_payload, parse_frame, verify_signature
+from wire.frame import (
+    FLAG_SEALED,
+    Frame,
+    Header,
+    Kind,
+    check_counts,
+    check_raw_len,
+    decompress_payload,
+    parse_frame,
+    verify_signature,
+)
 from wire.model import Limits, Series, WireError
 from wire.payload import DEFAULT_LIMITS, SeriesTableCache, decode_series
 from wire.schema import schema_problem
+from wire.sealing import SealingKeys, unseal
 
 
 class NodeKey(Protocol):
@@ -98,12 +111,16 @@ def open_batch(
     keys: KeyLookup,
     limits: OpenLimits = DEFAULT_OPEN_LIMITS,
     tables: TableLookup | None = None,
+    *,
+    sealing_keys: SealingKeys | None = None,
 ) -> VerifiedBatch | Refusal:
-    """parse -> key -> signature -> bounded decompression -> decode -> schema and limits.
+    """parse -> key -> signature -> unseal -> bounded decompression -> decode -> schema and limits.
 
     `keys` maps a key id to the key record; `tables` (optional) gives the sender's series
     table cache, so a node's names and labels are decoded and checked once, not per batch.
     A cache is touched by one call at a time: callers serialize per sender.
+    `sealing_keys` maps a collector key id to its private sealing key (current and retired);
+    without it a sealed batch is refused as `sealed_to_unknown_key`.
     """
     try:
         frame = parse_frame(raw)
@@ -121,7 +138,11 @@ def open_batch(
     except WireError as exc:
         return _refusal(exc, h)
     try:
-        payload = decompress_payload(frame, limits.max_decompressed_bytes)
+        unsealed = None
+        if h.flags & FLAG_SEALED:
+            check_raw_len(h, limits.max_decompressed_bytes)  # refused before any decryption work
+            unsealed = unseal(frame.payload, sealing_keys)
+        payload = decompress_payload(frame, limits.max_decompressed_bytes, unsealed)
         if h.kind == Kind.DATA:
             cache = tables(h.site, h.node) if tables is not None else None
             series = decode_series(payload, limits.payload, cache)

@@ -216,3 +216,27 @@ def serve_page(body: bytes) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def plaintext_hits(blob: bytes, needles: tuple[bytes, ...]) -> set[bytes]:
+    """Which needles a reader of these bytes can find: as they are, or in what any zstd
+    frame starting in them decompresses to (a payload that is only compressed keeps its
+    names behind Huffman-coded literals; a frame split over SQLite overflow pages still
+    yields its beginning, where the string table is)."""
+    import io
+
+    import zstandard
+
+    found = {n for n in needles if n in blob}
+    at = blob.find(b"\x28\xb5\x2f\xfd")
+    while at >= 0 and found != set(needles):
+        out = b""
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob[at:at + (1 << 22)])) as r:
+                while len(out) < (1 << 24) and (chunk := r.read(65536)):
+                    out += chunk
+        except zstandard.ZstdError:
+            pass
+        found |= {n for n in needles if n in out}
+        at = blob.find(b"\x28\xb5\x2f\xfd", at + 1)
+    return found

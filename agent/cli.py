@@ -1,4 +1,4 @@
-"""waystation-agent: run | keygen | rotate-key | check-config | status."""
+"""waystation-agent: run | keygen | rotate-key | check-config | status | export | import-receipt."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -16,7 +17,7 @@ from types import FrameType
 
 from agent import keys
 from agent.config import AgentConfig, load_agent_config
-from wire.config import ConfigError
+from wire.config import ConfigError, parse_size
 
 DEFAULT_CONFIG = Path("/etc/waystation/agent.toml")
 EXIT_CONFIG = 2
@@ -141,6 +142,162 @@ def cmd_status(config: AgentConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _seq_text(seqs: list[int]) -> str:
+    """Seqs as compact ranges: 3-7, 9."""
+    out: list[list[int]] = []
+    for seq in seqs:
+        if out and out[-1][1] + 1 == seq:
+            out[-1][1] = seq
+        else:
+            out.append([seq, seq])
+    shown = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out[:6])
+    return shown + (f", ... ({len(out)} ranges)" if len(out) > 6 else "")
+
+
+def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
+    """The unacknowledged batches, oldest first, into one bundle (docs/bundle.md)."""
+    from agent.spool import Spool
+    from wire.bundle import BundleWriter
+
+    def fail(message: str) -> int:
+        print(f"waystation-agent export: {message}", file=sys.stderr)
+        return 1
+
+    try:
+        max_bytes = parse_size(args.max_bytes) if args.max_bytes is not None else None
+    except ValueError as exc:
+        print(f"waystation-agent export: --max-bytes: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        key = keys.load(config.key_path)  # the manifest is signed by the node key
+    except keys.KeyError_ as exc:
+        return fail(str(exc))
+    if not config.spool_path.exists():
+        return fail(f"no spool at {config.spool_path} (has `waystation-agent run` started?)")
+    out: Path = args.out
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    seqs: list[int] = []
+    left = 0
+    try:
+        spool = Spool(config.spool_path, timeout_s=30.0, readonly=True)
+    except sqlite3.Error as exc:
+        return fail(f"cannot read spool {config.spool_path}: {exc}")
+    try:
+        with open(tmp, "wb") as f:
+            writer = BundleWriter(f)
+            rows = spool.unacknowledged()
+            try:
+                for seq, frame in rows:
+                    if left or (max_bytes is not None
+                                and writer.size_with(len(frame), config.site, config.node) > max_bytes):
+                        left += 1
+                        continue
+                    writer.add(frame)
+                    seqs.append(seq)
+            finally:
+                rows.close()
+            if not seqs:
+                if left:
+                    raise ValueError(f"the oldest unacknowledged batch alone makes a bundle larger than "
+                                     f"--max-bytes {max_bytes}")
+                print(f"nothing to export: {config.spool_path} holds no unacknowledged batch")
+                return 0
+            manifest = writer.finish(key, config.site, config.node, int(time.time() * 1000))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except (OSError, sqlite3.Error, ValueError) as exc:
+        return fail(str(exc))
+    finally:
+        spool.close()
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out}: {len(seqs)} batches, seq {_seq_text(seqs)}, {writer.bytes} bytes "
+          f"(bundle {manifest.hash.hex()[:16]})")
+    if left:
+        print(f"{left} newer unacknowledged batches did not fit in --max-bytes {max_bytes}; "
+              "they go in a later bundle")
+    print("the batches stay in the spool until `waystation-agent import-receipt` applies the "
+          "collector's receipt for them")
+    return 0
+
+
+def cmd_import_receipt(config: AgentConfig, args: argparse.Namespace) -> int:
+    """Apply the collector's signed receipt: forget exactly the batches it says it holds."""
+    from agent.spool import ReceiptReplayed, Spool
+    from wire import bundle
+
+    def fail(message: str) -> int:
+        print(f"waystation-agent import-receipt: {message}; nothing deleted", file=sys.stderr)
+        return 1
+
+    pin = config.uplink.collector_pin
+    if pin is None:
+        return fail("no collector key is pinned ([uplink] collector_key in agent.toml): a receipt "
+                    "can only be trusted when its signature checks against the pinned key")
+    path: Path = args.file
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(bundle.MAX_RECEIPT_FILE_BYTES + 1)
+        items = bundle.parse_receipt_file(raw)
+    except OSError as exc:
+        return fail(f"cannot read {path}: {exc.strerror}")
+    except ValueError as exc:
+        return fail(f"{path}: {exc}")
+    mine: list[bundle.Receipt] = []
+    problems: list[str] = []
+    others: list[str] = []
+    for i, item in enumerate(items, 1):
+        try:
+            r = bundle.parse_receipt(item)
+        except ValueError as exc:
+            problems.append(f"receipt {i}: {exc}")
+            continue
+        if (r.site, r.node) != (config.site, config.node):
+            others.append(f"{r.site}/{r.node}")
+            continue
+        if r.collector_key_id != pin.key_id:
+            problems.append(f"receipt {r.receipt_no}: signed by collector key {r.collector_key_id.hex()}, "
+                            f"this agent pins {pin.key_id.hex()}")
+            continue
+        try:
+            bundle.verify_receipt(r, pin.signing_public_key)
+        except ValueError as exc:
+            problems.append(f"receipt {r.receipt_no}: {exc}")
+            continue
+        mine.append(r)
+    if not mine and not problems:
+        held = ", ".join(sorted(set(others))) or "none"
+        return fail(f"{path} holds no receipt for this node {config.site}/{config.node} "
+                    f"(it has receipts for: {held})")
+    if not config.spool_path.exists():
+        return fail(f"no spool at {config.spool_path}")
+    try:
+        spool = Spool(config.spool_path, timeout_s=30.0)
+    except sqlite3.Error as exc:
+        return fail(f"cannot open spool {config.spool_path}: {exc}")
+    try:
+        for r in sorted(mine, key=lambda r: r.receipt_no):
+            try:
+                batches, size = spool.apply_receipt(r.collector_key_id, r.receipt_no, r.batches, r.complete_through)
+            except ReceiptReplayed as exc:
+                problems.append(str(exc))
+                continue
+            held_text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in r.held[:6])
+            print(f"receipt {r.receipt_no} from collector key {r.collector_key_id.hex()}: the collector "
+                  f"holds seq {held_text or 'none'}{', ...' if len(r.held) > 6 else ''} "
+                  f"(complete through {r.complete_through}); deleted {batches} batches ({size} bytes) "
+                  "from the spool")
+        st = spool.stats()
+    except sqlite3.Error as exc:
+        return fail(f"spool {config.spool_path}: {exc}")
+    finally:
+        spool.close()
+    print(f"spool now holds {st.pending_batches} unacknowledged batches ({st.pending_bytes} bytes)")
+    for p in problems:
+        print(f"waystation-agent import-receipt: refused {p}; it deleted nothing", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def cmd_run(config: AgentConfig, args: argparse.Namespace) -> int:
     from agent.daemon import Agent
 
@@ -175,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         "check-config": (cmd_check_config, "validate the config and print what it means"),
         "rotate-key": (cmd_rotate_key, "replace the node key; the running agent announces and switches"),
         "status": (cmd_status, "spool depth, oldest unsent window, last ack, last error"),
+        "export": (cmd_export, "write the unacknowledged batches into a bundle to carry to the collector"),
+        "import-receipt": (cmd_import_receipt, "apply the collector's signed receipt: forget what it holds"),
     }
     for name, (_, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text)
@@ -185,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--force", action="store_true", help="replace an existing key")
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "export":
+            p.add_argument("--out", type=Path, required=True, help="the bundle file to write")
+            p.add_argument("--max-bytes", default=None, metavar="SIZE",
+                           help="largest bundle to write (e.g. 64MiB); the oldest batches go first")
+        if name == "import-receipt":
+            p.add_argument("file", type=Path, help="the receipt file `waystation-collector import` wrote")
     args = parser.parse_args(argv)
     try:
         config = _config(args)

@@ -9,7 +9,10 @@ and a signed drop receipt is appended in the same transaction.
 
 Who calls what: the agent's main loop calls `append`; the uplink lanes call
 `claim_*`, `ack`, `release`, `reject`, each from its own thread, each with its own
-connection (a Spool is not shared between threads; open one per thread).
+connection (a Spool is not shared between threads; open one per thread). The CLI, in its
+own process beside a running agent: `export` reads `unacknowledged` in one read
+transaction (claims and deletes nothing); `import-receipt` calls `apply_receipt`, one
+write transaction like an ack.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +63,14 @@ _COUNTERS = (
     "dropped_samples",
     "rejected_batches",
 )
+
+
+class ReceiptReplayed(Exception):
+    """A receipt no newer than one already applied; nothing was deleted."""
+
+
+def _receipt_key(collector_key_id: bytes) -> str:
+    return f"receipt_no:{collector_key_id.hex()}"
 
 
 @dataclass(frozen=True)
@@ -389,6 +400,64 @@ class Spool:
     def _record_error(self, error: str) -> None:
         self._set_meta("last_error", error)
         self._set_meta("last_error_ms", int(time.time() * 1000))
+
+    # ------------------------------------------------------------------ air gap
+
+    def unacknowledged(self) -> Generator[tuple[int, bytes], None, None]:
+        """(seq, frame) of every batch not yet acknowledged (pending or claimed by a lane),
+        oldest first, read in one read transaction: a consistent snapshot beside a running
+        agent (WAL), never claiming or deleting anything. Close the generator when done."""
+        self.db.execute("BEGIN")
+        try:
+            for seq, frame in self.db.execute(
+                "SELECT seq, frame FROM batches WHERE state IN ('pending', 'inflight') ORDER BY seq"
+            ):
+                yield int(seq), bytes(frame)
+        finally:
+            if self.db.in_transaction:
+                self.db.execute("COMMIT")
+
+    def last_receipt(self, collector_key_id: bytes) -> int:
+        """The number of the newest receipt of this collector key applied here (0: none)."""
+        return self._meta_int(_receipt_key(collector_key_id), 0)
+
+    def apply_receipt(
+        self, collector_key_id: bytes, receipt_no: int, batches: Iterable[tuple[int, bytes]], complete_through: int
+    ) -> tuple[int, int]:
+        """Forget the batches a verified receipt names as held by the collector: a row goes
+        only if its seq and its frame's hash both match, so a receipt can never delete a
+        batch the collector does not hold (a different batch at the same seq stays).
+        Returns (batches, bytes) deleted. Raises ReceiptReplayed, deleting nothing, for a
+        receipt no newer than the last one applied from that collector key.
+
+        One write transaction, like an ack: a lane that has one of these batches in flight
+        finds it gone when its own ack or release comes (both are no-ops then). Rejected
+        batches stay (kept for audit)."""
+        with self._write() as db:
+            last = self.last_receipt(collector_key_id)
+            if receipt_no <= last:
+                raise ReceiptReplayed(
+                    f"receipt {receipt_no} of collector key {collector_key_id.hex()} is not newer than "
+                    f"receipt {last}, already applied here (replayed)"
+                )
+            deleted = size = 0
+            for seq, digest in batches:
+                row = db.execute("SELECT frame FROM batches WHERE seq = ? AND state != 'rejected'",
+                                 (seq,)).fetchone()
+                if row is None or wire.batch_hash(bytes(row[0])) != digest:
+                    continue
+                db.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+                deleted += 1
+                size += len(row[0])
+            if deleted:
+                # The collector holds this spool's own chain: nothing to renumber above it.
+                self._set_meta("resume_needed", 0)
+            self._bump("acked_batches", deleted)
+            self._bump("acked_bytes", size)
+            known = self._meta_int("collector_complete_through", 0)
+            self._set_meta("collector_complete_through", max(known, complete_through))
+            self._set_meta(_receipt_key(collector_key_id), receipt_no)
+        return deleted, size
 
     # ------------------------------------------------------------------ reading
 

@@ -1,12 +1,16 @@
-"""create_app(config) -> aiohttp Application: ingest, /metrics, /healthz, /v1/nodes."""
+"""create_app(config) -> aiohttp Application: ingest, /metrics, /healthz, /v1/nodes, /v1/import."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import math
 import sqlite3
+import struct
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -19,7 +23,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 import wire
-from collector import keyring, remote_write, trust
+from collector import bundles, keyring, remote_write, trust
 from collector import ledger as ledger_mod
 from collector.config import CollectorConfig
 from collector.exposition import FleetCollector, FleetState
@@ -40,6 +44,9 @@ READER = web.AppKey("reader", sqlite3.Connection)  # request handlers' own WAL c
 # The collector's private sealing keys (current and retired) by key id, and their files.
 SEALING_KEYS: web.AppKey[dict[bytes, PrivateKey]] = web.AppKey("sealing_keys")
 SEALING_KEY_FILES: web.AppKey[list[Path]] = web.AppKey("sealing_key_files")
+# What `waystation-collector import` presents to hand bundle frames to this process
+# (serve writes it to <data_dir>/serve.json, mode 0600).
+IMPORT_TOKEN = web.AppKey("import_token", str)
 
 
 def rebuild_latest_state(
@@ -282,6 +289,68 @@ async def post_batch(request: web.Request) -> web.Response:
     return await request.app[INGEST].handle(request)
 
 
+def _same_host(request: web.Request) -> bool:
+    """The peer is this machine: loopback, or our own address on the listening socket."""
+    transport = request.transport
+    if transport is None:
+        return False
+    peer: Any = transport.get_extra_info("peername")
+    own: Any = transport.get_extra_info("sockname")
+    if not peer:
+        return False
+    try:
+        if ipaddress.ip_address(str(peer[0]).split("%")[0]).is_loopback:
+            return True
+    except ValueError:
+        return False
+    return bool(own) and str(peer[0]) == str(own[0])
+
+
+async def post_import(request: web.Request) -> web.Response:
+    """Bundle frames from `waystation-collector import` on this host: each one through
+    ingest's path (Ingest.import_frames), as if posted, with origin 'bundle'.
+
+    Body: (u32 length, frame)*; header X-Waystation-Origin-File names the bundle file.
+    Answer: {"results": [{"result", "detail", "site", "node", "seq"}, ...]} in body order."""
+    app = request.app
+    if not _same_host(request):
+        return web.json_response({"result": "forbidden", "error": "import is only taken from this host"},
+                                 status=403)
+    token = request.headers.get(bundles.TOKEN_HEADER, "")
+    if not hmac.compare_digest(token.encode(), app[IMPORT_TOKEN].encode()):
+        return web.json_response({"result": "forbidden", "error": "wrong or missing import token"}, status=403)
+    limits = app[CONFIG].limits
+    cap = 2 * limits.max_body_bytes + 1024
+    if request.content_length is not None and request.content_length > cap:
+        return web.json_response({"result": "too_large", "error": f"import body over {cap} bytes"}, status=413)
+    try:
+        async with asyncio.timeout(limits.body_read_timeout * 4):
+            body = await request.content.read(cap + 1)
+            while len(body) <= cap and (more := await request.content.read(cap + 1 - len(body))):
+                body += more
+    except TimeoutError:
+        return web.json_response({"result": "timeout", "error": "import body too slow"}, status=408)
+    if len(body) > cap:
+        return web.json_response({"result": "too_large", "error": f"import body over {cap} bytes"}, status=413)
+    frames: list[bytes] = []
+    pos = 0
+    while pos < len(body):
+        if pos + 4 > len(body):
+            return web.json_response({"result": "malformed", "error": "import body truncated"}, status=400)
+        (n,) = struct.unpack_from("<I", body, pos)
+        if pos + 4 + n > len(body):
+            return web.json_response({"result": "malformed", "error": "import body truncated"}, status=400)
+        frames.append(body[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    origin_file = urllib.parse.unquote(request.headers.get(bundles.ORIGIN_HEADER, ""))[:4096] or "bundle"
+    answers = await app[INGEST].import_frames(frames, origin_file)
+    return web.json_response({"results": [
+        {"result": result, "detail": detail, "site": h.site if h else None, "node": h.node if h else None,
+         "seq": h.seq if h else None}
+        for result, detail, h in answers
+    ]})
+
+
 async def get_metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -337,7 +406,9 @@ def create_app(config: CollectorConfig) -> web.Application:
     registry.register(saves)
     registry.register(FleetCollector(fleet))
     app.cleanup_ctx.append(_ledger_ctx)
+    app[IMPORT_TOKEN] = bundles.new_token()
     app.router.add_post("/v1/batches", post_batch)
+    app.router.add_post("/v1/import", post_import)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/v1/nodes", get_nodes)

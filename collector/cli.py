@@ -1,4 +1,4 @@
-"""waystation-collector: serve | keygen | enroll | revoke | nodes | audit | provenance."""
+"""waystation-collector: serve | keygen | enroll | revoke | nodes | import | audit | provenance."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Any
 from aiohttp import web
 
 import wire
-from collector import audit, keyring, ledger, provenance, trust
-from collector.app import create_app
+from collector import audit, bundles, keyring, ledger, provenance, trust
+from collector.app import IMPORT_TOKEN, create_app
 from collector.config import CollectorConfig, load_config
 from collector.ingest import open_limits
 from wire.config import ConfigError, parse_duration
@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--site", help="needed when the node name exists in several sites")
     p = command("nodes", "List nodes: last seen, complete-through seq, gaps, reported backlog.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = command("import", "Verify and record air-gap bundles (as HTTP ingest would); write the signed receipt.")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="bundle files `waystation-agent export` wrote")
+    p.add_argument("--receipt-out", type=Path, metavar="FILE",
+                   help="write the signed receipt (one per node in the bundles) here, for `waystation-agent "
+                        "import-receipt`")
     p = command("audit", "Re-verify the ledger from its own bytes: signatures, hash chain, every gap.")
     p.add_argument("--site", help="only this site")
     p.add_argument("--node", help="only this node (in every site, unless --site)")
@@ -101,6 +106,20 @@ def _url_host(sockaddr: Any) -> tuple[str, int]:
 
 
 async def _serve(config: CollectorConfig) -> int:
+    data_dir = Path(config.data_dir)
+    try:
+        lock = bundles.acquire_for_serve(data_dir, lambda m: print(f"waystation-collector: {m}", flush=True))
+    except (bundles.ImportError_, OSError) as exc:
+        print(f"waystation-collector: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        return await _serve_locked(config)
+    finally:
+        (data_dir / bundles.ENDPOINT_FILE).unlink(missing_ok=True)
+        lock.close()
+
+
+async def _serve_locked(config: CollectorConfig) -> int:
     ssl_context = None
     if config.tls:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -139,6 +158,10 @@ async def _serve(config: CollectorConfig) -> int:
             print(f"  GET  {base}/metrics")
             print(f"  GET  {base}/healthz")
             print(f"  GET  {base}/v1/nodes")
+        if runner.addresses:
+            host, port = _url_host(runner.addresses[0])
+            bundles.write_endpoint(Path(config.data_dir), bundles.loopback_url(scheme, host, port),
+                                   app[IMPORT_TOKEN], int(config.limits.max_body_bytes))
         sys.stdout.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -269,6 +292,34 @@ def _audit(config: CollectorConfig, args: argparse.Namespace) -> int:
     return EXIT_OK if summary.clean else EXIT_FAILED
 
 
+def _import(config: CollectorConfig, args: argparse.Namespace) -> int:
+    def say(message: str) -> None:
+        print(f"waystation-collector import: {message}", file=sys.stderr, flush=True)
+
+    try:
+        report = bundles.import_bundles(config, args.files, say)
+    except (bundles.ImportError_, keyring.KeyringError, OSError, sqlite3.Error) as exc:
+        print(f"waystation-collector import: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for line in bundles.describe(report):
+        print(line)
+    if args.receipt_out is not None:
+        try:
+            receipts = bundles.issue_receipts(config, report)
+            if not receipts:
+                raise bundles.ImportError_("no node proved itself in these bundles (no frame verified): no receipt")
+            bundles.write_receipts(args.receipt_out, receipts)
+        except (bundles.ImportError_, keyring.KeyringError, OSError, sqlite3.Error, ValueError) as exc:
+            print(f"waystation-collector import: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        for r in report.receipts:
+            print(f"receipt {r.receipt_no} for {r.site}/{r.node}: the collector holds seq "
+                  f"{bundles.ranges_text(r.held)}, complete through {r.complete_through}")
+        print(f"wrote {args.receipt_out}: carry it back and run `waystation-agent import-receipt "
+              f"{args.receipt_out.name}` on the node")
+    return EXIT_FAILED if report.failed else EXIT_OK
+
+
 def _sealing_keys(config: CollectorConfig, command: str) -> wire.SealingKeys | None:
     """The collector's private sealing keys (current and retired), to open sealed batches;
     None after saying why they cannot be read."""
@@ -329,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             return EXIT_OK
 
+    if args.command == "import":
+        return _import(config, args)
     if args.command == "audit":
         return _audit(config, args)
     if args.command == "provenance":

@@ -59,6 +59,7 @@ STATUS: dict[str, int] = {
 RESULTS = tuple(STATUS)
 
 MAX_GROUP = 2048  # batches per ledger transaction
+IMPORT_GROUP = 512  # imported frames in flight to the committer at once
 RETRY_AFTER_S = 1
 
 T = TypeVar("T")
@@ -194,9 +195,34 @@ class _Refusal(Exception):
         self.signed = signed
 
 
+def result_word(refusal: wire.Refusal) -> str:
+    """The ingest result for a refusal of open_batch (an unforeseen word reads as malformed)."""
+    return refusal.result if refusal.result in STATUS else "malformed"
+
+
 def _wire_refusal(refusal: wire.Refusal) -> _Refusal:
-    result = refusal.result if refusal.result in STATUS else "malformed"
-    return _Refusal(result, refusal.detail, refusal.header, refusal.signed)
+    return _Refusal(result_word(refusal), refusal.detail, refusal.header, refusal.signed)
+
+
+def open_frame(
+    body: bytes,
+    keys: sqlite3.Connection,
+    limits: wire.OpenLimits,
+    tables: wire.SeriesTables,
+    sealing_keys: wire.SealingKeys | None,
+) -> wire.VerifiedBatch | wire.Refusal:
+    """open_batch as ingest calls it: the node keys from the ledger, the collector's sealing
+    keys, each node's series table cache. One caller at a time per `tables`."""
+    return wire.open_batch(body, partial(trust.lookup, keys), limits, tables, sealing_keys=sealing_keys)
+
+
+def submission(
+    opened: wire.VerifiedBatch, received_at: float, origin: str = "http", origin_file: str | None = None
+) -> Submission:
+    """What the ledger commits for a verified batch, whichever way it came (HTTP, a bundle)."""
+    backlog = reported_backlog(opened.series) if opened.series else None
+    return Submission(opened.frame, cast(trust.KeyRecord, opened.key), received_at, drop=opened.drop,
+                      rotation=opened.rotation, backlog=backlog, origin=origin, origin_file=origin_file)
 
 
 def open_limits(limits: LimitsConfig) -> wire.OpenLimits:
@@ -280,33 +306,26 @@ class Ingest:
 
     def _open(self, body: bytes) -> wire.VerifiedBatch | wire.Refusal:
         """Runs in the verify thread: one at a time, so each node's table cache has one user."""
-        return wire.open_batch(body, partial(trust.lookup, self.keys), self.open_limits, self.tables,
-                               sealing_keys=self.sealing_keys)
+        return open_frame(body, self.keys, self.open_limits, self.tables, self.sealing_keys)
 
-    async def _handle(self, request: web.Request) -> web.Response:
-        # Bodies being read or waiting for the verify thread count too: they hold memory
-        # (up to max_body_bytes each) just as queued commits do.
-        waiting = self.committer.pending + self.in_progress
-        if waiting >= self.limits.max_pending_commits:
-            raise Overloaded(f"{waiting} batches are waiting to be verified or committed")
-        self.in_progress += 1
-        try:
-            body = await self._read_body(request)
-            received_at = time.time()
-            opened = await asyncio.get_running_loop().run_in_executor(self.verifier, self._open, body)
-        finally:
-            self.in_progress -= 1
+    async def verify(self, body: bytes) -> wire.VerifiedBatch:
+        """open_batch off the event loop; a refusal raises _Refusal."""
+        opened = await asyncio.get_running_loop().run_in_executor(self.verifier, self._open, body)
         if isinstance(opened, wire.Refusal):
             raise _wire_refusal(opened)
+        return opened
+
+    async def record(
+        self, opened: wire.VerifiedBatch, received_at: float, origin: str = "http", origin_file: str | None = None
+    ) -> str:
+        """Commit a verified batch and apply it to the latest state; returns "accepted" or
+        "duplicate", raises _Refusal for anything else. HTTP posts and bundle imports (POST
+        /v1/import) both come through here, so both are counted and exposed alike."""
         h = opened.header
-        backlog = reported_backlog(opened.series) if opened.series else None
-        outcome = await self.committer.submit(
-            Submission(opened.frame, cast(trust.KeyRecord, opened.key), received_at, drop=opened.drop,
-                       rotation=opened.rotation, backlog=backlog)
-        )
+        outcome = await self.committer.submit(submission(opened, received_at, origin, origin_file))
         if outcome.result == "duplicate":
             self.metrics.count("duplicate")
-            return web.json_response(self._ack("duplicate", h))
+            return "duplicate"
         if outcome.result != "accepted":
             raise _Refusal(outcome.result, outcome.detail, h, signed=True)
         if opened.series:
@@ -314,7 +333,67 @@ class Ingest:
             self.fleet.apply(h.site, h.node, opened.series, now_ms=int(received_at * 1000))
         self.metrics.count("accepted")
         self.metrics.samples += h.sample_count
-        return web.json_response(self._ack("accepted", h))
+        return "accepted"
+
+    def _check_capacity(self) -> None:
+        # Bodies being read or waiting for the verify thread count too: they hold memory
+        # (up to max_body_bytes each) just as queued commits do.
+        waiting = self.committer.pending + self.in_progress
+        if waiting >= self.limits.max_pending_commits:
+            raise Overloaded(f"{waiting} batches are waiting to be verified or committed")
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self._check_capacity()
+        self.in_progress += 1
+        try:
+            body = await self._read_body(request)
+            received_at = time.time()
+            opened = await self.verify(body)
+        finally:
+            self.in_progress -= 1
+        result = await self.record(opened, received_at)
+        return web.json_response(self._ack(result, opened.header))
+
+    async def import_frames(
+        self, frames: list[bytes], origin_file: str
+    ) -> list[tuple[str, str, wire.Header | None]]:
+        """Bundle frames handed over by `waystation-collector import` (POST /v1/import): each
+        through exactly the path of a post, committed with origin 'bundle'. Returns (result,
+        detail, header) per frame, in order; frames commit together in groups."""
+        results: list[tuple[str, str, wire.Header | None]] = [("", "", None)] * len(frames)
+
+        async def one(i: int, opened: wire.VerifiedBatch, received_at: float) -> None:
+            try:
+                results[i] = (await self.record(opened, received_at, "bundle", origin_file), "", opened.header)
+            except _Refusal as r:
+                self.metrics.count(r.result)
+                results[i] = (r.result, r.detail, r.header)
+            except Overloaded as exc:
+                results[i] = ("overloaded", str(exc), opened.header)
+            except LedgerUnavailable as exc:
+                results[i] = ("unavailable", f"ledger cannot commit: {exc}", opened.header)
+
+        pending: list[asyncio.Task[None]] = []
+        for i, body in enumerate(frames):
+            if len(body) > self.limits.max_body_bytes:
+                self.metrics.count("too_large")
+                results[i] = ("too_large", f"frame of {len(body)} bytes exceeds max_body_bytes "
+                                           f"{self.limits.max_body_bytes}", None)
+                continue
+            self.metrics.bytes += len(body)
+            try:
+                opened = await self.verify(body)
+            except _Refusal as r:
+                self.metrics.count(r.result)
+                results[i] = (r.result, r.detail, r.header)
+                continue
+            # Submitted in order, so a node's chain commits oldest first within each group.
+            pending.append(asyncio.ensure_future(one(i, opened, time.time())))
+            if len(pending) >= IMPORT_GROUP:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+        return results
 
     def _ack(self, result: str, h: wire.Header) -> dict[str, Any]:
         state = self.fleet.node(h.site, h.node)

@@ -870,3 +870,27 @@ def forward_done(conn: sqlite3.Connection, targets: Iterable[str]) -> dict[str, 
         row = conn.execute("SELECT done FROM forward_targets WHERE target = ?", (t,)).fetchone()
         out[t] = IntervalSet.from_json(row[0]) if row is not None else IntervalSet()
     return out
+
+
+def held_ranges(conn: sqlite3.Connection, site: str, node: str) -> list[tuple[int, int]]:
+    """The seq ranges recorded for a node, still stored or since retired (retention): what
+    a receipt may tell the node to forget. Seqs named only by a drop receipt are not held."""
+    ranges = [(int(a), int(b)) for a, b in conn.execute(_ISLANDS, (site, node))]
+    ranges += [(int(a), int(b)) for a, b in conn.execute(
+        "SELECT first_seq, last_seq FROM retired WHERE site = ? AND node = ?", (site, node))]
+    return merged_ranges(ranges)
+
+
+def complete_through(conn: sqlite3.Connection, site: str, node: str) -> int:
+    """A node's complete-through watermark as last committed (0: never seen)."""
+    row = conn.execute("SELECT complete_through FROM nodes WHERE site = ? AND node = ?", (site, node)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def next_receipt_no(conn: sqlite3.Connection) -> int:
+    """Allocate the collector's next receipt number (its own transaction; only ever grows)."""
+    with immediate(conn):
+        row = conn.execute("SELECT v FROM meta WHERE k = 'receipt_no'").fetchone()
+        number = (int(row[0]) if row else 0) + 1
+        conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('receipt_no', ?)", (str(number),))
+    return number

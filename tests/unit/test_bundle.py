@@ -1,0 +1,185 @@
+"""wire/bundle.py: the bundle reader keeps every frame it can and names the rest; the
+manifest exposes truncation, reordering, splicing and substitution; receipts."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import pytest
+from nacl.signing import SigningKey
+
+import wire
+from wire import bundle
+
+KEY = SigningKey.generate()
+T0 = 1_700_000_000_000
+
+
+def frames(n: int, node: str = "n1", start: int = 1) -> list[bytes]:
+    out, prev = [], wire.ZERO_HASH
+    for seq in range(start, start + n):
+        s = [wire.Series("node_load1", (), wire.MetricType.GAUGE, (T0 + seq,), (float(seq),))]
+        f = wire.encode_data_batch(wire.BatchContext(KEY, "lab", node, seq, prev, T0 + seq, seq, 3), s)
+        out.append(f)
+        prev = wire.batch_hash(f)
+    return out
+
+
+def make(fs: list[bytes], node: str = "n1") -> bytes:
+    buf = io.BytesIO()
+    w = bundle.BundleWriter(buf)
+    for f in fs:
+        w.add(f)
+    w.finish(KEY, "lab", node, T0)
+    assert w.bytes == len(buf.getvalue())
+    return buf.getvalue()
+
+
+def read(raw: bytes, max_frame: int = 1 << 20) -> tuple[list[bytes], list[bundle.Manifest], list[bundle.Damaged]]:
+    got, manifests, damaged = [], [], []
+    for rec in bundle.read_bundle(raw, max_frame, 1 << 24):
+        if isinstance(rec, bundle.FrameRecord):
+            got.append(rec.raw)
+        elif isinstance(rec, bundle.ManifestRecord):
+            assert rec.manifest is not None, rec.detail
+            manifests.append(rec.manifest)
+        else:
+            damaged.append(rec)
+    return got, manifests, damaged
+
+
+def problems(raw: bytes) -> list[str]:
+    got, manifests, _ = read(raw)
+    seen = []
+    pos = 0
+    for f in got:
+        seen.append(bundle.Seen(pos, struct.unpack_from("<Q", f, 8)[0], wire.batch_hash(f), len(f)))
+        pos += 1
+    out: list[str] = []
+    for m in manifests:
+        bundle.verify_manifest(m, bytes(KEY.verify_key))
+        out += bundle.manifest_problems(m, seen)
+    return out
+
+
+def test_an_intact_bundle_reads_back_its_frames_and_a_verifying_manifest() -> None:
+    fs = frames(5)
+    got, (m,), damaged = read(make(fs))
+    assert got == fs and damaged == []
+    assert [e.seq for e in m.entries] == [1, 2, 3, 4, 5] and (m.site, m.node) == ("lab", "n1")
+    bundle.verify_manifest(m, bytes(KEY.verify_key))
+    assert problems(make(fs)) == []
+
+
+def test_a_truncated_bundle_keeps_the_whole_frames_and_names_the_missing_ones() -> None:
+    fs = frames(5)
+    raw = make(fs)
+    cut = raw[: raw.index(fs[3]) + 10]  # inside frame 4; the manifest is gone too
+    got, manifests, damaged = read(cut)
+    assert got == fs[:3] and manifests == []
+    assert len(damaged) == 1 and "truncated" in damaged[0].detail
+
+
+def test_a_bit_flip_in_a_length_costs_only_that_frame() -> None:
+    fs = frames(5)
+    raw = bytearray(make(fs))
+    at = raw.index(fs[2]) - 4  # the record's length field of frame 3
+    raw[at] ^= 0x10
+    got, (m,), damaged = read(bytes(raw))
+    assert got == [fs[0], fs[1], fs[3], fs[4]] and damaged
+    assert problems(bytes(raw)) == ["seq 3 listed in the manifest but not in the bundle (truncated or cut out)"]
+
+
+def test_a_bit_flip_in_a_payload_keeps_the_frame_for_its_signature_to_refuse() -> None:
+    fs = frames(3)
+    raw = bytearray(make(fs))
+    raw[raw.index(fs[1]) + len(fs[1]) - 70] ^= 0x01
+    got, _, damaged = read(bytes(raw))
+    assert damaged == [] and len(got) == 3 and got[1] != fs[1]
+    assert problems(bytes(raw)) == ["seq 2 differs from what the manifest lists (substituted or damaged)"]
+    key = type("K", (), {"public_key": bytes(KEY.verify_key), "refusal": lambda *a: None})()
+    opened = wire.open_batch(got[1], lambda _kid: key)
+    assert isinstance(opened, wire.Refusal) and opened.result == "bad_signature"
+
+
+def test_reordered_frames_are_named() -> None:
+    fs = frames(4)
+    raw = make(fs)
+    a, b = raw.index(fs[1]) - 7, raw.index(fs[2]) - 7
+    end = raw.index(fs[3]) - 7
+    swapped = raw[:a] + raw[b:end] + raw[a:b] + raw[end:]
+    got, _, damaged = read(swapped)
+    assert sorted(got) == sorted(fs) and damaged == []
+    assert problems(swapped) == ["frames are not in the manifest's order (first out of place: seq 3)"]
+
+
+def test_a_splice_of_two_bundles_names_what_came_from_the_other() -> None:
+    one, two = make(frames(4)), make(frames(4, start=5))
+    spliced = one[: one.index(frames(4)[2]) - 7] + two[two.index(frames(4, start=5)[2]) - 7:]
+    got, manifests, damaged = read(spliced)
+    assert len(got) == 4 and len(manifests) == 1 and damaged == []
+    assert problems(spliced) == [
+        "seq 5-6 listed in the manifest but not in the bundle (truncated or cut out)",
+        "seq 1-2 in the bundle but not listed in its manifest (spliced in)",
+    ]
+
+
+def test_an_oversized_frame_is_skipped_unread_and_named() -> None:
+    fs = frames(3)
+    raw = make(fs)
+    got, _, damaged = read(raw, max_frame=len(fs[1]) - 1)
+    assert got == [] or all(len(f) < len(fs[1]) for f in got)
+    assert damaged and all(d.reason == "too_large" for d in damaged)
+
+
+def test_garbage_is_not_a_bundle_and_costs_one_problem() -> None:
+    (d,) = list(bundle.read_bundle(b"\0" * 10_000, 1 << 20, 1 << 20))
+    assert d.reason == "malformed" and "bad magic" in d.detail
+    # A bundle whose records are garbage after the header: one stretch named, not one per byte.
+    recs = list(bundle.read_bundle(bundle.BUNDLE_HEADER + b"WR" * 5000, 1 << 20, 1 << 20))
+    assert len(recs) == 1 and isinstance(recs[0], bundle.Damaged)
+
+
+def test_a_manifest_signed_by_another_key_does_not_verify() -> None:
+    _, (m,), _ = read(make(frames(2)))
+    with pytest.raises(wire.WireError):
+        bundle.verify_manifest(m, bytes(SigningKey.generate().verify_key))
+    forged = bundle.Manifest(m.site, "n2", m.key_id, m.created_ms, m.entries, m.signed_part.replace(b"n1", b"n2"),
+                             m.signature)
+    with pytest.raises(wire.WireError, match="signature"):
+        bundle.verify_manifest(forged, bytes(KEY.verify_key))
+
+
+def test_receipts_round_trip_and_a_changed_byte_fails_the_signature() -> None:
+    collector = SigningKey.generate()
+    raw = bundle.encode_receipt(collector, b"c" * 8, 7, T0, "lab", "n1", b"k" * 8, 5, [(1, 5), (8, 9)],
+                                [(1, b"h" * 32), (2, b"i" * 32)], [b"m" * 32])
+    r = bundle.parse_receipt(raw)
+    assert (r.receipt_no, r.site, r.node, r.complete_through, r.held) == (7, "lab", "n1", 5, ((1, 5), (8, 9)))
+    assert r.batches == ((1, b"h" * 32), (2, b"i" * 32)) and r.bundles == (b"m" * 32,)
+    bundle.verify_receipt(r, bytes(collector.verify_key))
+    for i in (10, 60, len(raw) - 70):
+        bad = bytearray(raw)
+        bad[i] ^= 1
+        with pytest.raises(ValueError):
+            bundle.verify_receipt(bundle.parse_receipt(bytes(bad)), bytes(collector.verify_key))
+    assert bundle.parse_receipt_file(bundle.encode_receipt_file([raw, raw])) == [raw, raw]
+    with pytest.raises(ValueError, match="truncated"):
+        bundle.parse_receipt_file(bundle.encode_receipt_file([raw])[:-3])
+
+
+def test_the_worked_example_in_docs_bundle_md() -> None:
+    key = SigningKey(bytes(range(32)))
+    s = [wire.Series("up", (), wire.MetricType.GAUGE, (1700000000000,), (1.0,))]
+    f = wire.encode_data_batch(wire.BatchContext(key, "s", "n", 1, wire.ZERO_HASH, 1700000000000, 1, 3), s)
+    buf = io.BytesIO()
+    w = bundle.BundleWriter(buf)
+    w.add(f)
+    m = w.finish(key, "s", "n", 1700000000500)
+    raw = buf.getvalue()
+    assert len(f) == 213 and len(raw) == 369
+    assert raw[:12].hex(" ") == "57 53 42 4e 01 57 52 46 d5 00 00 00"
+    assert wire.batch_hash(f).hex() == "a5a21e82eb8e958eeeface1456bc67a7fce8cf8306a3a8e7505631f6c49ab1d6"
+    assert raw[-137:][:16].hex(" ") == "57 53 4d 31 01 56 47 5a a7 54 63 47 4c f4 69 e5"
+    assert m.hash.hex() == "372e5b4d18a542fefd68a3a8dc999ecea6e7564aacd3cb40e7d3bdda0021eaed"

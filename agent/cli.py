@@ -157,7 +157,7 @@ def _seq_text(seqs: list[int]) -> str:
 def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
     """The unacknowledged batches, oldest first, into one bundle (docs/bundle.md)."""
     from agent.spool import Spool
-    from wire.bundle import BundleWriter
+    from wire import bundle
 
     def fail(message: str) -> int:
         print(f"waystation-agent export: {message}", file=sys.stderr)
@@ -178,18 +178,22 @@ def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     seqs: list[int] = []
     left = 0
+    full = False  # stopped at the manifest's frame limit rather than at --max-bytes
     try:
         spool = Spool(config.spool_path, timeout_s=30.0, readonly=True)
     except sqlite3.Error as exc:
         return fail(f"cannot read spool {config.spool_path}: {exc}")
     try:
         with open(tmp, "wb") as f:
-            writer = BundleWriter(f)
+            writer = bundle.BundleWriter(f)
+            max_frames = bundle.MAX_MANIFEST_ENTRIES  # read here: a bundle stops at this many frames
             rows = spool.unacknowledged()
             try:
                 for seq, frame in rows:
-                    if left or (max_bytes is not None
-                                and writer.size_with(len(frame), config.site, config.node) > max_bytes):
+                    if not left and len(seqs) >= max_frames:
+                        full = True
+                    if left or full or (max_bytes is not None
+                                        and writer.size_with(len(frame), config.site, config.node) > max_bytes):
                         left += 1
                         continue
                     writer.add(frame)
@@ -213,7 +217,10 @@ def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
         tmp.unlink(missing_ok=True)
     print(f"wrote {out}: {len(seqs)} batches, seq {_seq_text(seqs)}, {writer.bytes} bytes "
           f"(bundle {manifest.hash.hex()[:16]})")
-    if left:
+    if left and full:
+        print(f"{left} newer unacknowledged batches did not fit: a bundle holds at most "
+              f"{max_frames} batches; they go in a later bundle")
+    elif left:
         print(f"{left} newer unacknowledged batches did not fit in --max-bytes {max_bytes}; "
               "they go in a later bundle")
     print("the batches stay in the spool until `waystation-agent import-receipt` applies the "

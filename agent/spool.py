@@ -11,13 +11,15 @@ Who calls what: the agent's main loop calls `append`; the uplink lanes call
 `claim_*`, `ack`, `release`, `reject`, each from its own thread, each with its own
 connection (a Spool is not shared between threads; open one per thread). The CLI, in its
 own process beside a running agent: `export` reads `unacknowledged` in one read
-transaction (claims and deletes nothing); `import-receipt` calls `apply_receipt`, one
-write transaction like an ack.
+transaction (claims and deletes nothing); `import-receipt` calls `apply_receipt`, a
+series of short write transactions (RECEIPT_CHUNK rows each) so a running agent's
+appends and acks never wait long behind it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sqlite3
 import time
 from collections.abc import Generator, Iterable, Iterator
@@ -46,6 +48,12 @@ CREATE TABLE IF NOT EXISTS batches (
     frame BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS batches_state ON batches (state, seq);
+CREATE TABLE IF NOT EXISTS applied_receipts (
+    collector_key_id BLOB NOT NULL,
+    receipt_no INTEGER NOT NULL,
+    applied_ms INTEGER NOT NULL,
+    PRIMARY KEY (collector_key_id, receipt_no)
+) WITHOUT ROWID;
 """
 
 _PENDING = "SELECT seq, kind, frame, window_end_ms FROM batches WHERE state = 'pending' "
@@ -53,6 +61,13 @@ _NEWEST_PENDING = _PENDING + "AND seq > ? ORDER BY seq DESC LIMIT 1"
 _OLDEST_PENDING = _PENDING + "AND seq > ? ORDER BY seq ASC LIMIT 1"
 
 MAX_REJECTED_KEPT = 100
+
+# Receipt rows checked and deleted per write transaction: a chunk is a few milliseconds of
+# SELECT + SHA-256, so a running agent's appends and acks wait that long, not the whole apply.
+RECEIPT_CHUNK = 1000
+# Applied receipt numbers remembered per collector key: within them, an exact replay is told
+# apart from an older receipt not yet applied (receipts may be carried back in any order).
+RECEIPTS_REMEMBERED = 64
 
 _COUNTERS = (
     "produced_batches",
@@ -66,7 +81,7 @@ _COUNTERS = (
 
 
 class ReceiptReplayed(Exception):
-    """A receipt no newer than one already applied; nothing was deleted."""
+    """A receipt already applied here (or older than every one remembered); nothing was deleted."""
 
 
 def _receipt_key(collector_key_id: bytes) -> str:
@@ -419,7 +434,35 @@ class Spool:
 
     def last_receipt(self, collector_key_id: bytes) -> int:
         """The number of the newest receipt of this collector key applied here (0: none)."""
-        return self._meta_int(_receipt_key(collector_key_id), 0)
+        row = self.db.execute("SELECT MAX(receipt_no) FROM applied_receipts WHERE collector_key_id = ?",
+                              (collector_key_id,)).fetchone()
+        newest = 0 if row is None or row[0] is None else int(row[0])
+        # Spools written before applied_receipts kept only the newest number, in meta.
+        return max(newest, self._meta_int(_receipt_key(collector_key_id), 0))
+
+    def _applied(self, collector_key_id: bytes) -> list[int]:
+        """The receipt numbers of this collector key remembered as applied, newest first."""
+        nos = [int(n) for (n,) in self.db.execute(
+            "SELECT receipt_no FROM applied_receipts WHERE collector_key_id = ? ORDER BY receipt_no DESC",
+            (collector_key_id,))]
+        legacy = self._meta_int(_receipt_key(collector_key_id), 0)
+        if legacy and legacy not in nos:
+            nos = sorted([*nos, legacy], reverse=True)
+        return nos
+
+    def _check_not_applied(self, collector_key_id: bytes, receipt_no: int) -> None:
+        applied = self._applied(collector_key_id)
+        if receipt_no in applied:
+            raise ReceiptReplayed(
+                f"receipt {receipt_no} of collector key {collector_key_id.hex()}: already applied here "
+                "(replayed)"
+            )
+        if len(applied) >= RECEIPTS_REMEMBERED and receipt_no < applied[-1]:
+            raise ReceiptReplayed(
+                f"receipt {receipt_no} of collector key {collector_key_id.hex()} is older than the "
+                f"{len(applied)} receipts remembered as applied here (oldest {applied[-1]}): it may "
+                "have been applied already; ask the collector for a newer receipt"
+            )
 
     def apply_receipt(
         self, collector_key_id: bytes, receipt_no: int, batches: Iterable[tuple[int, bytes]], complete_through: int
@@ -428,35 +471,52 @@ class Spool:
         only if its seq and its frame's hash both match, so a receipt can never delete a
         batch the collector does not hold (a different batch at the same seq stays).
         Returns (batches, bytes) deleted. Raises ReceiptReplayed, deleting nothing, for a
-        receipt no newer than the last one applied from that collector key.
+        receipt already applied from that collector key; receipts may come in any order.
 
-        One write transaction, like an ack: a lane that has one of these batches in flight
-        finds it gone when its own ack or release comes (both are no-ops then). Rejected
-        batches stay (kept for audit)."""
+        RECEIPT_CHUNK rows per write transaction, each like an ack, so a running agent is
+        never held up for long: a lane that has one of these batches in flight finds it
+        gone when its own ack or release comes (both are no-ops then). The receipt is
+        recorded as applied only with the last chunk; an apply cut short deleted only rows
+        the collector holds, and applying the receipt again finishes it. Rejected batches
+        stay (kept for audit)."""
+        self._check_not_applied(collector_key_id, receipt_no)
+        deleted = size = 0
+        rows = iter(batches)
+        while chunk := list(itertools.islice(rows, RECEIPT_CHUNK)):
+            with self._write() as db:
+                chunk_deleted = chunk_size = 0
+                for seq, digest in chunk:
+                    row = db.execute("SELECT frame FROM batches WHERE seq = ? AND state != 'rejected'",
+                                     (seq,)).fetchone()
+                    if row is None or wire.batch_hash(bytes(row[0])) != digest:
+                        continue
+                    db.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+                    chunk_deleted += 1
+                    chunk_size += len(row[0])
+                if chunk_deleted:
+                    # The collector holds this spool's own chain: nothing to renumber above it.
+                    self._set_meta("resume_needed", 0)
+                    self._bump("acked_batches", chunk_deleted)
+                    self._bump("acked_bytes", chunk_size)
+                deleted += chunk_deleted
+                size += chunk_size
         with self._write() as db:
-            last = self.last_receipt(collector_key_id)
-            if receipt_no <= last:
-                raise ReceiptReplayed(
-                    f"receipt {receipt_no} of collector key {collector_key_id.hex()} is not newer than "
-                    f"receipt {last}, already applied here (replayed)"
-                )
-            deleted = size = 0
-            for seq, digest in batches:
-                row = db.execute("SELECT frame FROM batches WHERE seq = ? AND state != 'rejected'",
-                                 (seq,)).fetchone()
-                if row is None or wire.batch_hash(bytes(row[0])) != digest:
-                    continue
-                db.execute("DELETE FROM batches WHERE seq = ?", (seq,))
-                deleted += 1
-                size += len(row[0])
-            if deleted:
-                # The collector holds this spool's own chain: nothing to renumber above it.
-                self._set_meta("resume_needed", 0)
-            self._bump("acked_batches", deleted)
-            self._bump("acked_bytes", size)
             known = self._meta_int("collector_complete_through", 0)
             self._set_meta("collector_complete_through", max(known, complete_through))
-            self._set_meta(_receipt_key(collector_key_id), receipt_no)
+            # OR IGNORE: another import of this receipt may have finished meanwhile.
+            db.execute("INSERT OR IGNORE INTO applied_receipts VALUES (?, ?, ?)",
+                       (collector_key_id, receipt_no, int(time.time() * 1000)))
+            legacy = self._meta_int(_receipt_key(collector_key_id), 0)
+            if legacy:  # fold the old single number into the table
+                db.execute("INSERT OR IGNORE INTO applied_receipts VALUES (?, ?, ?)",
+                           (collector_key_id, legacy, int(time.time() * 1000)))
+                db.execute("DELETE FROM meta WHERE key = ?", (_receipt_key(collector_key_id),))
+            db.execute(
+                "DELETE FROM applied_receipts WHERE collector_key_id = ? AND receipt_no NOT IN "
+                "(SELECT receipt_no FROM applied_receipts WHERE collector_key_id = ? "
+                "ORDER BY receipt_no DESC LIMIT ?)",
+                (collector_key_id, collector_key_id, RECEIPTS_REMEMBERED),
+            )
         return deleted, size
 
     # ------------------------------------------------------------------ reading

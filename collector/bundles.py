@@ -217,6 +217,7 @@ class FrameResult:
 class NodeReport:
     accepted: int = 0
     duplicates: int = 0
+    pruned: int = 0  # seqs recorded once and since pruned: neither held nor refused
     refused: list[FrameResult] = field(default_factory=list)
     bundles: list[bytes] = field(default_factory=list)  # verified manifests' hashes
     held: dict[int, bytes] = field(default_factory=dict)  # seq -> hash: frames the collector holds as sent
@@ -271,6 +272,16 @@ class DirectSink:
         answers: list[Answer] = []
         subs: list[ledger_mod.Submission] = []
         where: list[int] = []
+
+        def flush() -> None:
+            if not subs:
+                return
+            for i, outcome in zip(where, self.ledger.commit(subs), strict=True):
+                result = "duplicate_pruned" if outcome.result == "duplicate" and outcome.pruned else outcome.result
+                answers[i] = (result, "" if result in ("accepted", "duplicate") else outcome.detail, answers[i][2])
+            subs.clear()
+            where.clear()
+
         for _, raw in frames:
             opened = open_frame(raw, self.ledger.conn, self.limits, self.tables, self.sealing_keys)
             if isinstance(opened, wire.Refusal):
@@ -279,11 +290,11 @@ class DirectSink:
             where.append(len(answers))
             answers.append(("", "", opened.header))
             subs.append(submission(opened, time.time(), "bundle", origin_file))
-        for start in range(0, len(subs), MAX_GROUP):
-            outcomes = self.ledger.commit(subs[start:start + MAX_GROUP])
-            for i, outcome in zip(where[start:start + MAX_GROUP], outcomes, strict=True):
-                answers[i] = (outcome.result, "" if outcome.result in ("accepted", "duplicate") else outcome.detail,
-                              answers[i][2])
+            # A key rotation is committed before the next frame is verified: frames signed
+            # with the new key are refused unknown_key until the ledger knows it.
+            if len(subs) >= MAX_GROUP or opened.rotation is not None:
+                flush()
+        flush()
         return answers
 
     def close(self) -> None:
@@ -481,6 +492,10 @@ def _count(report: Report, file: FileReport, r: FrameResult, raw: bytes) -> None
             node.accepted += 1
         else:
             node.duplicates += 1
+    elif r.result == "duplicate_pruned":
+        # Recorded once, since pruned by retention: its hash is gone, so nothing says these
+        # are the bytes recorded (a reinstalled node reuses seqs). Never in a receipt's held.
+        node.pruned += 1
     else:
         node.refused.append(r)
 
@@ -499,7 +514,7 @@ def issue_receipts(config: CollectorConfig, report: Report) -> list[bytes]:
     out: list[bytes] = []
     try:
         for (site, node), n in sorted(report.nodes.items()):
-            if not (n.accepted or n.duplicates or n.bundles):
+            if not (n.accepted or n.duplicates or n.pruned or n.bundles):
                 continue
             node_key = n.manifest_key or _enrolled_key(conn, site, node)
             raw = bundle.encode_receipt(
@@ -539,7 +554,8 @@ def ranges_text(ranges: Sequence[tuple[int, int]], limit: int = 6) -> str:
 def describe(report: Report) -> list[str]:
     lines = [f"imported through {report.via}"]
     for (site, node), n in sorted(report.nodes.items()):
-        lines.append(f"{site}/{node}: {n.accepted} accepted, {n.duplicates} duplicates, {len(n.refused)} refused")
+        lines.append(f"{site}/{node}: {n.accepted} accepted, {n.duplicates} duplicates, {len(n.refused)} refused"
+                     + (f", {n.pruned} recorded before and since pruned (not in the receipt)" if n.pruned else ""))
         for r in n.refused:
             lines.append(f"  refused seq {r.seq} ({r.file}, byte {r.offset}): {r.result}: {r.detail}")
     for f in report.files:

@@ -319,13 +319,16 @@ class Ingest:
         self, opened: wire.VerifiedBatch, received_at: float, origin: str = "http", origin_file: str | None = None
     ) -> str:
         """Commit a verified batch and apply it to the latest state; returns "accepted" or
-        "duplicate", raises _Refusal for anything else. HTTP posts and bundle imports (POST
-        /v1/import) both come through here, so both are counted and exposed alike."""
+        "duplicate" ("duplicate_pruned" for an import whose seq left the archive), raises
+        _Refusal for anything else. HTTP posts and bundle imports (POST /v1/import) both come
+        through here, so both are counted and exposed alike."""
         h = opened.header
         outcome = await self.committer.submit(submission(opened, received_at, origin, origin_file))
         if outcome.result == "duplicate":
             self.metrics.count("duplicate")
-            return "duplicate"
+            # An import must not put a pruned seq in a receipt's held batches; a post's
+            # ack says "duplicate" either way (see _handle).
+            return "duplicate_pruned" if outcome.pruned and origin == "bundle" else "duplicate"
         if outcome.result != "accepted":
             raise _Refusal(outcome.result, outcome.detail, h, signed=True)
         if opened.series:
@@ -389,7 +392,9 @@ class Ingest:
                 continue
             # Submitted in order, so a node's chain commits oldest first within each group.
             pending.append(asyncio.ensure_future(one(i, opened, time.time())))
-            if len(pending) >= IMPORT_GROUP:
+            # A key rotation must be in the ledger before a frame signed with the new key is
+            # verified, or that frame is refused unknown_key.
+            if len(pending) >= IMPORT_GROUP or opened.rotation is not None:
                 await asyncio.gather(*pending)
                 pending = []
         await asyncio.gather(*pending)

@@ -377,11 +377,17 @@ class Pruned:
     more: bool
 
 
+_PRUNED = "duplicate_pruned"  # _apply's word for Outcome(result="duplicate", pruned=True)
+
+
 @dataclass(frozen=True)
 class Outcome:
     result: str  # accepted | duplicate | conflict | chain_mismatch | revoked | unknown_key | malformed
     detail: str
     state: NodeState
+    # A "duplicate" whose seq left the archive (retention): its hash is gone, so nothing
+    # says the collector held these bytes. A receipt must not name it as held.
+    pruned: bool = False
 
 
 _NODE_COLUMNS = (
@@ -628,7 +634,9 @@ class Ledger:
         self._nodes.update(touched)
         snapshots = {key: n.snapshot() for key, n in touched.items()}
         return [
-            Outcome(result, detail, snapshots[(n.site, n.node)]) for result, detail, n in results
+            Outcome("duplicate" if result == _PRUNED else result, detail, snapshots[(n.site, n.node)],
+                    pruned=result == _PRUNED)
+            for result, detail, n in results
         ]
 
     def prune(
@@ -739,7 +747,7 @@ class Ledger:
         if self._retired(h.site, h.node, h.seq, h.seq):
             # Its batch left the archive (retention): it was recorded; taking it again would
             # count and forward it twice. Its hash is gone, so a conflict cannot be told.
-            return "duplicate", f"seq {h.seq} was recorded and has since left the archive"
+            return _PRUNED, f"seq {h.seq} was recorded and has since left the archive (hash not kept)"
         # The key as it stands now, in this transaction: a revocation committed while the
         # batch was being verified still stops it.
         current = trust.lookup(self.conn, h.key_id)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import BinaryIO, Protocol
 
 from nacl.bindings import crypto_hash_sha256
@@ -253,17 +254,45 @@ def _frame_len(body: bytes) -> int | None:
     return int(node_at + 1 + body[node_at] + payload_len + SIGNATURE_LEN)
 
 
+# The most bytes a frame's or manifest's header (fixed part and both names) can take: enough
+# to learn the length the body declares without copying the body.
+_FRAME_HEAD = FIXED_HEADER_LEN + 2 + 2 * MAX_NAME_LEN
+_MANIFEST_HEAD = _MANIFEST_FIXED.size + 2 + 2 * MAX_NAME_LEN
+
+
+def _manifest_len(head: bytes) -> int | None:
+    """The length a manifest's own header declares, or None if its header is cut short."""
+    if len(head) < _MANIFEST_FIXED.size + 1:
+        return None
+    count = _MANIFEST_FIXED.unpack_from(head, 0)[4]
+    site_len = head[_MANIFEST_FIXED.size]
+    node_at = _MANIFEST_FIXED.size + 1 + site_len
+    if node_at >= len(head):
+        return None
+    return int(node_at + 1 + head[node_at] + count * MANIFEST_ENTRY_LEN + SIGNATURE_LEN)
+
+
+def _body_agrees(buf: Buffer, body_at: int, tag: int, length: int) -> bool:
+    """Whether the body at body_at starts with its magic and declares `length` itself, read
+    from a slice of at most header size: a lying record costs a few hundred bytes, not its
+    claimed length."""
+    if tag == TAG_FRAME:
+        head = buf[body_at : body_at + min(length, _FRAME_HEAD)]
+        return head[:4] == MAGIC and _frame_len(head) == length
+    head = buf[body_at : body_at + min(length, _MANIFEST_HEAD)]
+    return head[:4] == MANIFEST_MAGIC and _manifest_len(head) == length
+
+
 def _plausible(buf: Buffer, at: int, size: int) -> bool:
     """Whether a record starts at `at`: sync, a known tag, a length inside the file, and
-    the body's own magic."""
-    head = buf[at : at + RECORD_OVERHEAD + 4]
-    if len(head) < RECORD_OVERHEAD + 4:
+    the body's own magic and length (from its header alone)."""
+    head = buf[at : at + RECORD_OVERHEAD]
+    if len(head) < RECORD_OVERHEAD:
         return False
     sync, tag, length = _RECORD.unpack_from(head, 0)
-    if sync != RECORD_SYNC or at + RECORD_OVERHEAD + length > size:
+    if sync != RECORD_SYNC or tag not in (TAG_FRAME, TAG_MANIFEST) or at + RECORD_OVERHEAD + length > size:
         return False
-    magic = head[RECORD_OVERHEAD:]
-    return (tag == TAG_FRAME and magic == MAGIC) or (tag == TAG_MANIFEST and magic == MANIFEST_MAGIC)
+    return _body_agrees(buf, at + RECORD_OVERHEAD, tag, length)
 
 
 def _resync(buf: Buffer, start: int, size: int) -> int:
@@ -317,27 +346,23 @@ def read_bundle(buf: Buffer, max_frame_bytes: int, max_manifest_bytes: int) -> I
                               f"manifest of {length} bytes exceeds {max_manifest_bytes}")
                 pos = body_at + length
                 continue
+            elif tag == TAG_FRAME:
+                # The length is checked from the frame's header before the body is copied.
+                if _body_agrees(buf, body_at, tag, length):
+                    yield FrameRecord(pos, buf[body_at : body_at + length])
+                    pos = body_at + length
+                    continue
+                problem = "frame record's length disagrees with the frame inside it"
+            elif buf[body_at : body_at + 4] != MANIFEST_MAGIC:
+                problem = "manifest record does not hold a manifest"
             else:
-                body = buf[body_at : body_at + length]
-                if tag == TAG_FRAME:
-                    if body[:4] == MAGIC and _frame_len(body) == length:
-                        yield FrameRecord(pos, body)
-                        pos = body_at + length
-                        continue
-                    problem = "frame record's length disagrees with the frame inside it"
-                else:
-                    try:
-                        yield ManifestRecord(pos, parse_manifest(body))
-                    except WireError as exc:
-                        if body[:4] != MANIFEST_MAGIC:
-                            problem = "manifest record does not hold a manifest"
-                        else:
-                            yield ManifestRecord(pos, None, f"{exc.reason}: {exc.detail}")
-                            pos = body_at + length
-                            continue
-                    else:
-                        pos = body_at + length
-                        continue
+                # Copied once, then passed whether it parses or not: the cost is what is passed.
+                try:
+                    yield ManifestRecord(pos, parse_manifest(buf[body_at : body_at + length]))
+                except WireError as exc:
+                    yield ManifestRecord(pos, None, f"{exc.reason}: {exc.detail}")
+                pos = body_at + length
+                continue
         nxt = _resync(buf, pos + 1, size)
         yield Damaged(pos, nxt, "malformed", f"{problem}; {nxt - pos} bytes skipped")
         pos = nxt
@@ -401,7 +426,11 @@ def manifest_problems(manifest: Manifest, seen: Sequence[Seen]) -> list[str]:
 
 @dataclass(frozen=True)
 class Receipt:
-    """The collector's signed statement of what it holds for one node."""
+    """The collector's signed statement of what it holds for one node.
+
+    Its lists (`held`, `batches`) are read from `signed_part` on first use, so parsing a
+    forged receipt allocates nothing in proportion to the counts it claims before
+    `verify_receipt` has refused it."""
 
     collector_key_id: bytes
     receipt_no: int  # per collector, only grows: an agent applies each receipt once
@@ -410,13 +439,25 @@ class Receipt:
     node: str
     node_key_id: bytes  # the node key the collector last enrolled for it (informational)
     complete_through: int
-    held: tuple[tuple[int, int], ...]  # closed seq ranges the collector holds, ascending
-    # (seq, hash) of each batch of the answered bundles that the collector holds exactly
-    # (recorded now or before, same bytes): what the agent may delete, and nothing else.
-    batches: tuple[tuple[int, bytes], ...] = ()
     bundles: tuple[bytes, ...] = ()  # manifest hashes of the bundles this answers
     signed_part: bytes = b""
     signature: bytes = b""
+    ranges_at: int = 0  # where the seq ranges start in signed_part
+    n_ranges: int = 0
+    n_batches: int = 0
+
+    @cached_property
+    def held(self) -> tuple[tuple[int, int], ...]:
+        """Closed seq ranges the collector holds, ascending (checked by parse_receipt)."""
+        return tuple(struct.unpack_from("<QQ", self.signed_part, self.ranges_at + i * 16)
+                     for i in range(self.n_ranges))
+
+    @cached_property
+    def batches(self) -> tuple[tuple[int, bytes], ...]:
+        """(seq, hash) of each batch of the answered bundles that the collector holds exactly
+        (recorded now or before, same bytes): what the agent may delete, and nothing else."""
+        at = self.ranges_at + self.n_ranges * 16
+        return tuple(_HELD.unpack_from(self.signed_part, at + i * _HELD.size) for i in range(self.n_batches))
 
 
 def encode_receipt(
@@ -448,8 +489,12 @@ def encode_receipt(
     return signed + signing_key.sign(signed).signature
 
 
-def parse_receipt(raw: bytes) -> Receipt:
-    """Structure only (ValueError saying what is wrong); `verify_receipt` checks the signature."""
+def parse_receipt(raw: bytes, signing_public_key: bytes | None = None) -> Receipt:
+    """Structure only (ValueError saying what is wrong); `verify_receipt` checks the signature.
+
+    With signing_public_key, the header's collector key id and the signature over the raw
+    bytes are checked first, before anything past the header is read. Either way the lists
+    are not built here (see Receipt)."""
     if len(raw) < _RECEIPT_FIXED.size + 2 + SIGNATURE_LEN:
         raise ValueError(f"receipt of {len(raw)} bytes is shorter than any receipt")
     magic, version, ckid, no, issued, nkid, through, n_bundles, n_ranges, n_batches = _RECEIPT_FIXED.unpack_from(
@@ -458,6 +503,12 @@ def parse_receipt(raw: bytes) -> Receipt:
         raise ValueError("not a Waystation receipt (bad magic)")
     if version != RECEIPT_VERSION:
         raise ValueError(f"receipt version {version}, this agent reads {RECEIPT_VERSION}")
+    sig_at = len(raw) - SIGNATURE_LEN
+    if signing_public_key is not None:
+        if ckid != key_id(signing_public_key):
+            raise ValueError(f"signed by collector key {ckid.hex()}, not the key given "
+                             f"{key_id(signing_public_key).hex()}")
+        _verify_signed(raw[:sig_at], raw[sig_at:], signing_public_key)
     if n_ranges > MAX_RECEIPT_RANGES or n_bundles > MAX_RECEIPT_BUNDLES or n_batches > MAX_RECEIPT_BATCHES:
         raise ValueError("receipt names more ranges or bundles than any collector writes")
     try:
@@ -469,25 +520,26 @@ def parse_receipt(raw: bytes) -> Receipt:
         raise ValueError(f"receipt's counts do not match its length of {len(raw)} bytes")
     bundles = tuple(raw[pos + i * HASH_LEN : pos + (i + 1) * HASH_LEN] for i in range(n_bundles))
     pos += n_bundles * HASH_LEN
-    held = tuple(struct.unpack_from("<QQ", raw, pos + i * 16) for i in range(n_ranges))
     prev = 0
-    for a, b in held:
+    for i in range(n_ranges):  # one range at a time: nothing kept
+        a, b = struct.unpack_from("<QQ", raw, pos + i * 16)
         if not 1 <= a <= b or a <= prev:
             raise ValueError("receipt's seq ranges are not ascending, disjoint ranges of positive seqs")
         prev = b
-    pos += n_ranges * 16
-    batches = tuple(_HELD.unpack_from(raw, pos + i * _HELD.size) for i in range(n_batches))
-    sig_at = len(raw) - SIGNATURE_LEN
-    return Receipt(ckid, no, issued, site, node, nkid, through, held, batches, bundles, raw[:sig_at],
-                   raw[sig_at:])
+    return Receipt(ckid, no, issued, site, node, nkid, through, bundles, raw[:sig_at], raw[sig_at:], pos,
+                   n_ranges, n_batches)
+
+
+def _verify_signed(signed: bytes, signature: bytes, signing_public_key: bytes) -> None:
+    try:
+        VerifyKey(signing_public_key).verify(signed, signature)
+    except BadSignatureError:
+        raise ValueError("signature does not verify with the pinned collector key (forged or damaged)") from None
 
 
 def verify_receipt(receipt: Receipt, signing_public_key: bytes) -> None:
     """ValueError unless the receipt's signature verifies with the collector's signing key."""
-    try:
-        VerifyKey(signing_public_key).verify(receipt.signed_part, receipt.signature)
-    except BadSignatureError:
-        raise ValueError("signature does not verify with the pinned collector key (forged or damaged)") from None
+    _verify_signed(receipt.signed_part, receipt.signature, signing_public_key)
 
 
 def encode_receipt_file(receipts: Sequence[bytes]) -> bytes:

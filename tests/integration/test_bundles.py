@@ -284,3 +284,66 @@ def test_hostile_bundles_keep_the_frames_that_verify_and_name_the_rest(tmp_path:
     (item,) = bundle.parse_receipt_file(receipt.read_bytes())
     rc = bundle.parse_receipt(item)
     assert [s for s, _ in rc.batches] == [1, 3, 6] and rc.complete_through == 1 and rc.held == ((1, 1), (3, 3), (6, 6))
+
+
+def _bundle_of(frames: list[bytes], key: SigningKey, site: str, node: str, path: Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    w = bundle.BundleWriter(buf)
+    for f in frames:
+        w.add(f)
+    w.finish(key, site, node, 1)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_a_key_rotation_inside_a_bundle_admits_the_frames_signed_with_the_new_key(tmp_path: Path) -> None:
+    """data, data, rotation, data (new key), data (new key): all five, serve stopped and running."""
+    from tests.unit.test_ledger import Chain
+
+    collector = Collector(tmp_path / "collector")
+    keygen(collector)
+    paths = []
+    for node in ("n1", "n2"):
+        old, new = SigningKey.generate(), SigningKey.generate()
+        collector.enroll("lab", node, public_key_text(bytes(old.verify_key)))
+        chain = Chain(old, "lab", node)
+        fs = [chain.data(1), chain.data(2), chain.rotation(3, new), chain.data(4, key=new), chain.data(5, key=new)]
+        paths.append(_bundle_of(fs, new, "lab", node, tmp_path / f"{node}.wsb"))
+    r = collector.cli("import", str(paths[0]), "--receipt-out", str(tmp_path / "r1.wsr"))
+    assert r.returncode == 0 and "lab/n1: 5 accepted, 0 duplicates, 0 refused" in r.stdout, r.stdout + r.stderr
+    collector.start()
+    try:
+        r = collector.cli("import", str(paths[1]), "--receipt-out", str(tmp_path / "r2.wsr"))
+    finally:
+        collector.stop()
+    assert "imported through serve" in r.stdout, r.stdout
+    assert r.returncode == 0 and "lab/n2: 5 accepted, 0 duplicates, 0 refused" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_seq_pruned_by_retention_is_not_named_held_in_the_receipt(tmp_path: Path) -> None:
+    """A reinstalled node reuses seqs 1..K; where the collector's batch at that seq left the
+    archive it cannot tell whether it held these bytes, so the receipt must not say it did."""
+    from collector.ledger import Ledger
+    from tests.unit.test_ledger import Chain
+
+    collector = Collector(tmp_path / "collector")
+    keygen(collector)
+    key = SigningKey.generate()
+    collector.enroll("lab", "n1", public_key_text(bytes(key.verify_key)))
+    first = Chain(key, "lab", "n1")
+    old = _bundle_of([first.data(s) for s in (1, 2, 3)], key, "lab", "n1", tmp_path / "old.wsb")
+    assert collector.cli("import", str(old), "--receipt-out", str(tmp_path / "r0.wsr")).returncode == 0
+    ledger = Ledger(collector.data_dir / "ledger.db")
+    try:
+        assert ledger.prune(time.time() + 10, 1.0, 0, []).batches == 2  # seqs 1-2; the newest stays
+    finally:
+        ledger.close()
+    fresh = Chain(key, "lab", "n1")  # the reinstalled node's own chain: other bytes at seqs 1-2
+    new = _bundle_of([fresh.data(s, value=7.0) for s in (1, 2)], key, "lab", "n1", tmp_path / "new.wsb")
+    receipt = tmp_path / "r.wsr"
+    r = collector.cli("import", str(new), "--receipt-out", str(receipt))
+    assert "lab/n1: 0 accepted, 0 duplicates, 0 refused, 2 recorded before and since pruned" in r.stdout, r.stdout
+    (item,) = bundle.parse_receipt_file(receipt.read_bytes())
+    assert bundle.parse_receipt(item).batches == ()

@@ -183,3 +183,64 @@ def test_the_worked_example_in_docs_bundle_md() -> None:
     assert wire.batch_hash(f).hex() == "a5a21e82eb8e958eeeface1456bc67a7fce8cf8306a3a8e7505631f6c49ab1d6"
     assert raw[-137:][:16].hex(" ") == "57 53 4d 31 01 56 47 5a a7 54 63 47 4c f4 69 e5"
     assert m.hash.hex() == "372e5b4d18a542fefd68a3a8dc999ecea6e7564aacd3cb40e7d3bdda0021eaed"
+
+
+class _Counting:
+    """A bundle buffer that counts the bytes the reader copies out of it."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw, self.copied, self.largest = raw, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, key: slice) -> bytes:
+        out = self.raw[key]
+        self.copied += len(out)
+        self.largest = max(self.largest, len(out))
+        return out
+
+    def find(self, sub: bytes, start: int = 0) -> int:
+        return self.raw.find(sub, start)
+
+
+def test_records_that_lie_about_their_length_cost_a_header_read_not_a_body_copy() -> None:
+    """`WR F <len> WSB1` repeated: each looks like a frame record; its length is checked
+    from the frame's header before any body is copied, so the work is bounded per byte."""
+    length = 1 << 20
+    pattern = bundle.RECORD_SYNC + bytes((bundle.TAG_FRAME,)) + struct.pack("<I", length) + wire.MAGIC
+    raw = bundle.BUNDLE_HEADER + pattern * 3000 + bytes(length)
+    buf = _Counting(raw)
+    got = list(bundle.read_bundle(buf, 2 * length, 1 << 24))
+    assert not any(isinstance(r, bundle.FrameRecord) for r in got)
+    assert buf.largest <= 1024  # no body of the claimed 1 MiB was copied
+    assert buf.copied <= 2 * 1024 * 3000 + len(raw)
+
+
+def test_a_forged_receipt_is_refused_before_its_lists_are_built() -> None:
+    collector = SigningKey.generate()
+    n = 50_000
+    raw = bytearray(bundle.encode_receipt(collector, wire.key_id(bytes(collector.verify_key)), 1, T0, "lab", "n1",
+                                          b"k" * 8, 0, [(1, n)], [(s, b"h" * 32) for s in range(1, n + 1)]))
+    raw[-1] ^= 1  # forged: the signature no longer verifies
+    import tracemalloc
+
+    forged = bytes(raw)
+    tracemalloc.start()
+    try:
+        r = bundle.parse_receipt(forged)  # the agent's order: parse, check the key id, verify
+        with pytest.raises(ValueError, match="signature"):
+            bundle.verify_receipt(r, bytes(collector.verify_key))
+        del r
+        with pytest.raises(ValueError, match="signature"):
+            bundle.parse_receipt(forged, bytes(collector.verify_key))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Copies of the signed bytes (slicing, the signature check), never ~160 bytes a batch of tuples.
+    assert peak < 4 * len(raw) + (1 << 20)
+    with pytest.raises(ValueError, match="not the key given"):
+        bundle.parse_receipt(bytes(raw), bytes(SigningKey.generate().verify_key))
+    raw[-1] ^= 1
+    good = bundle.parse_receipt(bytes(raw), bytes(collector.verify_key))
+    assert good.held == ((1, n),) and len(good.batches) == n and good.batches[0] == (1, b"h" * 32)

@@ -1,0 +1,153 @@
+"""`import-receipt` on the spool: receipts in any order, exact replays refused, short
+transactions beside a running agent; `export` at the manifest's frame limit."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from nacl.signing import SigningKey
+
+import wire
+import wire.bundle
+from agent import cli, keys
+from agent import spool as spool_mod
+from agent.config import load_agent_config
+from agent.spool import ReceiptReplayed, Spool
+
+CK = b"\xc0" * 8  # a collector key id
+
+
+def _series(i: int) -> list[wire.Series]:
+    ts = tuple(1_700_000_000_000 + i * 10_000 + j * 1000 for j in range(3))
+    return [wire.Series("node_load1", (), wire.MetricType.GAUGE, ts, (1.0, 2.0, float(i)))]
+
+
+def _spool(tmp_path: Path, n: int) -> tuple[Spool, dict[int, bytes]]:
+    key = SigningKey.generate()
+    sp = Spool(tmp_path / "spool.db")
+    for i in range(n):
+        sp.append_data(key, "s", "n", _series(i), 10**9)
+    hashes = {int(seq): wire.batch_hash(bytes(frame))
+              for seq, frame in sp.db.execute("SELECT seq, frame FROM batches")}
+    return sp, hashes
+
+
+def _seqs(sp: Spool) -> list[int]:
+    return [r[0] for r in sp.db.execute("SELECT seq FROM batches ORDER BY seq")]
+
+
+def test_receipts_apply_in_any_order_and_only_exact_replays_are_refused(tmp_path: Path) -> None:
+    sp, h = _spool(tmp_path, 4)
+    assert sp.apply_receipt(CK, 6, [(3, h[3]), (4, h[4])], 4)[0] == 2
+    # Receipt 5 came back later than 6: it is not a replay, and it applies.
+    assert sp.apply_receipt(CK, 5, [(1, h[1]), (2, h[2])], 2)[0] == 2
+    assert _seqs(sp) == []
+    assert sp.stats().collector_complete_through == 4  # never moves back
+    for no in (5, 6):
+        with pytest.raises(ReceiptReplayed, match=f"receipt {no} .*already applied here"):
+            sp.apply_receipt(CK, no, [], 0)
+    assert sp.apply_receipt(b"\xc1" * 8, 5, [], 0) == (0, 0)  # numbers are per collector key
+    assert sp.last_receipt(CK) == 6
+
+
+def test_applied_receipts_are_remembered_within_a_bound(tmp_path: Path) -> None:
+    sp, _ = _spool(tmp_path, 1)
+    keep = spool_mod.RECEIPTS_REMEMBERED
+    for no in range(10, 10 + keep + 5):
+        sp.apply_receipt(CK, no, [], 0)
+    (count,) = sp.db.execute("SELECT COUNT(*) FROM applied_receipts").fetchone()
+    assert count == keep
+    with pytest.raises(ReceiptReplayed, match="older than the"):
+        sp.apply_receipt(CK, 3, [], 0)  # below every number remembered: may have been applied
+    sp.apply_receipt(CK, 10 + keep + 100, [], 0)  # newer ones always apply
+
+
+def test_legacy_single_receipt_number_still_refuses_its_replay(tmp_path: Path) -> None:
+    sp, h = _spool(tmp_path, 2)
+    with sp.db:
+        sp.db.execute("INSERT INTO meta VALUES (?, ?)", (f"receipt_no:{CK.hex()}", 7))
+    with pytest.raises(ReceiptReplayed, match="already applied"):
+        sp.apply_receipt(CK, 7, [(1, h[1])], 1)
+    assert _seqs(sp) == [1, 2]
+    assert sp.apply_receipt(CK, 6, [(1, h[1])], 1)[0] == 1
+    with pytest.raises(ReceiptReplayed):
+        sp.apply_receipt(CK, 7, [], 0)  # folded into the table
+
+
+def test_apply_leaves_the_spool_writable_between_chunks(tmp_path: Path) -> None:
+    """A running agent's writes wait at most one chunk, not the whole receipt."""
+    sp, h = _spool(tmp_path, 2)
+    other = sqlite3.connect(str(tmp_path / "spool.db"), timeout=0.2, isolation_level=None)
+    chunk = getattr(spool_mod, "RECEIPT_CHUNK", 1000)
+    wrote: list[int] = []
+
+    def names() -> Iterator[tuple[int, bytes]]:
+        yield 1, h[1]
+        for i in range(2 * chunk + 10):
+            if i == chunk + 5:  # the apply is under way: the agent appends meanwhile
+                other.execute("INSERT OR REPLACE INTO meta VALUES ('agent_was_here', 1)")
+                wrote.append(i)
+            yield 10_000 + i, b"\x00" * 32
+        yield 2, h[2]
+
+    assert sp.apply_receipt(CK, 1, names(), 2)[0] == 2
+    assert wrote and _seqs(sp) == []
+    other.close()
+
+
+def test_cut_short_apply_is_not_recorded_and_applies_again(tmp_path: Path) -> None:
+    sp, h = _spool(tmp_path, 3)
+    assert sp.resume_needed()  # a new spool
+    chunk = getattr(spool_mod, "RECEIPT_CHUNK", 1000)
+
+    def names() -> Iterator[tuple[int, bytes]]:
+        yield 1, h[1]
+        for i in range(chunk):
+            yield 10_000 + i, b"\x00" * 32
+        raise OSError("stick pulled")
+
+    with pytest.raises(OSError):
+        sp.apply_receipt(CK, 4, names(), 3)
+    assert _seqs(sp) == [2, 3]  # the first chunk committed: it named only held batches
+    assert not sp.resume_needed()  # it matched one of the spool's own batches
+    assert sp.last_receipt(CK) == 0  # not recorded as applied
+    assert sp.stats().collector_complete_through is None
+    assert sp.apply_receipt(CK, 4, [(s, h[s]) for s in (1, 2, 3)], 3)[0] == 2  # finishes it
+    assert _seqs(sp) == [] and sp.last_receipt(CK) == 4
+    assert sp.stats().counters["acked_batches"] == 3
+
+
+def test_resume_flag_stays_when_nothing_matches_by_hash(tmp_path: Path) -> None:
+    sp, h = _spool(tmp_path, 2)
+    assert sp.resume_needed()
+    assert sp.apply_receipt(CK, 1, [(1, b"\x01" * 32), (2, b"\x02" * 32)], 2) == (0, 0)
+    assert sp.resume_needed() and _seqs(sp) == [1, 2]
+
+
+def test_export_stops_at_the_manifest_frame_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """More unacknowledged batches than one manifest lists: export the oldest that fit and
+    count the rest as left, as --max-bytes does (was: ValueError, no bundle at all)."""
+    state = tmp_path / "state"
+    base = ["--state-dir", str(state)]
+    assert cli.main(["keygen", *base]) == 0
+    cfg = load_agent_config(None)
+    key = keys.load(state / "node.key")
+    sp = Spool(state / "spool.db")
+    for i in range(5):
+        sp.append_data(key, cfg.site, cfg.node, _series(i), 10**9)
+    sp.close()
+    monkeypatch.setattr(wire.bundle, "MAX_MANIFEST_ENTRIES", 3)  # 2**20 in production
+    out = tmp_path / "b.wsb"
+    capsys.readouterr()
+    assert cli.main(["export", *base, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "3 batches, seq 1-3" in text
+    assert "2 newer unacknowledged batches did not fit: a bundle holds at most 3 batches" in text
+    records = list(wire.bundle.read_bundle(out.read_bytes(), 1 << 20, 1 << 20))
+    manifests = [r.manifest for r in records if isinstance(r, wire.bundle.ManifestRecord)]
+    assert len(manifests) == 1 and manifests[0] is not None
+    assert [e.seq for e in manifests[0].entries] == [1, 2, 3]

@@ -154,6 +154,14 @@ def _seq_text(seqs: list[int]) -> str:
     return shown + (f", ... ({len(out)} ranges)" if len(out) > 6 else "")
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
     """The unacknowledged batches, oldest first, into one bundle (docs/bundle.md)."""
     from agent.spool import Spool
@@ -184,7 +192,9 @@ def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
     except sqlite3.Error as exc:
         return fail(f"cannot read spool {config.spool_path}: {exc}")
     try:
-        with open(tmp, "wb") as f:
+        # 0600 like the spool: an unsealed bundle holds the node's telemetry in clear.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # a leftover temp file keeps its old mode otherwise
             writer = bundle.BundleWriter(f)
             max_frames = bundle.MAX_MANIFEST_ENTRIES  # read here: a bundle stops at this many frames
             rows = spool.unacknowledged()
@@ -210,6 +220,7 @@ def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
+        _fsync_dir(out.parent)  # the rename itself reaches the stick before it is pulled
     except (OSError, sqlite3.Error, ValueError) as exc:
         return fail(str(exc))
     finally:

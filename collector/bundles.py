@@ -132,6 +132,7 @@ def write_endpoint(data_dir: Path, url: str, token: str, max_body_bytes: int) ->
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # a leftover temp file keeps its old mode otherwise
         os.write(fd, json.dumps({"pid": os.getpid(), "url": url, "token": token,
                                  "max_body_bytes": max_body_bytes}).encode())
     finally:
@@ -541,6 +542,11 @@ def write_receipts(path: Path, receipts: Sequence[bytes]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # the rename reaches the stick too
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- printing

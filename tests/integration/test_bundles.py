@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import stat
 import time
 import urllib.request
 from pathlib import Path
@@ -65,6 +66,7 @@ def test_export_import_receipt_round_trip_empties_the_spool(tmp_path: Path) -> N
         r = agent.cli("export", "--out", str(out))
         assert r.returncode == 0, r.stderr
         assert re.search(r"wrote .*: \d+ batches, seq 1-\d+, \d+ bytes", r.stdout), r.stdout
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600  # like the spool it comes from
         exported = int(re.search(r"seq 1-(\d+)", r.stdout).group(1))  # type: ignore[union-attr]
         assert spool_seqs(agent)[:exported] == list(range(1, exported + 1))  # still there
         # Import with serve stopped, straight into the ledger.

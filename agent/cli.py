@@ -154,14 +154,6 @@ def _seq_text(seqs: list[int]) -> str:
     return shown + (f", ... ({len(out)} ranges)" if len(out) > 6 else "")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
     """The unacknowledged batches, oldest first, into one bundle (docs/bundle.md)."""
     from agent.spool import Spool
@@ -220,7 +212,7 @@ def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
-        _fsync_dir(out.parent)  # the rename itself reaches the stick before it is pulled
+        bundle.fsync_dir(out.parent)  # the rename itself reaches the stick before it is pulled
     except (OSError, sqlite3.Error, ValueError) as exc:
         return fail(str(exc))
     finally:

@@ -542,11 +542,7 @@ def write_receipts(path: Path, receipts: Sequence[bytes]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # the rename reaches the stick too
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    bundle.fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------- printing

@@ -539,16 +539,6 @@ class Ledger:
         always keeps the newest batch of all."""
         return int(self.conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM batches").fetchone()[0])
 
-    def data_frames_after(self, rowid: int) -> Iterator[bytes]:
-        """Every data batch recorded after `rowid`, in arrival order (pruned ones are gone)."""
-        for frame, _ in self.replay_frames(rowid):
-            yield frame
-
-    def newest_data_frames(self) -> Iterator[bytes]:
-        """The newest data batch of every node: what the latest state is rebuilt from."""
-        for frame, _ in self.replay_frames(None):
-            yield frame
-
     def replay_frames(self, rowid: int | None) -> Iterator[tuple[bytes, float]]:
         """(frame, received_at) of every data batch recorded after `rowid` in arrival order
         or, with None (no saved position), of each node's newest data batch."""

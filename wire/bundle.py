@@ -18,10 +18,12 @@ and has `find` (bytes, or an mmap of the file, so a large bundle is never read w
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from nacl.bindings import crypto_hash_sha256
@@ -574,3 +576,13 @@ def parse_receipt_file(raw: bytes) -> list[bytes]:
     if pos != len(raw):
         raise ValueError(f"{len(raw) - pos} unexpected bytes after the last receipt")
     return out
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable: a bundle or receipt written, renamed into place, and
+    then carried away on a stick must be there, not only its temp name."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

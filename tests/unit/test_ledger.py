@@ -282,7 +282,7 @@ def test_state_survives_reopening(tmp_path: Path, key: SigningKey) -> None:
     try:
         assert led.state(SITE, NODE) == before
         assert before is not None and before.gap_ranges == ((4, 4),)
-        assert list(led.newest_data_frames()) == [chain.frames[5]]
+        assert [frame for frame, _ in led.replay_frames(None)] == [chain.frames[5]]
         submit(led, rec, chain.frames[4])
         after = led.state(SITE, NODE)
         assert after is not None and after.complete_through == 6

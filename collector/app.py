@@ -23,7 +23,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 import wire
-from collector import bundles, keyring, remote_write, trust
+from collector import keyring, remote_write, serve_link, trust
 from collector import ledger as ledger_mod
 from collector.config import CollectorConfig
 from collector.exposition import FleetCollector, FleetState
@@ -316,7 +316,7 @@ async def post_import(request: web.Request) -> web.Response:
     if not _same_host(request):
         return web.json_response({"result": "forbidden", "error": "import is only taken from this host"},
                                  status=403)
-    token = request.headers.get(bundles.TOKEN_HEADER, "")
+    token = request.headers.get(serve_link.TOKEN_HEADER, "")
     if not hmac.compare_digest(token.encode(), app[IMPORT_TOKEN].encode()):
         return web.json_response({"result": "forbidden", "error": "wrong or missing import token"}, status=403)
     limits = app[CONFIG].limits
@@ -342,7 +342,7 @@ async def post_import(request: web.Request) -> web.Response:
             return web.json_response({"result": "malformed", "error": "import body truncated"}, status=400)
         frames.append(body[pos + 4 : pos + 4 + n])
         pos += 4 + n
-    origin_file = urllib.parse.unquote(request.headers.get(bundles.ORIGIN_HEADER, ""))[:4096] or "bundle"
+    origin_file = urllib.parse.unquote(request.headers.get(serve_link.ORIGIN_HEADER, ""))[:4096] or "bundle"
     answers = await app[INGEST].import_frames(frames, origin_file)
     return web.json_response({"results": [
         {"result": result, "detail": detail, "site": h.site if h else None, "node": h.node if h else None,
@@ -406,7 +406,7 @@ def create_app(config: CollectorConfig) -> web.Application:
     registry.register(saves)
     registry.register(FleetCollector(fleet))
     app.cleanup_ctx.append(_ledger_ctx)
-    app[IMPORT_TOKEN] = bundles.new_token()
+    app[IMPORT_TOKEN] = serve_link.new_token()
     app.router.add_post("/v1/batches", post_batch)
     app.router.add_post("/v1/import", post_import)
     app.router.add_get("/metrics", get_metrics)

@@ -19,7 +19,8 @@ from typing import Any
 from aiohttp import web
 
 import wire
-from collector import audit, bundles, keyring, ledger, provenance, trust
+from collector import audit, bundles, keyring, ledger, provenance, serve_link, trust
+from collector import receipts as receipts_mod
 from collector.app import IMPORT_TOKEN, create_app
 from collector.config import CollectorConfig, load_config
 from collector.ingest import open_limits
@@ -108,14 +109,14 @@ def _url_host(sockaddr: Any) -> tuple[str, int]:
 async def _serve(config: CollectorConfig) -> int:
     data_dir = Path(config.data_dir)
     try:
-        lock = bundles.acquire_for_serve(data_dir, lambda m: print(f"waystation-collector: {m}", flush=True))
+        lock = serve_link.acquire_for_serve(data_dir, lambda m: print(f"waystation-collector: {m}", flush=True))
     except (bundles.ImportError_, OSError) as exc:
         print(f"waystation-collector: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
         return await _serve_locked(config)
     finally:
-        (data_dir / bundles.ENDPOINT_FILE).unlink(missing_ok=True)
+        (data_dir / serve_link.ENDPOINT_FILE).unlink(missing_ok=True)
         lock.close()
 
 
@@ -160,7 +161,7 @@ async def _serve_locked(config: CollectorConfig) -> int:
             print(f"  GET  {base}/v1/nodes")
         if runner.addresses:
             host, port = _url_host(runner.addresses[0])
-            bundles.write_endpoint(Path(config.data_dir), bundles.loopback_url(scheme, host, port),
+            serve_link.write_endpoint(Path(config.data_dir), serve_link.loopback_url(scheme, host, port),
                                    app[IMPORT_TOKEN], int(config.limits.max_body_bytes))
         sys.stdout.flush()
         stop = asyncio.Event()
@@ -305,10 +306,10 @@ def _import(config: CollectorConfig, args: argparse.Namespace) -> int:
         print(line)
     if args.receipt_out is not None:
         try:
-            receipts = bundles.issue_receipts(config, report)
+            receipts = receipts_mod.issue_receipts(config, report)
             if not receipts:
                 raise bundles.ImportError_("no node proved itself in these bundles (no frame verified): no receipt")
-            bundles.write_receipts(args.receipt_out, receipts)
+            receipts_mod.write_receipts(args.receipt_out, receipts)
         except (bundles.ImportError_, keyring.KeyringError, OSError, sqlite3.Error, ValueError) as exc:
             print(f"waystation-collector import: {exc}", file=sys.stderr)
             return EXIT_FAILED

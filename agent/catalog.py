@@ -267,3 +267,34 @@ def lookup(name: str) -> Metric | None:
 
 
 _BY_NAME = {m.name: m for m in CATALOG if not m.server_labels}
+
+
+def render_help_module() -> str:
+    """wire/metric_help.py: each catalogued name's HELP, for the collector's /metrics (the
+    collector imports nothing of the agent's, so it reads this generated copy).
+    Regenerate with: .venv/bin/python -m agent.catalog > wire/metric_help.py"""
+    helps: dict[str, str] = {}
+    for m in CATALOG:
+        helps.setdefault(m.name, m.help)
+    body = "".join(f"    {name!r}: {text!r},\n" for name, text in sorted(helps.items()))
+    return (
+        "# ruff: noqa: E501 (generated data: one entry per line)\n"
+        '"""HELP text of every metric the agent can emit, generated from agent/catalog.py.\n\n'
+        "Do not edit: regenerate with `.venv/bin/python -m agent.catalog > wire/metric_help.py`\n"
+        '(tests/unit/test_catalog.py fails while this copy differs from the catalog)."""\n\n'
+        "from __future__ import annotations\n\n"
+        f"WINDOW_SUFFIXES = {WINDOW_SUFFIXES!r}\n"
+        "_WINDOW_WORDS = {':window_min': 'minimum', ':window_max': 'maximum', ':window_mean': 'mean'}\n\n"
+        f"HELP: dict[str, str] = {{\n{body}}}\n\n\n"
+        "def help_of(name: str) -> str | None:\n"
+        '    """The HELP of an emitted series name; a summarizer `:window_*` series says what it is of."""\n'
+        "    for suffix in WINDOW_SUFFIXES:\n"
+        "        if name.endswith(suffix) and name[: -len(suffix)] in HELP:\n"
+        "            base = HELP[name[: -len(suffix)]].rstrip('.')\n"
+        "            return f'{base} ({_WINDOW_WORDS[suffix]} over the summary window).'\n"
+        "    return HELP.get(name)\n"
+    )
+
+
+if __name__ == "__main__":
+    print(render_help_module(), end="")

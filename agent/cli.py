@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import os
+import shlex
 import signal
 import sqlite3
 import sys
@@ -14,10 +16,16 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from agent import keys
 from agent.config import AgentConfig, load_agent_config
 from wire.config import ConfigError, parse_size
+from wire.version import version
+
+if TYPE_CHECKING:
+    from agent.spool import Spool
+    from wire import bundle
 
 DEFAULT_CONFIG = Path("/etc/waystation/agent.toml")
 EXIT_CONFIG = 2
@@ -65,10 +73,22 @@ def cmd_check_config(config: AgentConfig, args: argparse.Namespace) -> int:
     print(f"config OK: site={config.site} node={config.node} state_dir={config.state_dir}")
     print(f"  uplink {config.uplink.url}, window {config.summary.window:g}s, "
           f"flush every {config.summary.flush_every:g}s, spool quota {config.spool.max_bytes} bytes")
-    sources = (["system"] if config.sources.system.enabled else []) + [
-        f"scrape:{s.name}" for s in config.sources.scrape
-    ]
-    print(f"  sources: {', '.join(sources) or 'none'}")
+    src = config.sources
+    sources = []
+    if src.system.enabled:
+        sources.append(f"system every {src.system.interval:g}s")
+    if src.gpu.enabled:
+        sources.append(f"gpu every {src.gpu.interval:g}s (NVML; off by itself without a driver)")
+    if src.smart.enabled:
+        devices = ", ".join(d.name for d in src.smart.devices) or "scanned"
+        sources.append(f"smart every {src.smart.interval:g}s ({src.smart.smartctl}, output {src.smart.output}, "
+                       f"devices {devices})")
+    if src.network.enabled:
+        targets = ", ".join(src.network.probe_targets) or "the collector's host and port"
+        sources.append(f"network every {src.network.interval:g}s (probes {targets}"
+                       f"{', ICMP too' if src.network.icmp else ''})")
+    sources += [f"scrape:{s.name} every {s.interval:g}s ({s.url})" for s in src.scrape]
+    print("  sources:" + "".join(f"\n    {line}" for line in sources) if sources else "  sources: none")
     pin = config.uplink.collector_pin
     print(f"  payloads sealed to collector key {pin.key_id.hex()}" if pin else "  payloads not sealed")
     if not config.key_path.exists():
@@ -98,7 +118,7 @@ def cmd_status(config: AgentConfig, args: argparse.Namespace) -> int:
             print(f"no spool at {config.spool_path} yet (has `waystation-agent run` started?)")
             if problem:
                 print(f"problem: {problem}")
-        return 0
+        return 1  # nothing to report on is not a healthy agent
     try:
         spool = Spool(config.spool_path, timeout_s=5.0, readonly=True)
         st = spool.stats()
@@ -130,7 +150,9 @@ def cmd_status(config: AgentConfig, args: argparse.Namespace) -> int:
           f" ({st.rejected_batches} rejected)")
     print(f"  oldest unsent:      {_age(st.oldest_unsent_ms, now)}")
     print(f"  last ack:           {_age(st.last_ack_ms, now)}")
-    print(f"  collector has all through seq {st.collector_complete_through}; next seq {st.next_seq}")
+    confirmed = (f"the collector has all through seq {st.collector_complete_through}"
+                 if st.collector_complete_through is not None else "the collector has confirmed nothing yet")
+    print(f"  {confirmed}; next seq {st.next_seq}")
     c = st.counters
     print(f"  signed {c['produced_batches']} batches / {c['produced_samples']} samples; "
           f"acked {c['acked_batches']}; dropped {c['dropped_batches']} batches / "
@@ -181,6 +203,7 @@ def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
     full = False  # stopped at the manifest's frame limit rather than at --max-bytes
     try:
         spool = Spool(config.spool_path, timeout_s=30.0, readonly=True)
+        unplaced = spool.resume_needed()
     except sqlite3.Error as exc:
         return fail(f"cannot read spool {config.spool_path}: {exc}")
     try:
@@ -208,7 +231,9 @@ def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
                                      f"--max-bytes {max_bytes}")
                 print(f"nothing to export: {config.spool_path} holds no unacknowledged batch")
                 return 0
-            manifest = writer.finish(key, config.site, config.node, int(time.time() * 1000))
+            # The manifest says whether this spool was ever placed: the collector then takes an
+            # unplaced spool's bundle only where it continues the chain it holds for the node.
+            manifest = writer.finish(key, config.site, config.node, int(time.time() * 1000), unplaced=unplaced)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -228,6 +253,18 @@ def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
               "they go in a later bundle")
     print("the batches stay in the spool until `waystation-agent import-receipt` applies the "
           "collector's receipt for them")
+    if unplaced:
+        # Exported all the same: for a node that never sent before, seq 1 on is right.
+        site, node = shlex.quote(config.site), shlex.quote(config.node)
+        print(f"waystation-agent export: warning: this spool never learned where the collector's chain for "
+              f"{config.site}/{config.node} stands (a new spool numbers from seq 1), and the bundle says so. If "
+              "this node sent batches before (reinstalled, or its spool was lost), the collector refuses this "
+              "whole bundle (unplaced_spool) and the receipt of that import carries its chain head: "
+              "`waystation-agent import-receipt` with it here renumbers the unsent batches, then export again. "
+              f"Or first run `waystation-collector receipt --site {site} --node {node} --out FILE` on the "
+              "collector and `waystation-agent import-receipt FILE` here. A node that never sent anything "
+              "before can ignore this; its first receipt settles it.",
+              file=sys.stderr)
     return 0
 
 
@@ -286,6 +323,11 @@ def cmd_import_receipt(config: AgentConfig, args: argparse.Namespace) -> int:
     except sqlite3.Error as exc:
         return fail(f"cannot open spool {config.spool_path}: {exc}")
     try:
+        if spool.resume_needed():
+            # Before anything is deleted: the head decides what this spool's seqs mean.
+            problem = _place_spool(config, spool, mine)
+            if problem:
+                return fail(problem)
         for r in sorted(mine, key=lambda r: r.receipt_no):
             try:
                 batches, size = spool.apply_receipt(r.collector_key_id, r.receipt_no, r.batches, r.complete_through)
@@ -306,6 +348,46 @@ def cmd_import_receipt(config: AgentConfig, args: argparse.Namespace) -> int:
     for p in problems:
         print(f"waystation-agent import-receipt: refused {p}; it deleted nothing", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _place_spool(config: AgentConfig, spool: Spool, receipts: list[bundle.Receipt]) -> str:
+    """A spool that never learned the collector's chain (new, or the node reinstalled):
+    renumber it above the chain head the newest applicable receipt states, as the uplink
+    does with the head it asks for over HTTP. Returns why it could not ("" when done)."""
+    from agent.spool import NOTHING_HELD, OWN_CHAIN, RENUMBERED, UNDECIDED, ReceiptReplayed
+
+    fresh = []
+    for r in receipts:
+        try:
+            spool.check_not_applied(r.collector_key_id, r.receipt_no)
+        except ReceiptReplayed:
+            continue  # refused, saying why, when it is applied below
+        fresh.append(r)
+    if not fresh:
+        return ""
+    # Heads only grow at the collector: the highest is the newest word on where it stands.
+    r = max(fresh, key=lambda r: (r.head_seq, r.receipt_no))
+    try:
+        key = keys.load(config.key_path)  # renumbered batches are signed again
+    except keys.KeyError_ as exc:
+        return f"this spool must be renumbered to follow the collector's chain and needs the node key: {exc}"
+    done = spool.resume_from_receipt(key, config.site, config.node, (r.head_seq, r.head_hash),
+                                     itertools.chain.from_iterable(x.batches for x in fresh))
+    who = f"{config.site}/{config.node}"
+    if done.outcome == RENUMBERED:
+        print(f"renumbered {done.moved} unsent batches to follow seq {r.head_seq} that the collector holds for "
+              f"{who} (receipt {r.receipt_no}): they now start at seq {r.head_seq + 1}")
+    elif done.outcome == NOTHING_HELD:
+        print(f"the collector holds no batch of {who} yet (receipt {r.receipt_no}): this spool's numbering "
+              "from seq 1 stands")
+    elif done.outcome == OWN_CHAIN:
+        print(f"the collector's chain for {who} (head seq {r.head_seq}) is this spool's own: nothing to renumber")
+    elif done.outcome == UNDECIDED:
+        print(f"waystation-agent import-receipt: warning: cannot tell whether seq {r.head_seq}, the head of the "
+              f"collector's chain for {who} (receipt {r.receipt_no}), is this spool's own batch: the spool no "
+              f"longer holds seq {r.head_seq} or {r.head_seq + 1}. Nothing renumbered; the receipt of the next "
+              "export settles it", file=sys.stderr)
+    return ""
 
 
 def cmd_run(config: AgentConfig, args: argparse.Namespace) -> int:
@@ -345,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         "export": (cmd_export, "write the unacknowledged batches into a bundle to carry to the collector"),
         "import-receipt": (cmd_import_receipt, "apply the collector's signed receipt: forget what it holds"),
     }
+    parser.add_argument("--version", action="version", version=f"waystation-agent {version()}")
     for name, (_, help_text) in commands.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".")
         p.add_argument("--config", type=Path, default=None,
                        help=f"agent.toml (default {DEFAULT_CONFIG} if present, else built-in defaults)")
         p.add_argument("--state-dir", type=Path, default=None, help="override state_dir")

@@ -29,6 +29,7 @@ from agent.sources.base import Source, SourceEnv
 from agent.spool import Spool
 from agent.summarize import Summarizer
 from agent.uplink import Uplink, UplinkStats
+from wire.sdnotify import Liveness, Notifier, Watchdog
 
 log = logging.getLogger("waystation.agent")
 
@@ -128,8 +129,11 @@ class Agent:
         sources: list[Scheduled] = build_sources(config, env or SourceEnv())
         self.runner = Runner(sources, self.summarizer.add)
         self.uplink_stats = UplinkStats()
+        self.liveness = Liveness()
         self.uplink = Uplink(config.uplink, config.spool_path, self.uplink_stats,
-                             identity=(key, config.site, config.node))
+                             identity=(key, config.site, config.node), liveness=self.liveness)
+        self.notifier = Notifier()
+        self.spool_text = "spool not open yet"  # refreshed by the main loop (the spool is its own)
         self.spool: Spool | None = None
         self.held: list[wire.Series] = []
         self.held_dropped_samples = 0
@@ -267,10 +271,34 @@ class Agent:
         return [wire.Series(n, labels, t, (now_ms,), (float(v),)) for n, labels, t, v in out]
 
     def flush(self, now_ms: int, final: bool = False) -> None:
-        series = self.summarizer.flush_all() if final else self.summarizer.flush(now_ms)
-        self.store(series + self.self_metrics(now_ms))
-        self._rotate_if_asked()
-        trim_malloc()
+        # Signing and writing a batch takes milliseconds; a flush far past a window (a
+        # wedged lock, a disk that stopped answering) is stuck, and the watchdog says so.
+        with self.liveness.step("flush", max(120.0, 2 * self.config.summary.flush_every)):
+            series = self.summarizer.flush_all() if final else self.summarizer.flush(now_ms)
+            self.store(series + self.self_metrics(now_ms))
+            self._rotate_if_asked()
+            trim_malloc()
+            self._refresh_spool_text()
+
+    def _refresh_spool_text(self) -> None:
+        if self.last_write_error is not None:
+            self.spool_text = f"cannot write spool: {self.last_write_error}"
+            return
+        try:
+            st = self.spool.stats() if self.spool is not None else None
+        except sqlite3.Error as exc:
+            self.spool_text = f"spool unreadable: {exc}"
+            return
+        if st is not None:
+            self.spool_text = f"{st.pending_batches} batches waiting ({st.pending_bytes} bytes)"
+
+    def status_line(self) -> str:
+        """The one line `systemctl status` shows (STATUS=); called from the watchdog thread."""
+        us = self.uplink_stats
+        with us.lock:
+            last_ack = us.last_ack_wall
+        ack = f"last ack {max(0.0, time.time() - last_ack):.0f}s ago" if last_ack else "no ack yet"
+        return f"{self.spool_text}; {ack}; {self.config.site}/{self.config.node} to {self.config.uplink.url}"
 
     def _rotate_if_asked(self) -> None:
         """Switch to the key `waystation-agent rotate-key` left, announcing it in the chain first.
@@ -303,8 +331,14 @@ class Agent:
         tune_malloc()
         self._open_spool()
         self._rotate_if_asked()  # finish a rotation a stop or crash interrupted
+        self._refresh_spool_text()
         self.runner.start()
         self.uplink.start()
+        # Ready: the spool is open (or its problem is held and reported: sampling goes on
+        # either way) and delivery has started. The watchdog pings from here on.
+        self.notifier.ready(self.status_line())
+        watchdog_stop = threading.Event()
+        Watchdog(self.notifier, self.liveness, self.status_line).run_thread(watchdog_stop)
         every = self.config.summary.flush_every
         # A short grace after each boundary lets a source tick that fired on it land first.
         grace = min(1.0, every / 10)
@@ -318,6 +352,8 @@ class Agent:
                     # Missed boundaries, or the wall clock stepped back: realign to the clock.
                     next_flush = (now // every + 1) * every
         finally:
+            self.notifier.stopping("stopping: signing the last window, delivering it within stop_grace")
+            watchdog_stop.set()
             self.runner.stop()
             self.flush(int(time.time() * 1000), final=True)
             # A stop (systemd, an upgrade) would otherwise leave the batch just signed unsent
@@ -326,6 +362,7 @@ class Agent:
             self.uplink.stop(grace=self.config.uplink.stop_grace_s)
             if self.spool is not None:
                 self.spool.close()
+            self.notifier.close()
 
 
 def _rss_bytes() -> float:

@@ -11,9 +11,10 @@ Who calls what: the agent's main loop calls `append`; the uplink lanes call
 `claim_*`, `ack`, `release`, `reject`, each from its own thread, each with its own
 connection (a Spool is not shared between threads; open one per thread). The CLI, in its
 own process beside a running agent: `export` reads `unacknowledged` in one read
-transaction (claims and deletes nothing); `import-receipt` calls `apply_receipt`, a
-series of short write transactions (RECEIPT_CHUNK rows each) so a running agent's
-appends and acks never wait long behind it.
+transaction (claims and deletes nothing); `import-receipt` calls `resume_from_receipt`
+(a new spool: renumber above the collector's chain head, like the uplink's `resume`) and
+then `apply_receipt`, a series of short write transactions (RECEIPT_CHUNK rows each) so a
+running agent's appends and acks never wait long behind it.
 """
 
 from __future__ import annotations
@@ -78,6 +79,20 @@ _COUNTERS = (
     "dropped_samples",
     "rejected_batches",
 )
+
+
+# What a receipt's chain head did to a spool (Resumption.outcome):
+NOT_NEEDED = "not_needed"  # the spool already follows the collector's chain
+NOTHING_HELD = "nothing_held"  # the collector holds nothing of the node: seq 1 on stands
+OWN_CHAIN = "own_chain"  # the collector's head is this spool's own batch: nothing to move
+RENUMBERED = "renumbered"  # the spool's batches now follow the collector's head
+UNDECIDED = "undecided"  # nothing left in the spool tells whose the head is: the flag stays
+
+
+@dataclass(frozen=True)
+class Resumption:
+    outcome: str
+    moved: int = 0  # batches renumbered (RENUMBERED)
 
 
 class ReceiptReplayed(Exception):
@@ -178,9 +193,14 @@ class Spool:
         it holds for this node. Every seq moves by the same amount, so gaps left by evicted
         batches stay gaps and the drop receipts that cover them still name them. Rows are
         re-signed one at a time (a full spool is hundreds of MB); returns how many moved."""
+        moved = self._resume(key, site, node, next_seq, prev_hash)
+        return 0 if moved is None else moved
+
+    def _resume(self, key: SigningKey, site: str, node: str, next_seq: int, prev_hash: bytes) -> int | None:
+        """`resume`; None if the spool no longer needed it (another process resumed it first)."""
         with self._write() as db:
             if not self._meta("resume_needed", 0):
-                return 0
+                return None
             own_next, _ = self._chain_head()
             shift = next_seq - 1  # a new spool numbered everything it made, evicted or not, from 1
             moved = 0
@@ -209,6 +229,73 @@ class Spool:
                 self._set_meta("last_hash", prev)
             self._set_meta("resume_needed", 0)
             return moved
+
+    def resume_from_receipt(
+        self, key: SigningKey, site: str, node: str, head: tuple[int, bytes], batches: Iterable[tuple[int, bytes]]
+    ) -> Resumption:
+        """Where HTTP asks the collector for its chain head (`resume`), an air-gapped node has
+        only the head a verified receipt states (highest seq held, its hash; (0, zeros): none):
+        place this spool's batches above it, unless that head is this spool's own chain.
+
+        A new spool cannot tell by its flag alone whether the node sent before: a brand-new
+        node's first receipt names the spool's own batches, and renumbering those would
+        record them twice. So the head is compared with the spool first (`_head_is_own`);
+        when the spool holds nothing left to compare, the flag stays and nothing moves."""
+        if not self.resume_needed():
+            return Resumption(NOT_NEEDED)
+        head_seq, head_hash = head
+        if head_seq == 0:  # the collector holds nothing of this node: numbering from 1 stands
+            return Resumption(NOTHING_HELD if self._resume(key, site, node, 1, wire.ZERO_HASH) is not None
+                              else NOT_NEEDED)
+        own = self._head_is_own(head_seq, head_hash, batches)
+        if own is None and self._lowest_seq() > head_seq + 1:
+            # Everything at and next to the head was evicted: nothing tells whose the head is,
+            # and a bundle starting above head+1 would be refused (unplaced_gap) for ever.
+            # Follow the head, as the uplink does over HTTP: no seq the collector holds is
+            # reused. If the head was this spool's own, the evicted seqs between it and the
+            # kept ones are named dropped once more than they were (a count, not data).
+            own = False
+        if own is None:
+            return Resumption(UNDECIDED)
+        if own:
+            with self._write():
+                was_needed = bool(self._meta("resume_needed", 0))
+                self._set_meta("resume_needed", 0)
+            return Resumption(OWN_CHAIN if was_needed else NOT_NEEDED)
+        moved = self._resume(key, site, node, head_seq + 1, head_hash)
+        return Resumption(NOT_NEEDED) if moved is None else Resumption(RENUMBERED, moved)
+
+    def _lowest_seq(self) -> int:
+        """The lowest seq the spool still holds (rejected rows too); a huge number when empty."""
+        row = self.db.execute("SELECT MIN(seq) FROM batches").fetchone()
+        return int(row[0]) if row and row[0] is not None else 2**63
+
+    def _head_is_own(self, head_seq: int, head_hash: bytes, batches: Iterable[tuple[int, bytes]]) -> bool | None:
+        """Whether the collector's chain head (and the batches a receipt names as held) are this
+        spool's own chain; None when the spool no longer holds anything that tells. One read
+        transaction: a running agent's appends and evictions wait for nothing."""
+        self.db.execute("BEGIN")
+        try:
+            for seq, digest in batches:
+                row = self.db.execute("SELECT frame FROM batches WHERE seq = ?", (seq,)).fetchone()
+                if row is not None and wire.batch_hash(bytes(row[0])) == digest:
+                    return True  # the collector holds one of this spool's batches
+            next_seq, last_hash = self._chain_head()
+            if head_seq >= next_seq:
+                return False  # a seq this spool never signed
+            if head_seq == next_seq - 1:
+                return last_hash == head_hash
+            row = self.db.execute("SELECT frame FROM batches WHERE seq = ?", (head_seq,)).fetchone()
+            if row is not None:
+                return wire.batch_hash(bytes(row[0])) == head_hash
+            # The batch after it names it: every frame carries its predecessor's hash.
+            row = self.db.execute("SELECT frame FROM batches WHERE seq = ?", (head_seq + 1,)).fetchone()
+            if row is not None:
+                return bool(wire.parse_frame(bytes(row[0])).header.prev_hash == head_hash)
+            return None
+        finally:
+            if self.db.in_transaction:
+                self.db.execute("COMMIT")
 
     def recover_claims(self) -> int:
         """Return batches claimed by a process that died to the pending state; call once at start."""
@@ -412,6 +499,12 @@ class Spool:
                 (MAX_REJECTED_KEPT,),
             )
 
+    def note_error(self, error: str) -> None:
+        """A delivery problem no batch was claimed for (the first contact failed): `status`
+        shows it until the next ack."""
+        with self._write():
+            self._record_error(error)
+
     def _record_error(self, error: str) -> None:
         self._set_meta("last_error", error)
         self._set_meta("last_error_ms", int(time.time() * 1000))
@@ -450,7 +543,9 @@ class Spool:
             nos = sorted([*nos, legacy], reverse=True)
         return nos
 
-    def _check_not_applied(self, collector_key_id: bytes, receipt_no: int) -> None:
+    def check_not_applied(self, collector_key_id: bytes, receipt_no: int) -> None:
+        """ReceiptReplayed if a receipt with this number from this collector key may have been
+        applied here already."""
         applied = self._applied(collector_key_id)
         if receipt_no in applied:
             raise ReceiptReplayed(
@@ -479,7 +574,7 @@ class Spool:
         recorded as applied only with the last chunk; an apply cut short deleted only rows
         the collector holds, and applying the receipt again finishes it. Rejected batches
         stay (kept for audit)."""
-        self._check_not_applied(collector_key_id, receipt_no)
+        self.check_not_applied(collector_key_id, receipt_no)
         deleted = size = 0
         rows = iter(batches)
         while chunk := list(itertools.islice(rows, RECEIPT_CHUNK)):

@@ -62,7 +62,8 @@ from nacl.signing import SigningKey
 
 import wire
 from agent.config import UplinkConfig
-from agent.spool import Claimed, Spool
+from agent.spool import OWN_CHAIN, UNDECIDED, Claimed, Spool
+from wire.sdnotify import Liveness
 
 log = logging.getLogger("waystation.uplink")
 
@@ -330,8 +331,12 @@ class Uplink:
         identity: tuple[SigningKey, str, str] | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self.config = config
+        # The service watchdog's view: a send stuck past its bound, or a lane thread gone
+        # while not stopping, stops the pings (systemd then restarts the agent).
+        self.liveness = liveness or Liveness()
         self.spool_path = spool_path
         self.stats = stats or UplinkStats()
         self.identity = identity  # key, site, node: needed to resume a new spool's chain
@@ -369,6 +374,7 @@ class Uplink:
             t = threading.Thread(target=self._lane, args=(name, target), name=name, daemon=True)
             t.start()
             self.threads.append(t)
+            self.liveness.watch_thread(name, t)
 
     def notify(self) -> None:
         """A new batch was signed: wake the live lane."""
@@ -381,6 +387,8 @@ class Uplink:
         carries a batch newer than that. Returns within about grace + join_timeout, whatever
         the collector does; a lane still in a request then is left to die with the process
         (its claim goes back to pending at the next start)."""
+        for name in self.done:
+            self.liveness.forget_thread(name)  # lanes end now, as they should
         self.drain_deadline = self.clock.monotonic() + max(0.0, grace)
         self.draining.set()
         self.new_batch.set()
@@ -426,17 +434,33 @@ class Uplink:
                     if self.identity is None or not spool.resume_needed():
                         break
                     key, site, node = self.identity
-                    next_seq, head = self._chain_head(site, node)
-                    moved = spool.resume(key, site, node, next_seq, head)
+                    try:
+                        with self.liveness.step("uplink-prepare chain head", float(self.config.timeout) + 120):
+                            next_seq, head = self._chain_head(site, node)
+                    except (OSError, http.client.HTTPException, NotTheCollector, ValueError, KeyError) as exc:
+                        # The commonest first mistake is a wrong URL: `status` must name it.
+                        spool.note_error(f"collector unreachable ({self.config.url}): {exc}")
+                        raise
+                    # The head may be this spool's own batch (a new node whose first batches
+                    # went by bundle): renumbering those would record them twice.
+                    placed = spool.resume_from_receipt(key, site, node, (next_seq - 1, head), ())
+                    moved = placed.moved
+                    if placed.outcome == UNDECIDED:
+                        # Nothing left in the spool tells whose the head is: follow it, as a
+                        # seq the collector holds must never be reused.
+                        moved = spool.resume(key, site, node, next_seq, head)
                 finally:
                     spool.close()
-                if next_seq > 1:
+                if placed.outcome == OWN_CHAIN:
+                    log.info("new spool: the collector's chain head for %s/%s (seq %d) is this spool's own "
+                             "batch; nothing renumbered", site, node, next_seq - 1)
+                elif moved:
                     log.warning("new spool: the collector already holds seq 1..%d for %s/%s; "
                                 "renumbered %d unsent batches to follow it", next_seq - 1, site, node,
                                 moved)
                 break
             except Exception as exc:  # noqa: BLE001 (collector down, spool unwritable: retry)
-                log.info("waiting before the first delivery: %s", exc)
+                log.info("waiting before the first delivery to %s: %s", self.config.url, exc)
                 if self.draining.is_set():
                     return  # not resumed: the lanes send nothing; the next start tries again
                 self._wait_out(backoff.next_delay(), _failure_of(exc), outage)
@@ -497,7 +521,10 @@ class Uplink:
     def _send(self, spool: Spool, conn: _Connection, claimed: Claimed, backoff: Backoff) -> _Step:
         """POST one claimed batch and say what the lane does next."""
         try:
-            return self._deliver(spool, conn, claimed, backoff)
+            # The request is bounded by its timeout and the spool writes by SQLite's busy
+            # timeout; far past both, the lane is stuck (a hung socket, a wedged lock).
+            with self.liveness.step(f"{threading.current_thread().name} send", float(self.config.timeout) + 120):
+                return self._deliver(spool, conn, claimed, backoff)
         except BaseException:
             # Never leave a claim behind: the lane restarts, the batch must stay sendable.
             try:

@@ -27,7 +27,7 @@ from collector import keyring, remote_write, serve_link, trust
 from collector import ledger as ledger_mod
 from collector.config import CollectorConfig
 from collector.exposition import FleetCollector, FleetState
-from collector.ingest import Committer, Ingest, IngestMetrics, open_limits
+from collector.ingest import IMPORT_GROUP, RETRY_AFTER_S, Committer, Ingest, IngestMetrics, Overloaded, open_limits
 from collector.ledger import Ledger, Outcome
 from collector.remote_write import ForwardingMetrics, Supervisor
 
@@ -306,44 +306,70 @@ def _same_host(request: web.Request) -> bool:
     return bool(own) and str(peer[0]) == str(own[0])
 
 
+def _import_refused(result: str, error: str, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"result": result, "error": error}, status=status, headers=headers)
+
+
 async def post_import(request: web.Request) -> web.Response:
     """Bundle frames from `waystation-collector import` on this host: each one through
     ingest's path (Ingest.import_frames), as if posted, with origin 'bundle'.
 
     Body: (u32 length, frame)*; header X-Waystation-Origin-File names the bundle file.
-    Answer: {"results": [{"result", "detail", "site", "node", "seq"}, ...]} in body order."""
+    Answer: {"results": [{"result", "detail", "site", "node", "seq"}, ...]} in body order;
+    a 503 (overloaded, Retry-After) when serve is as busy as a post would find it, with
+    nothing taken. Refusals before the body is read (403, 503) never name the token."""
     app = request.app
     if not _same_host(request):
-        return web.json_response({"result": "forbidden", "error": "import is only taken from this host"},
-                                 status=403)
+        log.warning("refused POST /v1/import from %s: not this host", request.remote)
+        return _import_refused("forbidden", "import is only taken from this host", 403)
     token = request.headers.get(serve_link.TOKEN_HEADER, "")
-    if not hmac.compare_digest(token.encode(), app[IMPORT_TOKEN].encode()):
-        return web.json_response({"result": "forbidden", "error": "wrong or missing import token"}, status=403)
+    if not hmac.compare_digest(token.encode(errors="replace"), app[IMPORT_TOKEN].encode()):
+        log.warning("refused POST /v1/import from %s: wrong or missing import token", request.remote)
+        return _import_refused("forbidden", "wrong or missing import token", 403)
+    ingest = app[INGEST]
     limits = app[CONFIG].limits
-    cap = 2 * limits.max_body_bytes + 1024
-    if request.content_length is not None and request.content_length > cap:
-        return web.json_response({"result": "too_large", "error": f"import body over {cap} bytes"}, status=413)
     try:
-        async with asyncio.timeout(limits.body_read_timeout * 4):
-            body = await request.content.read(cap + 1)
-            while len(body) <= cap and (more := await request.content.read(cap + 1 - len(body))):
-                body += more
-    except TimeoutError:
-        return web.json_response({"result": "timeout", "error": "import body too slow"}, status=408)
-    if len(body) > cap:
-        return web.json_response({"result": "too_large", "error": f"import body over {cap} bytes"}, status=413)
-    frames: list[bytes] = []
-    pos = 0
-    while pos < len(body):
-        if pos + 4 > len(body):
-            return web.json_response({"result": "malformed", "error": "import body truncated"}, status=400)
-        (n,) = struct.unpack_from("<I", body, pos)
-        if pos + 4 + n > len(body):
-            return web.json_response({"result": "malformed", "error": "import body truncated"}, status=400)
-        frames.append(body[pos + 4 : pos + 4 + n])
-        pos += 4 + n
-    origin_file = urllib.parse.unquote(request.headers.get(serve_link.ORIGIN_HEADER, ""))[:4096] or "bundle"
-    answers = await app[INGEST].import_frames(frames, origin_file)
+        # The admission check of POST /v1/batches: an import is let in as a post would be.
+        ingest.check_capacity()
+    except Overloaded as exc:
+        return _import_refused("overloaded", str(exc), 503, {"Retry-After": str(RETRY_AFTER_S)})
+    # The body is held until the last frame is answered: it counts as a post being read
+    # would, against max_pending_commits, for the posts and imports that come meanwhile.
+    ingest.in_progress += 1
+    try:
+        cap = 2 * limits.max_body_bytes + 1024
+        if request.content_length is not None and request.content_length > cap:
+            return _import_refused("too_large", f"import body over {cap} bytes", 413)
+        try:
+            async with asyncio.timeout(limits.body_read_timeout * 4):
+                body = await request.content.read(cap + 1)
+                while len(body) <= cap and (more := await request.content.read(cap + 1 - len(body))):
+                    body += more
+        except TimeoutError:
+            return _import_refused("timeout", "import body too slow", 408)
+        if len(body) > cap:
+            return _import_refused("too_large", f"import body over {cap} bytes", 413)
+        frames: list[bytes] = []
+        pos = 0
+        while pos < len(body):
+            if pos + 4 > len(body):
+                return _import_refused("malformed", "import body truncated", 400)
+            (n,) = struct.unpack_from("<I", body, pos)
+            if pos + 4 + n > len(body):
+                return _import_refused("malformed", "import body truncated", 400)
+            frames.append(body[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        del body  # the frames are copies: the body need not stay while they commit
+        origin_file = urllib.parse.unquote(request.headers.get(serve_link.ORIGIN_HEADER, ""))[:4096] or "bundle"
+        answers: list[tuple[str, str, wire.Header | None]] = []
+        # At most half the commit queue at a time, so the fleet's posts keep the other
+        # half while a big import goes through. A frame that finds the queue full anyway
+        # is answered overloaded (nothing of it taken), and the import sends it again.
+        share = max(1, min(IMPORT_GROUP, limits.max_pending_commits // 2))
+        for start in range(0, len(frames), share):
+            answers += await ingest.import_frames(frames[start : start + share], origin_file)
+    finally:
+        ingest.in_progress -= 1
     return web.json_response({"results": [
         {"result": result, "detail": detail, "site": h.site if h else None, "node": h.node if h else None,
          "seq": h.seq if h else None}

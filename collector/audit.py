@@ -115,6 +115,7 @@ class AuditSummary:
     links_unchecked: int = 0  # seq - 1 not held (dropped, retired) or not verifiable
     seqs_dropped: int = 0  # missing seqs named by a drop receipt
     seqs_retired: int = 0  # missing seqs that left the archive by retention or size cap
+    receipts_issued: int = 0  # air-gap receipts signed for these nodes (receipts_issued; not re-verified)
     findings: dict[str, int] = field(default_factory=dict)  # problem -> count
     elapsed_s: float = 0.0
 
@@ -304,6 +305,10 @@ def audit(
         for s, n in nodes:
             _audit_node(conn, run, s, n)
             run.summary.nodes += 1
+        try:
+            run.summary.receipts_issued = ledger.count_receipts_issued(conn, site, node)
+        except sqlite3.Error as exc:
+            run.emit(Finding(None, None, None, DAMAGED, f"cannot read the ledger's receipts_issued table: {exc}"))
     finally:
         conn.close()
     return _finish(run)
@@ -618,6 +623,8 @@ def describe(summary: AuditSummary) -> str:
     )
     if s.sealed_unopened:
         covered += f"; {s.sealed_unopened:,} sealed payloads not opened (signature and chain checked)"
+    if s.receipts_issued:
+        covered += f"; {s.receipts_issued:,} air-gap receipts issued"
     if s.clean:
         return f"audit clean: {covered} ({s.elapsed_s:.1f} s)"
     problems = ", ".join(f"{name} {count}" for name, count in sorted(s.findings.items()))

@@ -1,4 +1,4 @@
-"""waystation-collector: serve | keygen | enroll | revoke | nodes | import | audit | provenance."""
+"""waystation-collector: serve | keygen | enroll | revoke | nodes | import | receipt | audit | provenance."""
 
 from __future__ import annotations
 
@@ -21,11 +21,14 @@ from aiohttp import web
 import wire
 from collector import audit, bundles, keyring, ledger, provenance, serve_link, trust
 from collector import receipts as receipts_mod
-from collector.app import IMPORT_TOKEN, create_app
+from collector.app import COMMITTER, IMPORT_TOKEN, LEDGER, METRICS, create_app
 from collector.config import CollectorConfig, load_config
 from collector.ingest import open_limits
+from wire import bundle
 from wire.config import ConfigError, parse_duration
 from wire.keys import parse_public_key
+from wire.sdnotify import Notifier, Watchdog
+from wire.version import version
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -39,11 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    parser.add_argument("--version", action="version", version=f"waystation-collector {version()}")
+
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", type=Path, help="collector.toml (built-in defaults if omitted)")
         p.add_argument("--data-dir", help="override data_dir from the config")
-        p.add_argument("--listen", help="override listen from the config (host:port, [v6]:port)")
+        if name == "serve":  # only serve listens
+            p.add_argument("--listen", help="override listen from the config (host:port, [v6]:port)")
         return p
 
     command("serve", "Run the collector (POST /v1/batches, GET /metrics, /healthz, /v1/nodes).")
@@ -67,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--receipt-out", type=Path, metavar="FILE",
                    help="write the signed receipt (one per node in the bundles) here, for `waystation-agent "
                         "import-receipt`")
+    p = command("receipt", "Write a fresh signed receipt for one node from the ledger alone (no bundle): for a "
+                           "reinstalled air-gapped node, so it renumbers before its first export, or a lost receipt.")
+    p.add_argument("--site", required=True)
+    p.add_argument("--node", required=True)
+    p.add_argument("--out", type=Path, required=True, metavar="FILE",
+                   help="the receipt file to write, for `waystation-agent import-receipt`")
     p = command("audit", "Re-verify the ledger from its own bytes: signatures, hash chain, every gap.")
     p.add_argument("--site", help="only this site")
     p.add_argument("--node", help="only this node (in every site, unless --site)")
@@ -90,7 +102,7 @@ def _config(args: argparse.Namespace) -> CollectorConfig:
     config = load_config(args.config)
     overrides = {
         k: v
-        for k, v in (("data_dir", args.data_dir), ("listen", args.listen))
+        for k, v in (("data_dir", args.data_dir), ("listen", getattr(args, "listen", None)))
         if v is not None
     }
     if overrides:
@@ -162,17 +174,58 @@ async def _serve_locked(config: CollectorConfig) -> int:
         if runner.addresses:
             host, port = _url_host(runner.addresses[0])
             serve_link.write_endpoint(Path(config.data_dir), serve_link.loopback_url(scheme, host, port),
-                                   app[IMPORT_TOKEN], int(config.limits.max_body_bytes))
+                                   app[IMPORT_TOKEN], int(config.limits.max_body_bytes), config.tls_cert)
         sys.stdout.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        notifier = Notifier()
+        status = _ServeStatus(app, config.listen)
+        # Ready: the ledger is open and replayed, the socket listens, import can find us.
+        notifier.ready(status.line())
+        pinger = loop.create_task(_watchdog(notifier, Watchdog(notifier, app[COMMITTER].liveness, status.line)))
         await stop.wait()
         print("waystation-collector: stopping", flush=True)
+        notifier.stopping("stopping: committing what is queued, saving state")
+        pinger.cancel()
     finally:
         await runner.cleanup()
     return EXIT_OK
+
+
+class _ServeStatus:
+    """The one line `systemctl status` shows for serve (STATUS=)."""
+
+    def __init__(self, app: web.Application, listen: str) -> None:
+        self.app = app
+        self.listen = listen
+        self.last = (time.monotonic(), self._accepted())
+
+    def _accepted(self) -> int:
+        return int(self.app[METRICS].batches.get("accepted", 0))
+
+    def line(self) -> str:
+        now, accepted = time.monotonic(), self._accepted()
+        then, before = self.last
+        rate = (accepted - before) / (now - then) if now > then else 0.0
+        self.last = (now, accepted)
+        return (f"{self.app[LEDGER].node_count} nodes; {rate:.1f} batches/s accepted; "
+                f"{self.app[COMMITTER].pending} waiting for the ledger; listening on {self.listen}")
+
+
+async def _watchdog(notifier: Notifier, watchdog: Watchdog) -> None:
+    """Pings from the event loop itself: a loop blocked by anything stops them, as does a
+    stuck group commit (watchdog.liveness). Without a watchdog, a STATUS every 10 s."""
+    if not notifier.enabled:
+        return
+    every = notifier.watchdog_interval_s or 10.0
+    while True:
+        await asyncio.sleep(every)
+        if notifier.watchdog_interval_s is None:
+            notifier.status(watchdog.status())
+        else:
+            watchdog.tick()
 
 
 def _open_ledger(config: CollectorConfig, create: bool) -> sqlite3.Connection:
@@ -310,15 +363,35 @@ def _import(config: CollectorConfig, args: argparse.Namespace) -> int:
             if not receipts:
                 raise bundles.ImportError_("no node proved itself in these bundles (no frame verified): no receipt")
             receipts_mod.write_receipts(args.receipt_out, receipts)
-        except (bundles.ImportError_, keyring.KeyringError, OSError, sqlite3.Error, ValueError) as exc:
+        except (bundles.ImportError_, receipts_mod.ReceiptError, keyring.KeyringError, OSError, sqlite3.Error,
+                ValueError) as exc:
             print(f"waystation-collector import: {exc}", file=sys.stderr)
             return EXIT_FAILED
         for r in report.receipts:
-            print(f"receipt {r.receipt_no} for {r.site}/{r.node}: the collector holds seq "
-                  f"{bundles.ranges_text(r.held)}, complete through {r.complete_through}")
+            print(_receipt_line(r))
         print(f"wrote {args.receipt_out}: carry it back and run `waystation-agent import-receipt "
               f"{args.receipt_out.name}` on the node")
     return EXIT_FAILED if report.failed else EXIT_OK
+
+
+def _receipt_line(r: bundle.Receipt) -> str:
+    head = f"chain head seq {r.head_seq}" if r.head_seq else "no batch held yet"
+    return (f"receipt {r.receipt_no} for {r.site}/{r.node}: the collector holds seq {bundles.ranges_text(r.held)}, "
+            f"complete through {r.complete_through}, {head}")
+
+
+def _receipt(config: CollectorConfig, args: argparse.Namespace) -> int:
+    """A fresh receipt for one node, beside a running serve or not (collector.receipts)."""
+    try:
+        r = receipts_mod.issue_node_receipt(config, args.site, args.node)
+        receipts_mod.write_receipts(args.out, [r.signed_part + r.signature])
+    except (receipts_mod.ReceiptError, keyring.KeyringError, OSError, sqlite3.Error, ValueError) as exc:
+        print(f"waystation-collector receipt: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(_receipt_line(r))
+    print(f"wrote {args.out}: carry it to the node and run `waystation-agent import-receipt {args.out.name}` there "
+          "(a reinstalled node renumbers its unsent batches to follow the chain head)")
+    return EXIT_OK
 
 
 def _sealing_keys(config: CollectorConfig, command: str) -> wire.SealingKeys | None:
@@ -369,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = _config(args)
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        print(f"waystation-collector: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -383,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "import":
         return _import(config, args)
+    if args.command == "receipt":
+        return _receipt(config, args)
     if args.command == "audit":
         return _audit(config, args)
     if args.command == "provenance":

@@ -26,6 +26,7 @@ from prometheus_client.samples import Sample
 
 import wire
 from collector.ledger import NodeState
+from wire.metric_help import help_of
 
 BACKLOG_BATCHES = "waystation_agent_spool_pending_batches"
 BACKLOG_BYTES = "waystation_agent_spool_pending_bytes"
@@ -425,16 +426,18 @@ def _row(e: _Entry) -> Row:
 
 
 def _family(name: str, mtype: wire.MetricType) -> Metric:
-    """A family whose text exposition prints every sample under exactly its series name."""
+    """A family whose text exposition prints every sample under exactly its series name,
+    with the agent catalog's HELP where the name is catalogued."""
+    text = help_of(name) or FLEET_HELP
     # prometheus_client appends _total to counter and _info to info family names when
     # rendering, so hand it the stripped name; anything that would not round-trip is untyped.
     if mtype == wire.MetricType.COUNTER and name.endswith("_total") and len(name) > 6:
-        return Metric(name[:-6], FLEET_HELP, "counter")
+        return Metric(name[:-6], text, "counter")
     if mtype == wire.MetricType.INFO and name.endswith("_info") and len(name) > 5:
-        return Metric(name[:-5], FLEET_HELP, "info")
+        return Metric(name[:-5], text, "info")
     if mtype == wire.MetricType.GAUGE or mtype == wire.MetricType.INFO:
-        return Metric(name, FLEET_HELP, "gauge")
-    return Metric(name, FLEET_HELP, "unknown")
+        return Metric(name, text, "gauge")
+    return Metric(name, text, "unknown")
 
 
 class FleetCollector(Collector):

@@ -27,6 +27,7 @@ from collector import trust
 from collector.config import LimitsConfig
 from collector.exposition import FleetState, reported_backlog
 from collector.ledger import Ledger, Outcome, Submission
+from wire.sdnotify import Liveness
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ class LedgerUnavailable(Exception):
     """The group commit failed; nothing of the group was recorded."""
 
 
+COMMIT_STUCK_S = 120.0
+
+
 class Committer:
     """Group commit: handlers submit verified batches; one loop commits them together.
 
@@ -97,6 +101,10 @@ class Committer:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.groups = 0  # transactions committed (for benches and tests)
+        # The service watchdog's view: a group commit far past SQLite's busy timeout and an
+        # fsync is stuck (a wedged disk, a lock never released), and the pings stop.
+        self.liveness = Liveness()
+        self.stuck_after_s = COMMIT_STUCK_S
 
     @property
     def pending(self) -> int:
@@ -134,7 +142,8 @@ class Committer:
                 del self._queue[:MAX_GROUP]
                 self._in_flight = len(group)
                 try:
-                    outcomes = await self.call(self.ledger.commit, [sub for sub, _ in group])
+                    with self.liveness.step("ledger commit", self.stuck_after_s):
+                        outcomes = await self.call(self.ledger.commit, [sub for sub, _ in group])
                 except Exception as exc:  # sqlite3.Error, OSError: the whole group failed
                     log.error("ledger commit of %d batches failed: %s", len(group), exc)
                     for _, fut in group:
@@ -338,7 +347,7 @@ class Ingest:
         self.metrics.samples += h.sample_count
         return "accepted"
 
-    def _check_capacity(self) -> None:
+    def check_capacity(self) -> None:
         # Bodies being read or waiting for the verify thread count too: they hold memory
         # (up to max_body_bytes each) just as queued commits do.
         waiting = self.committer.pending + self.in_progress
@@ -346,7 +355,7 @@ class Ingest:
             raise Overloaded(f"{waiting} batches are waiting to be verified or committed")
 
     async def _handle(self, request: web.Request) -> web.Response:
-        self._check_capacity()
+        self.check_capacity()
         self.in_progress += 1
         try:
             body = await self._read_body(request)

@@ -9,10 +9,11 @@ serve process's request handlers read through their own connections (WAL).
 from __future__ import annotations
 
 import json
+import shlex
 import sqlite3
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,28 @@ from typing import Any
 import wire
 from collector import trust
 from collector.trust import KeyRecord, TrustError
+from wire import bundle
 
 MAX_GAP_RANGES = 100  # gap ranges kept per node for /v1/nodes and `nodes`
+
+# Every air-gap receipt the collector signed (`import --receipt-out`, `receipt`), so what a
+# node was told can be looked up afterwards. Also created by `issue_receipt` itself: the
+# CLI opens an existing ledger without running SCHEMA.
+RECEIPTS_ISSUED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS receipts_issued (
+    receipt_no       INTEGER PRIMARY KEY,  -- per collector, only grows (meta 'receipt_no')
+    issued_ms        INTEGER NOT NULL,
+    site             TEXT NOT NULL,
+    node             TEXT NOT NULL,
+    collector_key_id BLOB NOT NULL,
+    complete_through INTEGER NOT NULL,
+    head_seq         INTEGER NOT NULL,     -- the node's chain head stated (0: nothing held)
+    bundles          INTEGER NOT NULL,     -- bundles answered (0: `waystation-collector receipt`)
+    batches          INTEGER NOT NULL,     -- (seq, hash) pairs named for the node to delete
+    receipt          BLOB NOT NULL         -- the signed receipt, byte for byte
+);
+CREATE INDEX IF NOT EXISTS receipts_issued_by_node ON receipts_issued (site, node, receipt_no);
+"""
 
 SCHEMA = (
     trust.SCHEMA
@@ -133,6 +154,7 @@ CREATE TABLE IF NOT EXISTS expired (
     samples INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
+    + RECEIPTS_ISSUED_SCHEMA
 )
 
 
@@ -465,6 +487,11 @@ class Ledger:
     def states(self) -> list[NodeState]:
         return [n.snapshot() for n in self._nodes.values()]
 
+    @property
+    def node_count(self) -> int:
+        """Nodes the ledger has heard from (a len(): safe from any thread)."""
+        return len(self._nodes)
+
     def state(self, site: str, node: str) -> NodeState | None:
         n = self._nodes.get((site, node))
         return n.snapshot() if n else None
@@ -733,7 +760,15 @@ class Ledger:
             if stored[0] == digest:
                 return "duplicate", f"seq {h.seq} is already recorded"
             n.conflicts += 1
-            return "conflict", f"seq {h.seq} is already recorded with different content"
+            detail = f"seq {h.seq} is already recorded with different content"
+            if sub.origin == "bundle":
+                # Over HTTP a new spool asks for the chain head before sending; a carried
+                # bundle's node may never have, and only a receipt can tell it.
+                site, node = shlex.quote(h.site), shlex.quote(h.node)
+                detail += (f"; if {h.site}/{h.node} was reinstalled or lost its spool, it numbers from seq 1 again: "
+                           f"run `waystation-collector receipt --site {site} --node {node} --out FILE` here and "
+                           "`waystation-agent import-receipt FILE` on the node (it renumbers), then export again")
+            return "conflict", detail
         if self._retired(h.site, h.node, h.seq, h.seq):
             # Its batch left the archive (retention): it was recorded; taking it again would
             # count and forward it twice. Its hash is gone, so a conflict cannot be told.
@@ -821,6 +856,15 @@ def read_chain_head(conn: sqlite3.Connection, site: str, node: str) -> tuple[int
     return None if row is None else (int(row[0]) + 1, bytes(row[1]))
 
 
+def read_link(conn: sqlite3.Connection, site: str, node: str, seq: int) -> tuple[bytes, bytes] | None:
+    """(hash, prev_hash) of the batch stored for a node at seq; None if none is (never
+    recorded, or retired by retention: its hash is gone)."""
+    row = conn.execute(
+        "SELECT hash, prev_hash FROM batches WHERE site = ? AND node = ? AND seq = ?", (site, node, seq)
+    ).fetchone()
+    return None if row is None else (bytes(row[0]), bytes(row[1]))
+
+
 def read_nodes(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Every node the ledger knows (seen or only enrolled), for /v1/nodes and `nodes`."""
     states = {
@@ -885,10 +929,65 @@ def complete_through(conn: sqlite3.Connection, site: str, node: str) -> int:
     return int(row[0]) if row else 0
 
 
-def next_receipt_no(conn: sqlite3.Connection) -> int:
-    """Allocate the collector's next receipt number (its own transaction; only ever grows)."""
+@dataclass(frozen=True)
+class Standing:
+    """What the collector holds for one node, as a receipt states it."""
+
+    held: list[tuple[int, int]]
+    complete_through: int
+    head: tuple[int, bytes]  # (highest seq held, its chain hash); (0, zeros) if none
+
+
+def standing(conn: sqlite3.Connection, site: str, node: str) -> Standing:
+    """A node's held ranges, watermark and chain head, read in one read transaction (one
+    consistent snapshot beside a running serve)."""
+    conn.execute("BEGIN")
+    try:
+        head = read_chain_head(conn, site, node)
+        return Standing(held_ranges(conn, site, node), complete_through(conn, site, node),
+                        (0, wire.ZERO_HASH) if head is None else (head[0] - 1, head[1]))
+    finally:
+        conn.execute("COMMIT")
+
+
+def issue_receipt(conn: sqlite3.Connection, site: str, node: str,
+                  sign: Callable[[int, Standing], bytes]) -> bytes:
+    """Sign one receipt for a node and record it in receipts_issued; returns its bytes.
+
+    The node's standing is read first, outside the write lock (the held ranges of a large
+    node take a while and serve's commits must not wait for them). Then one short write
+    transaction allocates the next receipt number, has `sign` build the receipt with it and
+    records it: a number is never used twice (beside a running serve, another import or
+    another `receipt`, SQLite's write lock serializes them) and no receipt leaves unrecorded."""
+    facts = standing(conn, site, node)
     with immediate(conn):
+        # One statement at a time: executescript would COMMIT the transaction first.
+        for statement in RECEIPTS_ISSUED_SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
         row = conn.execute("SELECT v FROM meta WHERE k = 'receipt_no'").fetchone()
         number = (int(row[0]) if row else 0) + 1
         conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('receipt_no', ?)", (str(number),))
-    return number
+        raw = sign(number, facts)
+        r = bundle.parse_receipt(raw)
+        if (r.receipt_no, r.site, r.node) != (number, site, node):
+            raise ValueError(f"receipt built for {r.site}/{r.node} number {r.receipt_no}, not {site}/{node} {number}")
+        conn.execute(
+            "INSERT INTO receipts_issued (receipt_no, issued_ms, site, node, collector_key_id, complete_through, "
+            "head_seq, bundles, batches, receipt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (number, r.issued_ms, site, node, r.collector_key_id, r.complete_through, r.head_seq,
+             len(r.bundles), r.n_batches, raw),
+        )
+    return raw
+
+
+def count_receipts_issued(conn: sqlite3.Connection, site: str | None = None, node: str | None = None) -> int:
+    """How many receipts the collector recorded issuing (for one site and/or node); 0 for a
+    ledger no collector with receipts_issued has opened yet."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'receipts_issued'").fetchone() is None:
+        return 0
+    (count,) = conn.execute(
+        "SELECT COUNT(*) FROM receipts_issued WHERE (?1 IS NULL OR site = ?1) AND (?2 IS NULL OR node = ?2)",
+        (site, node),
+    ).fetchone()
+    return int(count)

@@ -28,20 +28,49 @@ pubkey=$("$bin/python" -c 'import sys; from agent import keys; k = keys.load(__i
 node=$("$bin/python" -c 'import socket; print(socket.gethostname())')
 "$bin/waystation-collector" enroll --data-dir "$run_dir/collector" --site local --node "$node" --key "$pubkey" >/dev/null
 
+# Something else on the port (another collector, any server) would answer /healthz in its
+# place: say so and stop, rather than print a banner over a collector that never started.
+if ! "$bin/python" - "$listen" <<'PY'
+import socket, sys
+host, _, port = sys.argv[1].rpartition(":")
+host = host.strip("[]")
+with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    try:
+        s.bind((host, int(port)))
+    except OSError as exc:
+        sys.exit(f"quickstart: cannot listen on {sys.argv[1]}: {exc.strerror}; "
+                 "stop what uses it or pick another address, e.g. WAYSTATION_LISTEN=127.0.0.1:9481")
+PY
+then
+  exit 1
+fi
+
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 "$bin/waystation-collector" serve --data-dir "$run_dir/collector" --listen "$listen" &
-pids+=($!)
-"$bin/python" - "$listen" <<'PY'
-import sys, time, urllib.request
-for _ in range(100):
+collector_pid=$!
+pids+=("$collector_pid")
+if ! "$bin/python" - "$listen" "$collector_pid" <<'PY'
+import os, sys, time, urllib.request
+listen, pid = sys.argv[1], int(sys.argv[2])
+deadline = time.monotonic() + 60  # a large ledger is replayed before serve listens
+while time.monotonic() < deadline:
     try:
-        urllib.request.urlopen(f"http://{sys.argv[1]}/healthz", timeout=1)
-        break
+        urllib.request.urlopen(f"http://{listen}/healthz", timeout=1)
+        sys.exit(0)
     except OSError:
-        time.sleep(0.1)
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        sys.exit(f"quickstart: the collector exited before it listened on {listen} (its error is above)")
+    time.sleep(0.1)
+sys.exit(f"quickstart: the collector did not answer on http://{listen}/healthz within 60 s")
 PY
+then
+  exit 1
+fi
 "$bin/waystation-agent" run --config "$agent_conf" &
 pids+=($!)
 

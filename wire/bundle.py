@@ -4,12 +4,14 @@ A **bundle** carries a node's unacknowledged batches by hand (USB stick, data di
 frames exactly as signed, oldest first, then a **manifest** signed by the node key that
 lists every frame's seq, hash and length. Each frame still verifies on its own signature,
 so a damaged bundle loses only its damaged frames; the manifest makes reordering,
-splicing, truncation and substitution visible.
+splicing, truncation and substitution visible, and says whether the exporting spool ever
+learned where the collector's chain for its node stands (UNPLACED: a new spool).
 
 A **receipt** is the collector's answer, signed by the collector's own key: the seq
-ranges it holds for one node, that node's complete-through watermark and a receipt number
-that only grows, so an agent deletes only what the collector holds and never acts on the
-same receipt twice.
+ranges it holds for one node, that node's complete-through watermark, the node's chain
+head there (highest seq held and that batch's hash, so a node whose spool was lost can
+renumber without an uplink) and a receipt number that only grows, so an agent deletes only
+what the collector holds and never acts on the same receipt twice.
 
 Everything here is pure (bytes or a read-only buffer in, dataclasses out) and bounded:
 bundles and receipts are hostile input. The reader takes any buffer that slices to bytes
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,7 +33,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from wire.frame import FIXED_HEADER_LEN, HASH_LEN, KEY_ID_LEN, MAGIC, MAX_NAME_LEN, SIGNATURE_LEN, key_id
-from wire.model import WireError
+from wire.model import I64_MAX, WireError
 
 BUNDLE_MAGIC = b"WSBN"
 BUNDLE_VERSION = 1
@@ -45,7 +47,12 @@ RECORD_OVERHEAD = _RECORD.size  # 7
 
 MANIFEST_MAGIC = b"WSM1"
 MANIFEST_VERSION = 1
-_MANIFEST_FIXED = struct.Struct("<4sB8sqI")  # magic, version, key_id, created_ms, count
+_MANIFEST_FIXED = struct.Struct("<4sBB8sqI")  # magic, version, flags, key_id, created_ms, count
+# The exporting spool had never learned where the collector's chain for its node stands (a new
+# spool, numbered from seq 1: docs/bundle.md §4.2), so the import checks that the bundle
+# continues what the collector holds before it takes any of it.
+MANIFEST_UNPLACED = 0x01
+MANIFEST_KNOWN_FLAGS = MANIFEST_UNPLACED
 _ENTRY = struct.Struct("<Q32sI")  # seq, hash, length
 MANIFEST_ENTRY_LEN = _ENTRY.size  # 44
 # Bounds what a reader allocates for a manifest whatever its length field says; an exporter
@@ -54,9 +61,9 @@ MAX_MANIFEST_ENTRIES = 1 << 20
 
 RECEIPT_MAGIC = b"WSR1"
 RECEIPT_VERSION = 1
-_RECEIPT_FIXED = struct.Struct("<4sB8sQq8sQHII")
+_RECEIPT_FIXED = struct.Struct("<4sB8sQq8sQQ32sHII")
 # magic, version, collector key id, receipt_no, issued_ms, node key id, complete_through,
-# bundle count, range count, batch count
+# head seq, head hash, bundle count, range count, batch count
 _HELD = struct.Struct("<Q32s")  # seq, chain hash of the batch the collector holds there
 RECEIPT_FILE_MAGIC = b"WSRF"
 RECEIPT_FILE_VERSION = 1
@@ -113,13 +120,28 @@ class ManifestEntry:
 
 @dataclass(frozen=True)
 class Manifest:
+    """A bundle's manifest. Its `entries` are read from `signed_part` on first use, so a
+    manifest that does not verify costs its bytes and no more, whatever count it claims."""
+
     site: str
     node: str
     key_id: bytes  # the node key that signed the manifest
     created_ms: int
-    entries: tuple[ManifestEntry, ...]
     signed_part: bytes
     signature: bytes
+    entries_at: int = 0  # where the entries start in signed_part
+    count: int = 0
+    flags: int = 0
+
+    @property
+    def unplaced(self) -> bool:
+        """The exporting spool never learned the collector's chain for this node (MANIFEST_UNPLACED)."""
+        return bool(self.flags & MANIFEST_UNPLACED)
+
+    @cached_property
+    def entries(self) -> tuple[ManifestEntry, ...]:
+        return tuple(ManifestEntry(*_ENTRY.unpack_from(self.signed_part, self.entries_at + i * MANIFEST_ENTRY_LEN))
+                     for i in range(self.count))
 
     @property
     def hash(self) -> bytes:
@@ -133,12 +155,15 @@ def manifest_len(count: int, site: str, node: str) -> int:
 
 
 def encode_manifest(
-    signing_key: SigningKey, site: str, node: str, created_ms: int, entries: Sequence[ManifestEntry]
+    signing_key: SigningKey, site: str, node: str, created_ms: int, entries: Sequence[ManifestEntry],
+    unplaced: bool = False,
 ) -> bytes:
+    """unplaced: the spool exported from had `resume_needed` set (MANIFEST_UNPLACED)."""
     if len(entries) > MAX_MANIFEST_ENTRIES:
         raise ValueError(f"a manifest lists at most {MAX_MANIFEST_ENTRIES} frames")
+    flags = MANIFEST_UNPLACED if unplaced else 0
     parts = [
-        _MANIFEST_FIXED.pack(MANIFEST_MAGIC, MANIFEST_VERSION, key_id(bytes(signing_key.verify_key)),
+        _MANIFEST_FIXED.pack(MANIFEST_MAGIC, MANIFEST_VERSION, flags, key_id(bytes(signing_key.verify_key)),
                              created_ms, len(entries)),
         _name_bytes(site),
         _name_bytes(node),
@@ -152,22 +177,21 @@ def parse_manifest(raw: bytes) -> Manifest:
     """Structure only (WireError `malformed`); `verify_manifest` checks the signature."""
     if len(raw) < _MANIFEST_FIXED.size + 2 + SIGNATURE_LEN:
         raise WireError("malformed", f"manifest of {len(raw)} bytes is shorter than any manifest")
-    magic, version, kid, created_ms, count = _MANIFEST_FIXED.unpack_from(raw, 0)
+    magic, version, flags, kid, created_ms, count = _MANIFEST_FIXED.unpack_from(raw, 0)
     if magic != MANIFEST_MAGIC:
         raise WireError("malformed", "bad manifest magic")
     if version != MANIFEST_VERSION:
         raise WireError("unsupported_version", f"manifest version {version}, this side reads {MANIFEST_VERSION}")
+    if flags & ~MANIFEST_KNOWN_FLAGS:
+        raise WireError("malformed", f"unknown manifest flags 0x{flags:02x}")
     if count > MAX_MANIFEST_ENTRIES:
         raise WireError("limit", f"manifest lists {count} frames, more than {MAX_MANIFEST_ENTRIES}")
     site, pos = _name(raw, _MANIFEST_FIXED.size, "manifest site")
     node, pos = _name(raw, pos, "manifest node")
     if pos + count * MANIFEST_ENTRY_LEN + SIGNATURE_LEN != len(raw):
         raise WireError("malformed", f"manifest lists {count} frames but is {len(raw)} bytes long")
-    entries = tuple(
-        ManifestEntry(*_ENTRY.unpack_from(raw, pos + i * MANIFEST_ENTRY_LEN)) for i in range(count)
-    )
     sig_at = len(raw) - SIGNATURE_LEN
-    return Manifest(site, node, kid, created_ms, entries, raw[:sig_at], raw[sig_at:])
+    return Manifest(site, node, kid, created_ms, raw[:sig_at], raw[sig_at:], pos, count, flags)
 
 
 def verify_manifest(manifest: Manifest, public_key: bytes) -> None:
@@ -205,8 +229,12 @@ class BundleWriter:
         return self.bytes + RECORD_OVERHEAD + frame_len + RECORD_OVERHEAD + manifest_len(
             len(self.entries) + 1, site, node)
 
-    def finish(self, signing_key: SigningKey, site: str, node: str, created_ms: int) -> Manifest:
-        raw = encode_manifest(signing_key, site, node, created_ms, self.entries)
+    def finish(
+        self, signing_key: SigningKey, site: str, node: str, created_ms: int, unplaced: bool = False
+    ) -> Manifest:
+        """unplaced: the spool these frames come from never learned the collector's chain for
+        the node (its `resume_needed`); the manifest says so (MANIFEST_UNPLACED)."""
+        raw = encode_manifest(signing_key, site, node, created_ms, self.entries, unplaced)
         self.out.write(_RECORD.pack(RECORD_SYNC, TAG_MANIFEST, len(raw)))
         self.out.write(raw)
         self.bytes += RECORD_OVERHEAD + len(raw)
@@ -266,7 +294,7 @@ def _manifest_len(head: bytes) -> int | None:
     """The length a manifest's own header declares, or None if its header is cut short."""
     if len(head) < _MANIFEST_FIXED.size + 1:
         return None
-    count = _MANIFEST_FIXED.unpack_from(head, 0)[4]
+    count = _MANIFEST_FIXED.unpack_from(head, 0)[5]
     site_len = head[_MANIFEST_FIXED.size]
     node_at = _MANIFEST_FIXED.size + 1 + site_len
     if node_at >= len(head):
@@ -380,6 +408,9 @@ class Seen:
     length: int
 
 
+_RANGES_SHOWN = 20  # a hostile bundle's damage must not make one line megabytes long
+
+
 def _seq_ranges(seqs: Sequence[int]) -> str:
     out: list[list[int]] = []
     for seq in sorted(seqs):
@@ -387,10 +418,11 @@ def _seq_ranges(seqs: Sequence[int]) -> str:
             out[-1][1] = seq
         else:
             out.append([seq, seq])
-    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
+    shown = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out[:_RANGES_SHOWN])
+    return shown + (f", ... ({len(out)} ranges)" if len(out) > _RANGES_SHOWN else "")
 
 
-def manifest_problems(manifest: Manifest, seen: Sequence[Seen]) -> list[str]:
+def manifest_problems(manifest: Manifest, seen: Iterable[Seen]) -> list[str]:
     """What differs between a (verified) manifest and the frames found: missing, extra
     (spliced in), substituted and reordered frames, each named by seq."""
     problems: list[str] = []
@@ -441,6 +473,11 @@ class Receipt:
     node: str
     node_key_id: bytes  # the node key the collector last enrolled for it (informational)
     complete_through: int
+    # The node's chain head at the collector when issued: the highest seq it holds and that
+    # batch's chain hash (0 and zeros: it holds nothing), as GET /v1/nodes/{site}/{node}/chain
+    # gives it; a new spool continues the chain from here (docs/bundle.md §4.2).
+    head_seq: int = 0
+    head_hash: bytes = bytes(HASH_LEN)
     bundles: tuple[bytes, ...] = ()  # manifest hashes of the bundles this answers
     signed_part: bytes = b""
     signature: bytes = b""
@@ -474,13 +511,19 @@ def encode_receipt(
     held: Sequence[tuple[int, int]],
     batches: Sequence[tuple[int, bytes]],
     bundles: Sequence[bytes] = (),
+    head: tuple[int, bytes] = (0, bytes(HASH_LEN)),
 ) -> bytes:
+    """`head` is (highest seq the collector holds for the node, that batch's chain hash);
+    (0, 32 zero bytes) when it holds nothing."""
     if len(held) > MAX_RECEIPT_RANGES or len(bundles) > MAX_RECEIPT_BUNDLES or len(batches) > MAX_RECEIPT_BATCHES:
         raise ValueError("too many ranges, batches or bundles for one receipt")
+    head_seq, head_hash = head
+    if len(head_hash) != HASH_LEN or (head_seq == 0) != (head_hash == bytes(HASH_LEN)) or not 0 <= head_seq <= I64_MAX:
+        raise ValueError("a chain head is a seq and its 32-byte hash, or 0 and zeros when nothing is held")
     parts = [
         _RECEIPT_FIXED.pack(RECEIPT_MAGIC, RECEIPT_VERSION, collector_key_id, receipt_no, issued_ms,
-                            node_key_id or bytes(KEY_ID_LEN), complete_through, len(bundles), len(held),
-                            len(batches)),
+                            node_key_id or bytes(KEY_ID_LEN), complete_through, head_seq, head_hash,
+                            len(bundles), len(held), len(batches)),
         _name_bytes(site),
         _name_bytes(node),
         *bundles,
@@ -499,8 +542,8 @@ def parse_receipt(raw: bytes, signing_public_key: bytes | None = None) -> Receip
     are not built here (see Receipt)."""
     if len(raw) < _RECEIPT_FIXED.size + 2 + SIGNATURE_LEN:
         raise ValueError(f"receipt of {len(raw)} bytes is shorter than any receipt")
-    magic, version, ckid, no, issued, nkid, through, n_bundles, n_ranges, n_batches = _RECEIPT_FIXED.unpack_from(
-        raw, 0)
+    (magic, version, ckid, no, issued, nkid, through, head_seq, head_hash, n_bundles, n_ranges,
+     n_batches) = _RECEIPT_FIXED.unpack_from(raw, 0)
     if magic != RECEIPT_MAGIC:
         raise ValueError("not a Waystation receipt (bad magic)")
     if version != RECEIPT_VERSION:
@@ -528,8 +571,10 @@ def parse_receipt(raw: bytes, signing_public_key: bytes | None = None) -> Receip
         if not 1 <= a <= b or a <= prev:
             raise ValueError("receipt's seq ranges are not ascending, disjoint ranges of positive seqs")
         prev = b
-    return Receipt(ckid, no, issued, site, node, nkid, through, bundles, raw[:sig_at], raw[sig_at:], pos,
-                   n_ranges, n_batches)
+    if (head_seq == 0) != (head_hash == bytes(HASH_LEN)) or head_seq > I64_MAX:
+        raise ValueError("receipt's chain head is not a seq (at most 2^63 - 1) with its hash, nor 0 with zeros")
+    return Receipt(ckid, no, issued, site, node, nkid, through, head_seq, head_hash, bundles, raw[:sig_at],
+                   raw[sig_at:], pos, n_ranges, n_batches)
 
 
 def _verify_signed(signed: bytes, signature: bytes, signing_public_key: bytes) -> None:

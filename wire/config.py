@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 
 class Duration(float):
-    """Seconds, written in TOML as "10s", "5m", "250ms", "1h30m" or a bare number of seconds."""
+    """Seconds, written in TOML as "10s", "5m", "250ms" or "1h30m" (a bare number is refused)."""
 
 
 class Size(int):
@@ -44,8 +44,9 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration like \"10s\"")
     if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
+        # `window = 10` reads as seconds to one operator and minutes to the next: say which.
+        raise ValueError(f"a bare number is not a duration: write \"{value:g}s\" (or \"{value:g}m\", \"{value:g}ms\")")
+    if isinstance(value, str):
         text = value.strip()
         pos = 0
         seconds = 0.0

@@ -26,9 +26,8 @@ test_tampered_ledger_...: a byte flipped in a stored frame and a deleted row: `a
 exits 1 naming node, seq and problem for each, and nothing else.
 
 The agent's run is shared by the three tests (one module fixture). It lasts AIRGAP_S
-(WAYSTATION_E2E_AIRGAP_S, default 75 s in CI; the issue's "several minutes" is e.g.
-WAYSTATION_E2E_AIRGAP_S=300). The module takes about AIRGAP_S + 30 s (for 75 s, ~1 min 45 s
-on the 2-core development machine):
+(WAYSTATION_E2E_AIRGAP_S, default 180 s: several minutes of sealed batches, ~45 of them).
+The module takes about AIRGAP_S + 30 s (~3 min 30 s on the 2-core development machine):
     .venv/bin/python -m pytest -q -p no:cacheprovider tests/e2e/test_airgap.py
 """
 
@@ -63,7 +62,7 @@ pytestmark = [
                        reason="needs victoria-metrics (apt-get install victoria-metrics)"),
 ]
 
-AIRGAP_S = float(os.environ.get("WAYSTATION_E2E_AIRGAP_S", "75"))
+AIRGAP_S = float(os.environ.get("WAYSTATION_E2E_AIRGAP_S", "180"))
 
 SITE, NODE = "lab", "node-1"
 TARGET = "victoria"  # the name test_remote_write.diff() compares with VictoriaMetrics' tolerance

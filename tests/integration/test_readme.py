@@ -70,3 +70,22 @@ def test_main_job_from_a_fresh_clone(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         time.sleep(0.5)
+
+
+def test_main_job_stops_and_says_why_when_its_port_is_taken(tmp_path: Path) -> None:
+    """The commonest first-hour failure: something already listens on the collector's port.
+    The quickstart names the address and exits 1 without printing the 'running' banner."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        env = dict(os.environ, WAYSTATION_DEMO_SECONDS="5", WAYSTATION_LISTEN=listen,
+                   WAYSTATION_RUN_DIR=str(tmp_path / "run"))
+        r = subprocess.run(["bash", "scripts/quickstart.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    assert f"cannot listen on {listen}" in out and "WAYSTATION_LISTEN=" in out, out[-3000:]
+    assert "Waystation is running" not in out

@@ -145,8 +145,8 @@ def test_a_manifest_signed_by_another_key_does_not_verify() -> None:
     _, (m,), _ = read(make(frames(2)))
     with pytest.raises(wire.WireError):
         bundle.verify_manifest(m, bytes(SigningKey.generate().verify_key))
-    forged = bundle.Manifest(m.site, "n2", m.key_id, m.created_ms, m.entries, m.signed_part.replace(b"n1", b"n2"),
-                             m.signature)
+    forged = bundle.Manifest(m.site, "n2", m.key_id, m.created_ms, m.signed_part.replace(b"n1", b"n2"),
+                             m.signature, m.entries_at, m.count)
     with pytest.raises(wire.WireError, match="signature"):
         bundle.verify_manifest(forged, bytes(KEY.verify_key))
 
@@ -169,6 +169,61 @@ def test_receipts_round_trip_and_a_changed_byte_fails_the_signature() -> None:
         bundle.parse_receipt_file(bundle.encode_receipt_file([raw])[:-3])
 
 
+HEAD_SEQ_AT = 45  # docs/bundle.md §4: head_seq u64 at 45, head_hash at 53, bundle_count at 85
+HEAD_HASH_AT = 53
+
+
+def _receipt_with_head(collector: SigningKey, head: tuple[int, bytes]) -> bytes:
+    return bundle.encode_receipt(collector, wire.key_id(bytes(collector.verify_key)), 3, T0, "lab", "n1", b"k" * 8,
+                                 4, [(1, 4), (6, 9)], [(6, b"h" * 32)], [b"m" * 32], head=head)
+
+
+def test_a_receipt_carries_the_chain_head_where_the_docs_place_it() -> None:
+    collector = SigningKey.generate()
+    raw = _receipt_with_head(collector, (9, b"z" * 32))
+    r = bundle.parse_receipt(raw, bytes(collector.verify_key))
+    assert (r.head_seq, r.head_hash) == (9, b"z" * 32)
+    assert (r.complete_through, r.held, r.batches, r.bundles) == (4, ((1, 4), (6, 9)), ((6, b"h" * 32),), (b"m" * 32,))
+    assert struct.unpack_from("<Q32sH", raw, HEAD_SEQ_AT) == (9, b"z" * 32, 1)
+    assert raw[95:99] == b"\x03lab"  # the site follows the 95-byte fixed part
+    none = bundle.parse_receipt(_receipt_with_head(collector, (0, wire.ZERO_HASH)))
+    assert (none.head_seq, none.head_hash) == (0, wire.ZERO_HASH)  # the collector holds nothing of the node
+    for head in ((5, wire.ZERO_HASH), (0, b"z" * 32), (5, b"z" * 31), (1 << 63, b"z" * 32)):
+        with pytest.raises(ValueError, match="chain head"):
+            _receipt_with_head(collector, head)
+
+
+def test_a_changed_chain_head_fails_the_receipt_signature() -> None:
+    """A forged head would make a node renumber its batches where the collector never said."""
+    collector = SigningKey.generate()
+    raw = _receipt_with_head(collector, (9, b"z" * 32))
+    for at in (HEAD_SEQ_AT, HEAD_SEQ_AT + 7, HEAD_HASH_AT, HEAD_HASH_AT + 31):
+        bad = bytearray(raw)
+        bad[at] ^= 0x01
+        forged = bundle.parse_receipt(bytes(bad))  # well-formed: only the signature tells
+        assert (forged.head_seq, forged.head_hash) != (9, b"z" * 32)
+        with pytest.raises(ValueError, match="signature does not verify"):
+            bundle.verify_receipt(forged, bytes(collector.verify_key))
+        with pytest.raises(ValueError, match="signature does not verify"):
+            bundle.parse_receipt(bytes(bad), bytes(collector.verify_key))
+
+
+def test_parse_rejects_a_truncated_or_malformed_receipt() -> None:
+    collector = SigningKey.generate()
+    raw = _receipt_with_head(collector, (9, b"z" * 32))
+    for cut in (1, 64, 64 + 40, len(raw) - 95, len(raw) - 1):
+        with pytest.raises(ValueError, match="shorter than any receipt|do not match its length|truncated"):
+            bundle.parse_receipt(raw[:-cut])
+    with pytest.raises(ValueError, match="do not match its length"):
+        bundle.parse_receipt(raw + b"\0")
+    # A head seq without its hash (or the reverse) is no chain head, signed or not.
+    for at, value in ((HEAD_HASH_AT, bytes(32)), (HEAD_SEQ_AT, bytes(8))):
+        bad = bytearray(raw)
+        bad[at : at + len(value)] = value
+        with pytest.raises(ValueError, match="chain head"):
+            bundle.parse_receipt(bytes(bad))
+
+
 def test_the_worked_example_in_docs_bundle_md() -> None:
     key = SigningKey(bytes(range(32)))
     s = [wire.Series("up", (), wire.MetricType.GAUGE, (1700000000000,), (1.0,))]
@@ -178,11 +233,40 @@ def test_the_worked_example_in_docs_bundle_md() -> None:
     w.add(f)
     m = w.finish(key, "s", "n", 1700000000500)
     raw = buf.getvalue()
-    assert len(f) == 213 and len(raw) == 369
+    assert len(f) == 213 and len(raw) == 370
     assert raw[:12].hex(" ") == "57 53 42 4e 01 57 52 46 d5 00 00 00"
     assert wire.batch_hash(f).hex() == "a5a21e82eb8e958eeeface1456bc67a7fce8cf8306a3a8e7505631f6c49ab1d6"
-    assert raw[-137:][:16].hex(" ") == "57 53 4d 31 01 56 47 5a a7 54 63 47 4c f4 69 e5"
-    assert m.hash.hex() == "372e5b4d18a542fefd68a3a8dc999ecea6e7564aacd3cb40e7d3bdda0021eaed"
+    assert raw[0xE1:0xE8].hex(" ") == "57 52 4d 8a 00 00 00"
+    assert raw[-138:][:16].hex(" ") == "57 53 4d 31 01 00 56 47 5a a7 54 63 47 4c f4 69"
+    assert raw[-138 + 0x40 : -138 + 0x50].hex(" ") == "31 f6 c4 9a b1 d6 d5 00 00 00 33 88 4d 99 f2 90"
+    assert m.hash.hex() == "6c4fc69d730e0a547b97c6ce67f7f1af4360db2a8ad66c5304e6dd95e43a4996"
+
+
+def test_the_manifest_says_whether_the_spool_was_placed_at_the_offset_the_docs_give() -> None:
+    """docs/bundle.md §2: flags at byte 5, bit 0 UNPLACED; key id at 6, created_ms at 14,
+    count at 22, the site at 26. Signed like the rest; an unknown bit is refused."""
+    fs = frames(2)
+    for unplaced in (False, True):
+        buf = io.BytesIO()
+        w = bundle.BundleWriter(buf)
+        for f in fs:
+            w.add(f)
+        m = w.finish(KEY, "lab", "n1", T0, unplaced=unplaced)
+        raw = m.signed_part + m.signature
+        assert len(raw) == bundle.manifest_len(2, "lab", "n1") == 26 + 2 + 3 + 2 + 2 * 44 + 64
+        assert raw[5] == (bundle.MANIFEST_UNPLACED if unplaced else 0)
+        assert raw[6:14] == wire.key_id(bytes(KEY.verify_key))
+        assert struct.unpack_from("<qI", raw, 14) == (T0, 2) and raw[26:30] == b"\x03lab"
+        _, (back,), _ = read(buf.getvalue())
+        assert back.unplaced is unplaced and back == m
+        bundle.verify_manifest(back, bytes(KEY.verify_key))
+    flipped = bytearray(raw)
+    flipped[5] ^= bundle.MANIFEST_UNPLACED  # a placed bundle passed off as unplaced, or the reverse
+    with pytest.raises(wire.WireError, match="signature"):
+        bundle.verify_manifest(bundle.parse_manifest(bytes(flipped)), bytes(KEY.verify_key))
+    flipped[5] = 0x80
+    with pytest.raises(wire.WireError, match="unknown manifest flags 0x80"):
+        bundle.parse_manifest(bytes(flipped))
 
 
 class _Counting:

@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import wire
-from collector.exposition import HOLD_MS, FleetCollector, FleetState
+from agent import catalog
+from collector.exposition import FLEET_HELP, HOLD_MS, FleetCollector, FleetState
 from collector.ledger import Ledger, NodeState
 from wire.schema import schema_problem
 
@@ -73,6 +74,28 @@ def test_sample_names_are_exactly_the_series_names() -> None:
     assert "# TYPE odd_counter untyped" in text  # a counter name Prometheus would mangle stays as sent
     assert "\nodd_counter{" in text and "\nmystery{" in text
 
+
+def test_fleet_families_carry_the_agent_catalogs_help() -> None:
+    fleet = FleetState(100)
+    fleet.apply("s", "n", [
+        series("node_load1", 1, 1.0),
+        series("node_load1:window_max", 1, 2.0),
+        series("waystation_agent_uplink_probes_total", 1, 3.0, C),
+        series("not_in_any_catalog", 1, 4.0),
+    ])
+    helps = {fam.name: fam.documentation for fam in text_string_to_metric_families(render(fleet))}
+    assert helps["node_load1"] == catalog.lookup("node_load1").help  # type: ignore[union-attr]
+    assert helps["node_load1:window_max"] == "1m load average (maximum over the summary window)."
+    assert helps["waystation_agent_uplink_probes"] == catalog.lookup(  # type: ignore[union-attr]  (a counter family)
+        "waystation_agent_uplink_probes_total").help
+    assert helps["not_in_any_catalog"] == FLEET_HELP
+
+
+def test_the_collectors_help_copy_is_the_catalogs() -> None:
+    """wire/metric_help.py is generated from agent/catalog.py; regenerate it when this fails:
+    .venv/bin/python -m agent.catalog > wire/metric_help.py"""
+    assert (Path(__file__).resolve().parents[2] / "wire" / "metric_help.py").read_text() == \
+        catalog.render_help_module()
 
 def test_cardinality_cap_and_reserved_names_are_counted() -> None:
     fleet = FleetState(2)

@@ -80,13 +80,23 @@ def test_remote_write_config_errors_name_the_problem(tmp_path: Path, toml: str, 
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("10s", 10.0), ("250ms", 0.25), ("5m", 300.0), ("1h30m", 5400.0), (15, 15.0), (0.5, 0.5)],
+    [("10s", 10.0), ("250ms", 0.25), ("5m", 300.0), ("1h30m", 5400.0), ("0.5s", 0.5)],
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["10", "ten seconds", "10x", "", "-5s", 0, True, "5s 3m"])
+def test_a_bare_number_is_refused_as_a_duration_saying_how_to_write_it(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match='write "15s"'):
+        parse_duration(15)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('site = "s"\nnode = "n"\n[summary]\nwindow = 10\n')
+    r = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(cfg)],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 2 and "window" in r.stderr and 'write "10s"' in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("bad", ["10", "ten seconds", "10x", "", "-5s", 0, 15, 0.5, True, "5s 3m"])
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)

@@ -1,5 +1,6 @@
 """`import-receipt` on the spool: receipts in any order, exact replays refused, short
-transactions beside a running agent; `export` at the manifest's frame limit."""
+transactions beside a running agent; a new spool placed by a receipt's chain head;
+`export` at the manifest's frame limit."""
 
 from __future__ import annotations
 
@@ -125,6 +126,111 @@ def test_resume_flag_stays_when_nothing_matches_by_hash(tmp_path: Path) -> None:
     assert sp.resume_needed()
     assert sp.apply_receipt(CK, 1, [(1, b"\x01" * 32), (2, b"\x02" * 32)], 2) == (0, 0)
     assert sp.resume_needed() and _seqs(sp) == [1, 2]
+
+
+def _frames(sp: Spool) -> dict[int, wire.Frame]:
+    return {int(seq): wire.parse_frame(bytes(f)) for seq, f in sp.db.execute("SELECT seq, frame FROM batches")}
+
+
+HEAD = b"\xab" * 32  # the hash of a batch the collector holds and this spool never made
+
+
+def test_a_new_spool_renumbers_above_the_chain_head_a_receipt_states(tmp_path: Path) -> None:
+    """A reinstalled node's spool, numbered from 1, follows the collector's seq 7 after it."""
+    key = SigningKey.generate()
+    sp, _ = _spool(tmp_path, 3)
+    done = sp.resume_from_receipt(key, "s", "n", (7, HEAD), [])
+    assert (done.outcome, done.moved) == (spool_mod.RENUMBERED, 3)
+    frames = _frames(sp)
+    assert sorted(frames) == [8, 9, 10] and not sp.resume_needed()
+    assert frames[8].header.prev_hash == HEAD  # the chain continues the collector's
+    for seq in (9, 10):
+        assert frames[seq].header.prev_hash == wire.batch_hash(frames[seq - 1].raw)
+        wire.verify_signature(frames[seq], bytes(key.verify_key))
+    assert sp.append_data(key, "s", "n", _series(9), 10**9) == 11
+    # The receipt's own batch list names the collector's batch at 7: nothing here matches it.
+    assert sp.apply_receipt(CK, 1, [(7, HEAD)], 7) == (0, 0)
+    assert sorted(_frames(sp)) == [8, 9, 10, 11]
+    again = sp.resume_from_receipt(key, "s", "n", (20, HEAD), [])  # placed once, never again
+    assert again.outcome == spool_mod.NOT_NEEDED and sorted(_frames(sp)) == [8, 9, 10, 11]
+
+
+def _evicted_spool(tmp_path: Path, key: SigningKey) -> tuple[Spool, bytes]:
+    """Seqs 1-5 signed, then evicted over quota: 6 kept, a drop receipt at 7. Returns the
+    spool and seq 5's hash (gone with its row, still named by seq 6's prev_hash)."""
+    sp = Spool(tmp_path / "spool.db")
+    for i in range(5):
+        sp.append_data(key, "s", "n", _series(i), 10**9)
+    fifth = wire.batch_hash(_frames(sp)[5].raw)
+    sp.append_data(key, "s", "n", _series(5), 1)
+    assert sorted(_frames(sp)) == [6, 7]
+    return sp, fifth
+
+
+def test_a_brand_new_nodes_first_receipt_renumbers_nothing(tmp_path: Path) -> None:
+    """The collector's head is this spool's own batch: renumbering would record it twice."""
+    key = SigningKey.generate()
+    for case in ("named in the batch list", "its row here", "the next row's prev_hash", "the newest seq"):
+        d = tmp_path / case.replace(" ", "-").replace("'", "")
+        d.mkdir()
+        if case == "the next row's prev_hash":
+            sp, fifth = _evicted_spool(d, key)
+            head, batches = (5, fifth), []
+        else:
+            sp, h = _spool(d, 4)
+            head, batches = {
+                # A bundle's receipt: the collector holds batches of this spool, whatever its head says.
+                "named in the batch list": ((3, HEAD), [(1, h[1]), (2, h[2])]),
+                "its row here": ((2, h[2]), []),  # `waystation-collector receipt`: no list
+                "the newest seq": ((4, h[4]), []),
+            }[case]
+        before = {s: f.raw for s, f in _frames(sp).items()}
+        done = sp.resume_from_receipt(key, "s", "n", head, batches)
+        assert done.outcome == spool_mod.OWN_CHAIN, case
+        assert {s: f.raw for s, f in _frames(sp).items()} == before and not sp.resume_needed(), case
+        sp.close()
+
+
+def test_a_receipt_that_holds_nothing_keeps_the_numbering_and_places_the_spool(tmp_path: Path) -> None:
+    sp, h = _spool(tmp_path, 2)
+    done = sp.resume_from_receipt(SigningKey.generate(), "s", "n", (0, wire.ZERO_HASH), [])
+    assert done.outcome == spool_mod.NOTHING_HELD
+    assert not sp.resume_needed() and {s: wire.batch_hash(f.raw) for s, f in _frames(sp).items()} == h
+
+
+def test_a_head_the_spool_can_no_longer_judge_is_followed_when_everything_kept_is_above_it(
+        tmp_path: Path) -> None:
+    """Evicted around the head: neither its row nor the next one is left to compare. With
+    every kept row above head+1 a bundle could never be placed (unplaced_gap), so the spool
+    follows the head, as over HTTP; with a kept row at or below it, nothing moves."""
+    key = SigningKey.generate()
+    (tmp_path / "above").mkdir()
+    sp, _ = _evicted_spool(tmp_path / "above", key)
+    done = sp.resume_from_receipt(key, "s", "n", (3, HEAD), [])
+    assert (done.outcome, done.moved) == (spool_mod.RENUMBERED, 2) and not sp.resume_needed()
+    frames = _frames(sp)
+    assert sorted(frames) == [9, 10] and wire.decode_drop_receipt(frames[10].payload).ranges == ((4, 8),)
+    sp.close()
+
+    sp, h = _spool(tmp_path, 6)
+    sp.db.execute("DELETE FROM batches WHERE seq IN (3, 4)")  # gone around seq 3: rows 1-2 and 5-6 kept
+    hashes = {s: wire.batch_hash(f.raw) for s, f in _frames(sp).items()}
+    done = sp.resume_from_receipt(key, "s", "n", (3, HEAD), [])
+    assert done.outcome == spool_mod.UNDECIDED
+    assert sp.resume_needed() and {s: wire.batch_hash(f.raw) for s, f in _frames(sp).items()} == hashes
+    sp.close()
+
+
+def test_a_head_named_by_the_next_rows_prev_hash_is_judged_by_it(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    sp, _ = _evicted_spool(tmp_path, key)
+    # Seq 6 names seq 5's hash: a head at 5 with another hash is not this spool's.
+    done = sp.resume_from_receipt(key, "s", "n", (5, HEAD), [])
+    assert (done.outcome, done.moved) == (spool_mod.RENUMBERED, 2)
+    frames = _frames(sp)
+    assert sorted(frames) == [11, 12] and frames[11].header.prev_hash == HEAD
+    receipt = wire.decode_drop_receipt(frames[12].payload)
+    assert receipt.ranges == ((6, 10),)  # the evicted seqs move with the chain
 
 
 def test_export_stops_at_the_manifest_frame_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

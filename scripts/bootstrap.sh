@@ -24,6 +24,13 @@ if [ "$want_test" = 1 ]; then
   command -v protoc >/dev/null || missing+=(protobuf-compiler)   # regenerates collector/prompb in a test
   command -v openssl >/dev/null || missing+=(openssl)    # test certificates
   command -v git >/dev/null || missing+=(git)            # the fresh-clone test
+  # The Debian package test: scripts/build-debs.sh's tools, lintian, systemd-analyze, and
+  # Debian's python3 seccomp binding to run the daemons under their units' filters.
+  command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
+  command -v strip >/dev/null || missing+=(binutils)
+  command -v lintian >/dev/null || missing+=(lintian)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
+  /usr/bin/python3 -c 'import seccomp' 2>/dev/null || missing+=(python3-seccomp)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "== installing Debian packages: ${missing[*]}"

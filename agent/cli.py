@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from agent import keys
 from agent.config import AgentConfig, load_agent_config
 from wire.config import ConfigError, parse_size
+from wire.ownership import root_in_foreign_state
 from wire.version import version
 
 if TYPE_CHECKING:
@@ -449,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"waystation-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command in ("keygen", "rotate-key", "import-receipt", "run"):
+        problem = root_in_foreign_state(config.state_path)
+        if problem:
+            print(f"waystation-agent {args.command}: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
     handler = commands[args.command][0]
     return handler(config, args)
 

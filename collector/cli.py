@@ -27,6 +27,7 @@ from collector.ingest import open_limits
 from wire import bundle
 from wire.config import ConfigError, parse_duration
 from wire.keys import parse_public_key
+from wire.ownership import root_in_foreign_state
 from wire.sdnotify import Notifier, Watchdog
 from wire.version import version
 
@@ -447,6 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command in ("serve", "keygen", "enroll", "revoke", "import", "receipt"):
+        problem = root_in_foreign_state(Path(config.data_dir))
+        if problem:
+            print(f"waystation-collector {args.command}: {problem}", file=sys.stderr)
+            return EXIT_USAGE
 
     if args.command == "serve":
         try:

@@ -1,7 +1,9 @@
 """Host CPU, load, memory, filesystem and disk metrics under node_exporter's names.
 
-Raw I/O (psutil, statvfs, /proc/meminfo) lives in `read()`; `parse()` maps one
-recorded SystemReading to samples and is what the tests drive with recorded data.
+Raw I/O (psutil, /proc/self/mountinfo, statvfs, /proc/meminfo) lives in `read()`; `parse()`
+maps one recorded SystemReading to samples and is what the tests drive with recorded data.
+Which filesystems to report is decided from mountinfo by the pure `parse_mountinfo()` and
+`reported_mounts()`, so the packaged unit's sandbox does not show (see reported_mounts).
 Names, units (seconds, bytes) and labels follow node_exporter 1.x so its dashboards
 and alert rules work unchanged. Samples carry no site/node labels: the collector
 adds those from the signed batch header.
@@ -9,9 +11,10 @@ adds those from the signed batch header.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -115,6 +118,91 @@ def filesystem_wanted(fstype: str, mountpoint: str, exclude_fstypes: Iterable[st
     return fstype not in exclude_fstypes and not MOUNTPOINT_EXCLUDE.match(mountpoint)
 
 
+@dataclass(frozen=True)
+class MountInfoEntry:
+    """One line of /proc/<pid>/mountinfo (proc(5)), paths unescaped."""
+
+    mount_id: int
+    parent_id: int
+    device_number: str  # "major:minor" of the filesystem (the superblock), not of the mount
+    root: str  # the directory of the filesystem that is mounted here
+    mountpoint: str
+    fstype: str
+    source: str  # what /proc/mounts and psutil call the device
+    superblock_readonly: bool
+    subvolume: str | None  # btrfs: the subvolume `root` lies in, e.g. "/@home"
+
+    @property
+    def whole(self) -> bool:
+        """Mounts a filesystem, or a btrfs subvolume, at its top: not a bind of a directory in it."""
+        return self.root in ("/", self.subvolume)
+
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    # The kernel writes space, tab, newline and backslash in paths as \ooo (mangle()).
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[MountInfoEntry]:
+    """The text of /proc/<pid>/mountinfo -> its entries in file order; malformed lines are skipped.
+
+    A line: mount ID, parent ID, major:minor, root, mount point, mount options, optional
+    fields..., "-", fstype, mount source, super options.
+    """
+    out: list[MountInfoEntry] = []
+    for line in text.splitlines():
+        # Split on single spaces: an empty mount source leaves an empty field, not a shift.
+        fields = line.split(" ")
+        try:
+            sep = fields.index("-", 6)
+        except ValueError:
+            continue
+        if sep + 4 != len(fields) or not (fields[0].isdigit() and fields[1].isdigit()):
+            continue
+        fstype, source, super_options = fields[sep + 1:]
+        # btrfs ends its super options with subvol=<path>; the path may itself hold commas.
+        _, has_subvol, subvol = super_options.partition(",subvol=")
+        out.append(MountInfoEntry(
+            mount_id=int(fields[0]),
+            parent_id=int(fields[1]),
+            device_number=fields[2],
+            root=_unescape(fields[3]),
+            mountpoint=_unescape(fields[4]),
+            fstype=fstype,
+            source=_unescape(source),
+            superblock_readonly="ro" in super_options.split(","),
+            subvolume=_unescape(subvol) if has_subvol else None,
+        ))
+    return out
+
+
+def reported_mounts(entries: Sequence[MountInfoEntry], exclude_fstypes: Iterable[str]) -> list[MountInfoEntry]:
+    """The mounts to report as filesystems, in mountinfo order.
+
+    Per mount point only the topmost mount counts: it is the one statvfs on that path
+    measures. Mounts that filesystem_wanted() refuses go. So do binds of a directory of a
+    filesystem reported whole elsewhere: the packaged unit's sandbox adds such binds (its
+    state directory, the private /tmp and /var/tmp, /home, /root and /run/user read-only),
+    and on a host they would only repeat that filesystem's numbers under another mount
+    point. A bind whose filesystem is not reported whole stays: it is that filesystem's only
+    report.
+    """
+    excluded = frozenset(exclude_fstypes)
+    topmost: dict[str, MountInfoEntry] = {}
+    for entry in entries:
+        current = topmost.get(entry.mountpoint)
+        # Later lines are mounted later, so on top; except a mount propagated in under an
+        # existing one (the kernel tucks it beneath), which is then the existing one's parent.
+        if current is None or current.parent_id != entry.mount_id:
+            topmost[entry.mountpoint] = entry
+    wanted = [e for e in topmost.values() if filesystem_wanted(e.fstype, e.mountpoint, excluded)]
+    whole_devices = {e.device_number for e in wanted if e.whole}
+    return [e for e in wanted if e.whole or e.device_number not in whole_devices]
+
+
 def parse_meminfo(text: str) -> dict[str, int]:
     """/proc/meminfo -> {key: bytes}; lines without a kB unit are counts, kept as is."""
     out: dict[str, int] = {}
@@ -203,14 +291,54 @@ def _statvfs(device: str, mountpoint: str, fstype: str) -> FilesystemStat | None
     )
 
 
-def read(env: SourceEnv, exclude_fstypes: Iterable[str]) -> SystemReading:
-    """Take one raw reading of this host (the only function here that does I/O)."""
+def _block_device_path(device_number: str, env: SourceEnv) -> str | None:
+    """/dev/<name> of a block device by its major:minor, if the kernel lists it and it exists."""
+    major, _, minor = device_number.partition(":")
+    try:
+        with open(os.path.join(env.proc_root, "partitions"), encoding="ascii") as f:
+            for line in f.read().splitlines()[2:]:
+                cols = line.split()
+                if len(cols) >= 4 and cols[0] == major and cols[1] == minor:
+                    path = "/dev/" + cols[3]
+                    return path if os.path.exists(path) else None
+    except OSError:
+        pass
+    return None
+
+
+def device_label(entry: MountInfoEntry, env: SourceEnv) -> str:
+    """The device label psutil.disk_partitions gave this mount, so series keep their identity."""
+    if entry.source == "none":
+        return ""
+    if entry.source in ("/dev/root", "rootfs"):  # root= without an initramfs
+        return _block_device_path(entry.device_number, env) or entry.source
+    return entry.source
+
+
+def _read_filesystems(env: SourceEnv, excluded: frozenset[str]) -> list[FilesystemStat]:
+    try:
+        with open(os.path.join(env.proc_root, "self", "mountinfo"), encoding="utf-8",
+                  errors="surrogateescape") as f:
+            mountinfo = f.read()
+    except OSError:  # no Linux /proc here
+        return _read_filesystems_psutil(excluded)
+    filesystems: list[FilesystemStat] = []
+    for mount in reported_mounts(parse_mountinfo(mountinfo), excluded):
+        stat = _statvfs(device_label(mount, env), mount.mountpoint, mount.fstype)
+        if stat is not None:
+            # Read-only from the superblock, not statvfs: under the packaged unit
+            # (ProtectSystem=strict) every mount is a read-only bind, and statvfs's
+            # ST_RDONLY includes the mount's flag. node_exporter reads the host's mount
+            # options instead, so the two differ for a read-only bind or remount of a
+            # read-write filesystem: 1 there, 0 here. A filesystem the kernel made read-only
+            # (errors=remount-ro) or mounted read-only is 1 in both.
+            filesystems.append(dataclasses.replace(stat, readonly=mount.superblock_readonly))
+    return filesystems
+
+
+def _read_filesystems_psutil(excluded: frozenset[str]) -> list[FilesystemStat]:
     import psutil
 
-    excluded = frozenset(exclude_fstypes)
-    cpu = tuple(t._asdict() for t in psutil.cpu_times(percpu=True))
-    with open(os.path.join(env.proc_root, "meminfo"), encoding="ascii") as f:
-        meminfo = f.read()
     filesystems: list[FilesystemStat] = []
     seen: set[str] = set()
     for part in psutil.disk_partitions(all=True):
@@ -221,6 +349,17 @@ def read(env: SourceEnv, exclude_fstypes: Iterable[str]) -> SystemReading:
         stat = _statvfs(part.device, part.mountpoint, part.fstype)
         if stat is not None:
             filesystems.append(stat)
+    return filesystems
+
+
+def read(env: SourceEnv, exclude_fstypes: Iterable[str]) -> SystemReading:
+    """Take one raw reading of this host (the only function here that does I/O)."""
+    import psutil
+
+    cpu = tuple(t._asdict() for t in psutil.cpu_times(percpu=True))
+    with open(os.path.join(env.proc_root, "meminfo"), encoding="ascii") as f:
+        meminfo = f.read()
+    filesystems = _read_filesystems(env, frozenset(exclude_fstypes))
     # nowrap=False: raw kernel counters; a wrap is a counter reset the summarizer handles.
     io = psutil.disk_io_counters(perdisk=True, nowrap=False) or {}
     disks = {

@@ -339,8 +339,10 @@ def test_service_user_owns_the_state_and_keygen_works_as_it(first_build: Build) 
 
 
 def test_daemons_run_under_their_units_seccomp_filters(first_build: Build) -> None:
-    """A sealing agent, every source on and SMART read by its child every 3 s, delivers to a
-    collector, both confined as their units confine them; the filters refuse what they should."""
+    """A sealing agent, every source on, SMART read by its child every 3 s and ICMP probes on
+    (the service group in ping_group_range), delivers to a collector, both confined as their
+    units confine them, both telling a stand-in systemd READY=1 and pinging its watchdog;
+    the filters refuse what they should."""
     agent_unit, collector_unit = (Path(f"/lib/systemd/system/{p}.service") for p in PACKAGES)
     # the control: the same sandbox refuses W^X memory, netlink sockets and @resources calls
     probe = ("import mmap, os, socket\n"
@@ -357,6 +359,9 @@ def test_daemons_run_under_their_units_seccomp_filters(first_build: Build) -> No
     conf_dir = Path(tempfile.mkdtemp(prefix="waystation-debtest-conf."))
     conf_dir.chmod(0o755)  # read by the waystation user
     procs: list[subprocess.Popen[bytes]] = []
+    managers: dict[str, socket.socket] = {}
+    ping_range = Path("/proc/sys/net/ipv4/ping_group_range")
+    ping_range_before = ping_range.read_text()
     try:
         out = run(["runuser", "-u", USER, "--", "/usr/bin/waystation-collector", "keygen", "--force",
                    "--config", "/etc/waystation/collector.toml"], cwd="/").stdout
@@ -366,7 +371,11 @@ def test_daemons_run_under_their_units_seccomp_filters(first_build: Build) -> No
         agent_toml = conf_dir / "agent.toml"
         agent_toml.write_text(f'site = "pkgtest"\nnode = "n1"\n[uplink]\nurl = "http://127.0.0.1:{port}"\n'
                               f'collector_key = "{pin.group(1)}"\n[summary]\nwindow = "2s"\n'
-                              '[sources.smart]\ninterval = "3s"\n')
+                              '[sources.smart]\ninterval = "3s"\n[sources.network]\nicmp = true\n')
+        # Unprivileged ICMP, as the README says to allow it: the service's group in the
+        # node's ping_group_range (restored below).
+        gid = pwd.getpwnam(USER).pw_gid
+        ping_range.write_text(f"{gid} {gid}\n")
         agent_toml.chmod(0o644)
         out = run(["runuser", "-u", USER, "--", "/usr/bin/waystation-agent", "keygen", "--force", "--config",
                    str(agent_toml)], cwd="/").stdout
@@ -376,12 +385,20 @@ def test_daemons_run_under_their_units_seccomp_filters(first_build: Build) -> No
              "/etc/waystation/collector.toml", *enroll.group(1).split()], cwd="/")
 
         logs = {name: conf_dir / f"{name}.log" for name in ("collector", "agent")}
+        # What systemd listens on for each Type=notify unit: READY=1 and the watchdog's pings
+        # must get through the filters (AF_UNIX datagrams) as the waystation user.
+        for name in logs:
+            managers[name] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            managers[name].bind(str(conf_dir / f"{name}.notify"))
+            (conf_dir / f"{name}.notify").chmod(0o666)
+            managers[name].settimeout(30)
         for name, unit, argv in (
                 ("collector", collector_unit, ["/usr/bin/waystation-collector", "serve", "--config",
                                                "/etc/waystation/collector.toml", "--listen", f"127.0.0.1:{port}"]),
                 ("agent", agent_unit, ["/usr/bin/waystation-agent", "run", "--config", str(agent_toml)])):
             with open(logs[name], "wb") as log_file:
-                procs.append(subprocess.Popen(sandboxed(unit, argv), cwd="/", env=SERVICE_ENV, stdout=log_file,
+                env = {**SERVICE_ENV, "NOTIFY_SOCKET": str(conf_dir / f"{name}.notify"), "WATCHDOG_USEC": "2000000"}
+                procs.append(subprocess.Popen(sandboxed(unit, argv), cwd="/", env=env, stdout=log_file,
                                               stderr=subprocess.STDOUT))
             if name == "collector":
                 wait_for(lambda: procs[0].poll() is None and _healthy(port), 30, "the sandboxed collector")
@@ -394,6 +411,9 @@ def test_daemons_run_under_their_units_seccomp_filters(first_build: Build) -> No
             return next((n for n in nodes if n["node"] == "n1" and n["complete_through"] >= 4), None)
 
         wait_for(node, 60, "4 batches of the sandboxed agent at the sandboxed collector", 0.5)
+        for name, manager in managers.items():
+            said = [manager.recv(4096).decode() for _ in range(3)]  # READY=1, then pings every second
+            assert said[0].startswith("READY=1") and all("WATCHDOG=1" in m for m in said[1:]), (name, said)
         time.sleep(4)  # a SMART read (every 3 s) after the first batches
         status, body = http_get(f"http://127.0.0.1:{port}/metrics")
         series = [ln for ln in body.decode().splitlines() if 'node="n1"' in ln and not ln.startswith("#")]
@@ -401,6 +421,8 @@ def test_daemons_run_under_their_units_seccomp_filters(first_build: Build) -> No
         for wanted in ("node_cpu_seconds_total", "node_filesystem_size_bytes", "node_network_receive_bytes_total",
                        "waystation_probe_rtt_seconds"):
             assert wanted in names, f"{wanted} missing from {sorted(names)}"
+        icmp = [ln for ln in series if ln.startswith("probe_success{") and 'protocol="icmp"' in ln]
+        assert icmp and all(ln.rsplit(" ", 2)[1] == "1.0" for ln in icmp), (icmp, logs["agent"].read_text()[-3000:])
         errors = [ln for ln in series if ln.startswith("waystation_source_errors_total") and
                   float(ln.rsplit(" ", 2)[1]) != 0]
         assert not errors, "\n".join(errors) + "\n" + logs["agent"].read_text()[-3000:]
@@ -417,6 +439,9 @@ def test_daemons_run_under_their_units_seccomp_filters(first_build: Build) -> No
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+        for manager in managers.values():
+            manager.close()
+        ping_range.write_text(ping_range_before)
         shutil.rmtree(conf_dir, ignore_errors=True)
 
 

@@ -83,3 +83,24 @@ def test_status_names_the_url_when_the_collector_was_never_reached(tmp_path: Pat
     assert "None" not in r.stdout and "has confirmed nothing yet" in r.stdout, r.stdout
     assert f"last error:         collector unreachable ({url})" in r.stdout, r.stdout
     assert json.loads(agent.cli("status", "--json").stdout)["collector_complete_through"] is None
+
+
+def test_root_is_refused_where_the_service_user_keeps_its_state(tmp_path: Path) -> None:
+    """Run as root (as CI and a newcomer with sudo do), a key written into the service
+    user's state folder would be root's: the service could not read it. Refused, saying how."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.fail("this test checks what root may do: run the suite as root, as CI does")
+    state, data = tmp_path / "agent-state", tmp_path / "collector-data"
+    for folder in (state, data):
+        folder.mkdir()
+        os.chown(folder, 65534, 65534)  # nobody: the service user here
+    r = run("agent", "keygen", "--state-dir", str(state))
+    assert r.returncode == 2 and "runuser -u nobody" in r.stderr and not (state / "node.key").exists(), r.stderr
+    r = run("collector", "keygen", "--data-dir", str(data))
+    assert r.returncode == 2 and "runuser -u nobody" in r.stderr and not list(data.iterdir()), r.stderr
+    r = run("collector", "nodes", "--data-dir", str(data))  # reading is fine
+    assert "runuser" not in r.stderr, r.stderr
+    r = run("agent", "status", "--state-dir", str(state))
+    assert "runuser" not in r.stdout + r.stderr

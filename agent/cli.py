@@ -244,6 +244,16 @@ def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
     finally:
         spool.close()
         tmp.unlink(missing_ok=True)
+    try:
+        # What lets import-receipt tell a receipt answering this bundle from a stale one.
+        writable = Spool(config.spool_path, timeout_s=30.0)
+        try:
+            writable.note_exported(max(seqs), manifest.hash)
+        finally:
+            writable.close()
+    except sqlite3.Error as exc:
+        print(f"waystation-agent export: warning: cannot record the export in {config.spool_path} ({exc}); "
+              "a receipt for this bundle will still apply", file=sys.stderr)
     print(f"wrote {out}: {len(seqs)} batches, seq {_seq_text(seqs)}, {writer.bytes} bytes "
           f"(bundle {manifest.hash.hex()[:16]})")
     if left and full:
@@ -326,7 +336,7 @@ def cmd_import_receipt(config: AgentConfig, args: argparse.Namespace) -> int:
     try:
         if spool.resume_needed():
             # Before anything is deleted: the head decides what this spool's seqs mean.
-            problem = _place_spool(config, spool, mine)
+            problem = _place_spool(config, spool, mine, args.place)
             if problem:
                 return fail(problem)
         for r in sorted(mine, key=lambda r: r.receipt_no):
@@ -351,11 +361,11 @@ def cmd_import_receipt(config: AgentConfig, args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _place_spool(config: AgentConfig, spool: Spool, receipts: list[bundle.Receipt]) -> str:
+def _place_spool(config: AgentConfig, spool: Spool, receipts: list[bundle.Receipt], force: bool = False) -> str:
     """A spool that never learned the collector's chain (new, or the node reinstalled):
     renumber it above the chain head the newest applicable receipt states, as the uplink
     does with the head it asks for over HTTP. Returns why it could not ("" when done)."""
-    from agent.spool import NOTHING_HELD, OWN_CHAIN, RENUMBERED, UNDECIDED, ReceiptReplayed
+    from agent.spool import NOTHING_HELD, OWN_CHAIN, RENUMBERED, STALE, UNDECIDED, ReceiptReplayed
 
     fresh = []
     for r in receipts:
@@ -373,8 +383,17 @@ def _place_spool(config: AgentConfig, spool: Spool, receipts: list[bundle.Receip
     except keys.KeyError_ as exc:
         return f"this spool must be renumbered to follow the collector's chain and needs the node key: {exc}"
     done = spool.resume_from_receipt(key, config.site, config.node, (r.head_seq, r.head_hash),
-                                     itertools.chain.from_iterable(x.batches for x in fresh))
+                                     itertools.chain.from_iterable(x.batches for x in fresh),
+                                     issued_ms=r.issued_ms, bundles=[b for x in fresh for b in x.bundles],
+                                     force=force)
     who = f"{config.site}/{config.node}"
+    if done.outcome == STALE:
+        issued = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.issued_ms / 1000))
+        return (f"receipt {r.receipt_no} was issued {issued} UTC, before this spool was created, and answers "
+                "none of its bundles: the collector's chain for this node may have moved past the head it "
+                f"states (seq {r.head_seq}), and placing the spool there could reuse seqs. Carry a fresh one "
+                f"(`waystation-collector receipt --site {config.site} --node {config.node} --out FILE`), or, if "
+                "this receipt is fresh and this node's clock runs ahead of the collector's, apply it with --place")
     if done.outcome == RENUMBERED:
         print(f"renumbered {done.moved} unsent batches to follow seq {r.head_seq} that the collector holds for "
               f"{who} (receipt {r.receipt_no}): they now start at seq {r.head_seq + 1}")
@@ -444,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                            help="largest bundle to write (e.g. 64MiB); the oldest batches go first")
         if name == "import-receipt":
             p.add_argument("file", type=Path, help="the receipt file `waystation-collector import` wrote")
+            p.add_argument("--place", action="store_true",
+                           help="place a new spool by this receipt's chain head even though it was issued "
+                                "before the spool was created (a node clock running ahead)")
     args = parser.parse_args(argv)
     try:
         config = _config(args)

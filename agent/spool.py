@@ -87,6 +87,7 @@ NOTHING_HELD = "nothing_held"  # the collector holds nothing of the node: seq 1 
 OWN_CHAIN = "own_chain"  # the collector's head is this spool's own batch: nothing to move
 RENUMBERED = "renumbered"  # the spool's batches now follow the collector's head
 UNDECIDED = "undecided"  # nothing left in the spool tells whose the head is: the flag stays
+STALE = "stale"  # the receipt predates this spool and answers none of its bundles: nothing moves
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,9 @@ class Spool:
                 # A new spool on a node that may have sent before (reinstalled, state lost):
                 # its seqs must be placed above what the collector already holds.
                 self._set_meta("resume_needed", 1)
+                # A receipt issued before this spool existed cannot say where the
+                # collector's chain stands now (see resume_from_receipt).
+                self._set_meta("created_ms", int(time.time() * 1000))
 
     def close(self) -> None:
         self.db.close()
@@ -231,7 +235,8 @@ class Spool:
             return moved
 
     def resume_from_receipt(
-        self, key: SigningKey, site: str, node: str, head: tuple[int, bytes], batches: Iterable[tuple[int, bytes]]
+        self, key: SigningKey, site: str, node: str, head: tuple[int, bytes], batches: Iterable[tuple[int, bytes]],
+        issued_ms: int | None = None, bundles: Iterable[bytes] = (), force: bool = False,
     ) -> Resumption:
         """Where HTTP asks the collector for its chain head (`resume`), an air-gapped node has
         only the head a verified receipt states (highest seq held, its hash; (0, zeros): none):
@@ -244,16 +249,25 @@ class Spool:
         if not self.resume_needed():
             return Resumption(NOT_NEEDED)
         head_seq, head_hash = head
+        # A receipt from before this spool (the node's previous install, an old stick) states
+        # a head the collector has since passed: placing the spool there would reuse seqs.
+        # One that answers a bundle this spool exported is fresh whatever the clocks say.
+        created = self._meta("created_ms")
+        if (issued_ms is not None and created is not None and issued_ms < int(created)  # type: ignore[call-overload]
+                and not force and not set(bundles) & self.exported_bundles()):
+            return Resumption(STALE)
         if head_seq == 0:  # the collector holds nothing of this node: numbering from 1 stands
             return Resumption(NOTHING_HELD if self._resume(key, site, node, 1, wire.ZERO_HASH) is not None
                               else NOT_NEEDED)
         own = self._head_is_own(head_seq, head_hash, batches)
-        if own is None and self._lowest_seq() > head_seq + 1:
+        if own is None and self._lowest_seq() > head_seq + 1 and self._meta_int("exported_through", 0) <= head_seq:
             # Everything at and next to the head was evicted: nothing tells whose the head is,
             # and a bundle starting above head+1 would be refused (unplaced_gap) for ever.
-            # Follow the head, as the uplink does over HTTP: no seq the collector holds is
-            # reused. If the head was this spool's own, the evicted seqs between it and the
-            # kept ones are named dropped once more than they were (a count, not data).
+            # This spool never exported past the head, so the collector holds none of its
+            # batches above it: follow the head, as the uplink does over HTTP. No seq the
+            # collector holds is reused and nothing is recorded twice; if the head was this
+            # spool's own, the evicted seqs between it and the kept ones are named dropped
+            # once more than they were (a count, not data).
             own = False
         if own is None:
             return Resumption(UNDECIDED)
@@ -264,6 +278,19 @@ class Spool:
             return Resumption(OWN_CHAIN if was_needed else NOT_NEEDED)
         moved = self._resume(key, site, node, head_seq + 1, head_hash)
         return Resumption(NOT_NEEDED) if moved is None else Resumption(RENUMBERED, moved)
+
+    def note_exported(self, through_seq: int, manifest_hash: bytes) -> None:
+        """`export` wrote a bundle up to through_seq: a receipt answering it is fresh, and
+        the collector may hold this spool's batches up to there."""
+        with self._write():
+            self._set_meta("exported_through", max(self._meta_int("exported_through", 0), through_seq))
+            recent = [h for h in str(self._meta("exported_bundles", "") or "").split(",") if h]
+            recent = ([manifest_hash.hex()] + [h for h in recent if h != manifest_hash.hex()])[:64]
+            self._set_meta("exported_bundles", ",".join(recent))
+
+    def exported_bundles(self) -> set[bytes]:
+        """Manifest hashes of the newest 64 bundles exported from this spool."""
+        return {bytes.fromhex(h) for h in str(self._meta("exported_bundles", "") or "").split(",") if h}
 
     def _lowest_seq(self) -> int:
         """The lowest seq the spool still holds (rejected rows too); a huge number when empty."""

@@ -521,9 +521,11 @@ class Uplink:
     def _send(self, spool: Spool, conn: _Connection, claimed: Claimed, backoff: Backoff) -> _Step:
         """POST one claimed batch and say what the lane does next."""
         try:
-            # The request is bounded by its timeout and the spool writes by SQLite's busy
-            # timeout; far past both, the lane is stuck (a hung socket, a wedged lock).
-            with self.liveness.step(f"{threading.current_thread().name} send", float(self.config.timeout) + 120):
+            # The timeout bounds each socket operation, not the whole upload, so a big batch
+            # over a slow link legitimately takes longer: the bound allows 1 KB/s on top.
+            # Far past it the lane is stuck (a hung socket, a wedged lock).
+            bound = float(self.config.timeout) + 120 + len(claimed.frame) / 1024
+            with self.liveness.step(f"{threading.current_thread().name} send", bound):
                 return self._deliver(spool, conn, claimed, backoff)
         except BaseException:
             # Never leave a claim behind: the lane restarts, the batch must stay sendable.

@@ -367,7 +367,17 @@ async def post_import(request: web.Request) -> web.Response:
         # is answered overloaded (nothing of it taken), and the import sends it again.
         share = max(1, min(IMPORT_GROUP, limits.max_pending_commits // 2))
         for start in range(0, len(frames), share):
-            answers += await ingest.import_frames(frames[start : start + share], origin_file)
+            slice_answers = await ingest.import_frames(frames[start : start + share], origin_file)
+            answers += slice_answers
+            stalled = next((h for result, _, h in slice_answers if h is not None
+                            and h.kind == wire.Kind.KEY_ROTATION and result in ("overloaded", "unavailable")), None)
+            if stalled is not None:
+                # As within a slice (Ingest.import_frames): the frames after a rotation the
+                # ledger did not take would be refused unknown_key; they go back unverified.
+                detail = (f"not verified: the key rotation of {stalled.site}/{stalled.node} at seq {stalled.seq} "
+                          "before it was not taken")
+                answers += [("overloaded", detail, None) for _ in frames[start + share:]]
+                break
     finally:
         ingest.in_progress -= 1
     return web.json_response({"results": [

@@ -20,7 +20,10 @@ Each file is read twice. The first pass notes its damage, its manifests and ever
 seq and hash, and commits nothing: a bundle whose verified manifest says its spool was never
 placed (MANIFEST_UNPLACED: a new spool, numbered from seq 1) has its frames of that node
 committed only where they continue the chain the collector holds for it, else none of them
-(`unplaced_spool`, `unplaced_gap`; docs/bundle.md §3). The second pass commits.
+(`unplaced_spool`, `unplaced_gap`; docs/bundle.md §3). The second pass commits. What the
+first pass read of the ledger still holds when the second commits because imports run one
+at a time: each holds `<data_dir>/import.lock` throughout import_bundles, whichever way it
+commits (collector.serve_link.acquire_for_import; a second import waits, naming the first).
 
 The receipt is built afterwards, in this process, from the committed ledger (the held seq
 ranges and the watermark) and signed with the collector's key (collector.receipts, docs/bundle.md §4).
@@ -43,7 +46,16 @@ from collector import keyring, trust
 from collector import ledger as ledger_mod
 from collector.config import CollectorConfig
 from collector.ingest import MAX_GROUP, open_frame, open_limits, result_word, submission
-from collector.serve_link import Answer, DataDirLock, Endpoint, Frames, ImportError_, ServeSink, claim
+from collector.serve_link import (
+    Answer,
+    DataDirLock,
+    Endpoint,
+    Frames,
+    ImportError_,
+    ServeSink,
+    acquire_for_import,
+    claim,
+)
 from wire import bundle
 
 _LEN = struct.Struct("<I")
@@ -349,9 +361,12 @@ def _unplaced_verdicts(
 
     A manifest whose key is not known yet (a key rotation inside the bundle is committed with
     its frames) is not verified here: that node's frames go as they always did, and the
-    manifest is checked after them (`_check_manifests`). Races: beside a running serve the
-    node cannot deliver over HTTP meanwhile: an unplaced spool sends nothing before its uplink
-    has asked the chain head and placed it, so the head read here holds for this node's frames."""
+    manifest is checked after them (`_check_manifests`). Races: another import cannot commit
+    meanwhile (import.lock, held throughout import_bundles: through serve, nothing else keeps
+    a second import from reading the same head before either commits); and beside a running
+    serve the node cannot deliver over HTTP meanwhile: an unplaced spool sends nothing before
+    its uplink has asked the chain head and placed it, so the head read here holds for this
+    node's frames."""
     unplaced = [m for m in file.manifests if m.unplaced]
     if not unplaced:
         return {}
@@ -481,9 +496,21 @@ def _held_back(
 def import_bundles(
     config: CollectorConfig, paths: Sequence[Path], say: Callable[[str], None] = print
 ) -> Report:
-    """Verify and commit every frame of every bundle; returns what happened (no receipt yet)."""
+    """Verify and commit every frame of every bundle; returns what happened (no receipt yet).
+    Holds import.lock throughout (see the module docstring), waiting for another import."""
     data_dir = Path(config.data_dir)
     sealing_keys = keyring.load_sealing_keys(keyring.sealing_key_files(data_dir))
+    one_at_a_time = acquire_for_import(data_dir, say)
+    try:
+        return _import_all(config, paths, say, sealing_keys)
+    finally:
+        one_at_a_time.close()
+
+
+def _import_all(
+    config: CollectorConfig, paths: Sequence[Path], say: Callable[[str], None], sealing_keys: wire.SealingKeys
+) -> Report:
+    data_dir = Path(config.data_dir)
     claimed = claim(data_dir, say)
     report = Report()
     sink: DirectSink | ServeSink

@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,21 +120,63 @@ def _url_host(sockaddr: Any) -> tuple[str, int]:
     return (f"[{host}]" if ":" in host else host), port
 
 
+# How long serve's start may take in all (waiting for an import, replaying the ledger)
+# while it keeps extending systemd's start timeout (TimeoutStartSec, 90 s by default); a
+# start stuck past this still times out.
+START_LIMIT_S = 3600.0
+EXTEND_S = 60.0  # what Notifier.extend_until asks for each time (3 x its 20 s period)
+
+
+class _Starting:
+    """What serve's start is waiting for, told to systemd: STATUS=, and EXTEND_TIMEOUT_USEC=
+    while it lasts (Notifier.extend_until), until `ready` is set."""
+
+    def __init__(self, notifier: Notifier, line: str) -> None:
+        self.notifier = notifier
+        self.ready = threading.Event()
+        self.line = line
+        self.deadline = time.monotonic() + START_LIMIT_S
+        notifier.extend_until(self.ready, lambda: self.line, limit_s=START_LIMIT_S)
+
+    def now(self, line: str) -> None:
+        """A new wait: said at once, with an extension of its own (extend_until's next one
+        may be 20 s away), within the same START_LIMIT_S."""
+        self.line = line
+        left = self.deadline - time.monotonic()
+        if left > 0:
+            self.notifier.extend_start(min(EXTEND_S, left), line)
+        else:
+            self.notifier.status(line)
+
+
 async def _serve(config: CollectorConfig) -> int:
     data_dir = Path(config.data_dir)
+    # Before anything that may wait: a start that waits for an import, or replays a large
+    # ledger, must not be killed by systemd's start timeout (Type=notify) and restarted
+    # into the same wait again and again.
+    notifier = Notifier()
+    starting = _Starting(notifier, f"starting: taking {data_dir / serve_link.LOCK_FILE}")
+
+    def say(message: str) -> None:
+        print(f"waystation-collector: {message}", flush=True)
+        starting.now(f"starting: {message}")
+
     try:
-        lock = serve_link.acquire_for_serve(data_dir, lambda m: print(f"waystation-collector: {m}", flush=True))
-    except (bundles.ImportError_, OSError) as exc:
-        print(f"waystation-collector: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    try:
-        return await _serve_locked(config)
+        try:
+            lock = serve_link.acquire_for_serve(data_dir, say)
+        except (bundles.ImportError_, OSError) as exc:
+            print(f"waystation-collector: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        try:
+            return await _serve_locked(config, notifier, starting)
+        finally:
+            (data_dir / serve_link.ENDPOINT_FILE).unlink(missing_ok=True)
+            lock.close()
     finally:
-        (data_dir / serve_link.ENDPOINT_FILE).unlink(missing_ok=True)
-        lock.close()
+        starting.ready.set()  # a start that failed extends nothing any more
 
 
-async def _serve_locked(config: CollectorConfig) -> int:
+async def _serve_locked(config: CollectorConfig, notifier: Notifier, starting: _Starting) -> int:
     ssl_context = None
     if config.tls:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -149,6 +192,7 @@ async def _serve_locked(config: CollectorConfig) -> int:
         return EXIT_FAILED
     access_log = logging.getLogger("aiohttp.access") if config.log_level == "debug" else None
     runner = web.AppRunner(app, handle_signals=False, access_log=access_log)
+    starting.now(f"starting: replaying the ledger {config.ledger_path}")
     try:
         await runner.setup()
     except (OSError, sqlite3.Error) as exc:
@@ -181,10 +225,10 @@ async def _serve_locked(config: CollectorConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        notifier = Notifier()
         status = _ServeStatus(app, config.listen)
         # Ready: the ledger is open and replayed, the socket listens, import can find us.
         notifier.ready(status.line())
+        starting.ready.set()  # the start is over: no more extensions
         pinger = loop.create_task(_watchdog(notifier, Watchdog(notifier, app[COMMITTER].liveness, status.line)))
         await stop.wait()
         print("waystation-collector: stopping", flush=True)

@@ -112,6 +112,10 @@ class Committer:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-committer")
+        # A committer task that ended (a bug, a cancel) leaves every submission waiting and
+        # the queue filling, with no step under way for Liveness to find stuck: watched itself.
+        self.liveness.watch("ledger committer",
+                            lambda: self._task is None or self._stopping or not self._task.done())
 
     async def stop(self) -> None:
         """Commit what is queued, then stop; the ledger is not closed here."""
@@ -152,7 +156,13 @@ class Committer:
                 else:
                     self.groups += 1
                     for (_, fut), outcome in zip(group, outcomes, strict=True):
-                        self.on_outcome(outcome)
+                        try:
+                            self.on_outcome(outcome)
+                        except Exception:
+                            # The batch is committed whatever the hook did: its sender still
+                            # gets the answer, and the committer goes on with the next group.
+                            log.exception("committed a batch of %s/%s (%s), but applying its outcome failed",
+                                          outcome.state.site, outcome.state.node, outcome.result)
                         if not fut.done():
                             fut.set_result(outcome)
                 finally:
@@ -243,6 +253,14 @@ def open_limits(limits: LimitsConfig) -> wire.OpenLimits:
             max_labels=limits.max_labels_per_series,
         ),
     )
+
+
+def _header_of(raw: bytes) -> wire.Header | None:
+    """A frame's header as it reads, unverified (for an answer that names the frame)."""
+    try:
+        return wire.parse_frame(raw).header
+    except wire.WireError:
+        return None
 
 
 class Ingest:
@@ -406,6 +424,17 @@ class Ingest:
             if len(pending) >= IMPORT_GROUP or opened.rotation is not None:
                 await asyncio.gather(*pending)
                 pending = []
+                result = results[i][0]
+                if opened.rotation is not None and result in ("overloaded", "unavailable"):
+                    # The rotation is not in the ledger, so a later frame signed with the new
+                    # key would be refused unknown_key for good. None of them is verified now:
+                    # answered overloaded, the import sends them again after the rotation.
+                    h = opened.header
+                    detail = (f"not verified: the key rotation of {h.site}/{h.node} at seq {h.seq} before it "
+                              f"was answered {result}")
+                    for j in range(i + 1, len(frames)):
+                        results[j] = ("overloaded", detail, _header_of(frames[j]))
+                    break
         await asyncio.gather(*pending)
         return results
 

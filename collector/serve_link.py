@@ -7,6 +7,16 @@ nonce its lock label carries). An import that finds the lock held hands the fram
 serve over POST /v1/import (same host only, with the token): `ServeSink`. Otherwise the
 import takes the lock itself, so serve cannot start meanwhile (it waits), and commits
 directly (collector.bundles.DirectSink).
+
+Every import also holds an exclusive flock on `<data_dir>/import.lock` while it reads and
+commits bundles, whichever way it commits, taken before it looks at serve.lock
+(`acquire_for_import`; labelled as serve.lock is, `import <pid> <nonce>`): one import at a
+time per data_dir. An import decides from its own read of the ledger which frames of a
+never-placed spool it may commit (collector.bundles._unplaced_verdicts) and commits them
+afterwards; an import that finds serve lets go of serve.lock at once, so serve.lock alone
+would let a second import decide from the same read meanwhile, and the two would splice
+their spools into one chain. serve never takes import.lock: an import waiting for another
+does not hold up serve.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import wire
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "serve.lock"
+IMPORT_LOCK_FILE = "import.lock"
 ENDPOINT_FILE = "serve.json"
 TOKEN_HEADER = "X-Waystation-Import-Token"
 ORIGIN_HEADER = "X-Waystation-Origin-File"
@@ -88,11 +99,12 @@ UNLABELLED = Holder("", 0, "")
 
 class DataDirLock:
     """The flock on <data_dir>/serve.lock that serve holds while it runs (and an import
-    while it commits directly); its content says who holds it (`Holder`)."""
+    while it commits directly), or on <data_dir>/import.lock (an import, for its whole run);
+    its content says who holds it (`Holder`)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, name: str = LOCK_FILE) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = data_dir / LOCK_FILE
+        self.path = data_dir / name
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         self.held = False
 
@@ -146,6 +158,33 @@ def acquire_for_serve(data_dir: Path, say: Callable[[str], None], label_wait_s: 
             unlabelled_since = None
             if holder != said:
                 say(f"waiting for `waystation-collector import` (pid {holder.pid}) to finish with {data_dir}")
+                said = holder
+        else:
+            now = time.monotonic()
+            unlabelled_since = now if unlabelled_since is None else unlabelled_since
+            if now - unlabelled_since > label_wait_s:
+                lock.close()
+                raise _unlabelled(lock, now - unlabelled_since)
+        time.sleep(POLL_S)
+    return lock
+
+
+def acquire_for_import(data_dir: Path, say: Callable[[str], None], label_wait_s: float = LABEL_WAIT_S) -> DataDirLock:
+    """import.lock, for the whole of one import: waits (without bound: the other import may
+    be a large one) for an import that holds it, saying once per holder whose turn it is.
+
+    Polls, as acquire_for_serve does, so that the holder is named from its label even when
+    it flocked the file an instant before labelling it."""
+    lock = DataDirLock(data_dir, IMPORT_LOCK_FILE)
+    said: Holder | None = None
+    unlabelled_since: float | None = None
+    while not lock.try_acquire("import"):
+        holder = lock.holder()
+        if holder.role == "import":
+            unlabelled_since = None
+            if holder != said:
+                say(f"waiting for another `waystation-collector import` (pid {holder.pid}) to finish with "
+                    f"{data_dir} (imports run one at a time)")
                 said = holder
         else:
             now = time.monotonic()
@@ -350,10 +389,11 @@ class ServeSink:
         return results
 
     def commit(self, frames: Frames, origin_file: str) -> list[Answer]:
-        """Every frame's answer. What serve did not take (a 503 for the whole request, or a
-        frame answered overloaded/unavailable) goes again after a backoff; after RETRIES
-        tries in a row that took nothing, what is left is answered as serve last did.
-        Nothing taken is sent again, so nothing is counted twice."""
+        """Every frame's answer. What serve did not take (a 503 for the whole request, a
+        frame answered overloaded/unavailable, or one answered unknown_key after its node's
+        key rotation was answered so) goes again after a backoff; after RETRIES tries in a
+        row that took nothing, what is left is answered as serve last did. Nothing taken is
+        sent again, so nothing is counted twice."""
         frame_headers = [_header_of(raw) for _, raw in frames]
         answers: list[Answer] = [("", "", h) for h in frame_headers]
         todo = list(range(len(frames)))
@@ -366,10 +406,19 @@ class ServeSink:
                     answers[i] = ("overloaded", f"serve answered {reply.detail}", frame_headers[i])
             else:
                 again = []
+                rotating: set[tuple[str, str]] = set()  # nodes whose key rotation serve did not take
                 for i, r in zip(todo, reply, strict=True):
                     result = str(r.get("result"))
-                    answers[i] = (result, str(r.get("detail", "")), frame_headers[i])
+                    h = frame_headers[i]
+                    answers[i] = (result, str(r.get("detail", "")), h)
                     if result in RETRIED:
+                        again.append(i)
+                        if h is not None and h.kind == wire.Kind.KEY_ROTATION:
+                            rotating.add((h.site, h.node))
+                    elif result == "unknown_key" and h is not None and (h.site, h.node) in rotating:
+                        # Signed with the key that rotation brings, and verified before the
+                        # ledger knew it (serve answers the rest of that slice overloaded, but
+                        # verifies the request's later slices): sent again after the rotation.
                         again.append(i)
                 taken, wait = len(again) < len(todo), 0.0
                 why = f"{len(again)} of {len(todo)} frames answered {answers[again[0]][0]}" if again else ""

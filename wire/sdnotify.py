@@ -63,12 +63,16 @@ class Notifier:
         """One datagram of KEY=value lines; True if it was sent."""
         if self.address is None:
             return False
-        text = "\n".join(f"{k}={_one_line(v)}" for k, v in fields.items())
+        # errors="replace": a status line may hold a path that is not UTF-8 (surrogate escapes).
+        data = "\n".join(f"{k}={_one_line(v)}" for k, v in fields.items()).encode(errors="replace")
         with self._lock:
             try:
                 if self._sock is None:
-                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._sock.sendto(text.encode(), self.address)
+                    # Non-blocking: a manager that stopped reading must not stall the caller
+                    # (the collector's event loop); the message is lost, which is logged.
+                    self._sock = socket.socket(socket.AF_UNIX,
+                                               socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+                self._sock.sendto(data, self.address)
             except OSError as exc:
                 if not self._warned:
                     log.warning("cannot notify the service manager at %s: %s", self.address.lstrip("\0"), exc)
@@ -84,6 +88,28 @@ class Notifier:
 
     def stopping(self, status: str = "stopping") -> bool:
         return self.send(STOPPING="1", STATUS=status)
+
+    def extend_start(self, seconds: float, status: str) -> bool:
+        """Ask for `seconds` more before the start times out (EXTEND_TIMEOUT_USEC), saying why."""
+        return self.send(EXTEND_TIMEOUT_USEC=str(int(seconds * 1e6)), STATUS=status)
+
+    def extend_until(self, ready: threading.Event, status: Callable[[], str], limit_s: float,
+                     every_s: float = 20.0) -> threading.Thread | None:
+        """While a start that may legitimately take long (waiting for a lock, replaying a
+        ledger) runs, keep extending systemd's start timeout, up to limit_s in all: a start
+        stuck past that still times out. Stops once `ready` is set."""
+        if not self.enabled:
+            return None
+        deadline = time.monotonic() + limit_s
+
+        def loop() -> None:
+            while not ready.is_set() and time.monotonic() < deadline:
+                self.extend_start(min(every_s * 3, max(1.0, deadline - time.monotonic())), status())
+                ready.wait(every_s)
+
+        t = threading.Thread(target=loop, name="sd-extend-start", daemon=True)
+        t.start()
+        return t
 
     def watchdog(self, status: str | None = None) -> bool:
         return self.send(WATCHDOG="1", **({"STATUS": status} if status is not None else {}))
@@ -107,6 +133,7 @@ class Liveness:
         self._lock = threading.Lock()
         self._steps: dict[int, tuple[str, float, float]] = {}  # token -> (name, started, limit)
         self._threads: dict[str, threading.Thread] = {}
+        self._checks: dict[str, Callable[[], bool]] = {}
         self._next = 0
 
     @contextmanager
@@ -129,6 +156,12 @@ class Liveness:
     def forget_thread(self, name: str) -> None:
         with self._lock:
             self._threads.pop(name, None)
+            self._checks.pop(name, None)
+
+    def watch(self, name: str, alive: Callable[[], bool]) -> None:
+        """Something that is not a thread (an asyncio task) and must stay alive."""
+        with self._lock:
+            self._checks[name] = alive
 
     def problems(self) -> list[str]:
         """One line per stuck step or dead thread; empty when healthy."""
@@ -136,9 +169,11 @@ class Liveness:
         with self._lock:
             steps = list(self._steps.values())
             threads = list(self._threads.items())
+            checks = list(self._checks.items())
         out = [f"{name} under way for {now - started:.0f}s (bound {limit:.0f}s)"
                for name, started, limit in steps if now - started > limit]
         out += [f"thread {name} is not running" for name, t in threads if not t.is_alive()]
+        out += [f"{name} is not running" for name, alive in checks if not alive()]
         return out
 
 

@@ -412,8 +412,10 @@ def test_daemons_run_under_their_units_seccomp_filters(first_build: Build) -> No
 
         wait_for(node, 60, "4 batches of the sandboxed agent at the sandboxed collector", 0.5)
         for name, manager in managers.items():
-            said = [manager.recv(4096).decode() for _ in range(3)]  # READY=1, then pings every second
-            assert said[0].startswith("READY=1") and all("WATCHDOG=1" in m for m in said[1:]), (name, said)
+            said = [manager.recv(4096).decode() for _ in range(8)]  # maybe EXTEND while starting, READY=1, pings
+            ready = next((i for i, m in enumerate(said) if m.startswith("READY=1")), None)
+            assert ready is not None and all(m.startswith("EXTEND_TIMEOUT_USEC=") for m in said[:ready]), (name, said)
+            assert said[ready + 1:] and all("WATCHDOG=1" in m for m in said[ready + 1:]), (name, said)
         time.sleep(4)  # a SMART read (every 3 s) after the first batches
         status, body = http_get(f"http://127.0.0.1:{port}/metrics")
         series = [ln for ln in body.decode().splitlines() if 'node="n1"' in ln and not ln.startswith("#")]

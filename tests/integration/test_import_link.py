@@ -1,6 +1,7 @@
 """`waystation-collector import` beside a running `serve`, with real processes on loopback:
 who may use POST /v1/import, the TLS pin, the data_dir lock when two processes start at
-once, and an import through a serve too busy to take it all at once."""
+once, one import at a time (import.lock), and an import through a serve too busy to take it
+all at once (a key rotation it could not take included)."""
 
 from __future__ import annotations
 
@@ -42,22 +43,22 @@ SITE = "lab"
 T0 = 1_700_000_000_000
 
 
-def frames_of(key: SigningKey, node: str, count: int) -> list[bytes]:
-    """A node's chain, seq 1..count, one gauge each."""
+def frames_of(key: SigningKey, node: str, count: int, value: float = 1.0) -> list[bytes]:
+    """A node's chain, seq 1..count, one gauge each (value * seq: another value, another chain)."""
     out: list[bytes] = []
     for seq in range(1, count + 1):
         prev = wire.batch_hash(out[-1]) if out else wire.ZERO_HASH
-        series = [wire.Series("up", (), wire.MetricType.GAUGE, (T0 + seq,), (float(seq),))]
+        series = [wire.Series("up", (), wire.MetricType.GAUGE, (T0 + seq,), (value * seq,))]
         out.append(wire.encode_data_batch(wire.BatchContext(key, SITE, node, seq, prev, T0 + seq, seq, 1), series))
     return out
 
 
-def bundle_file(frames: list[bytes], key: SigningKey, node: str, path: Path) -> Path:
+def bundle_file(frames: list[bytes], key: SigningKey, node: str, path: Path, unplaced: bool = False) -> Path:
     buf = io.BytesIO()
     writer = bundle.BundleWriter(buf)
     for f in frames:
         writer.add(f)
-    writer.finish(key, SITE, node, 1)
+    writer.finish(key, SITE, node, 1, unplaced=unplaced)
     path.write_bytes(buf.getvalue())
     return path
 
@@ -449,15 +450,24 @@ def test_an_import_while_serve_starts_waits_and_goes_through_serve(tmp_path: Pat
     key = enrolled(c.data_dir, "n1")["n1"]
     path = bundle_file(frames_of(key, "n1", 5), key, "n1", tmp_path / "n1.wsb")
     lock_file = c.data_dir / serve_link.LOCK_FILE
+    # Caught between taking the lock and listening, however loaded the machine: serve cannot
+    # open the ledger while this connection holds it (exclusive locking mode keeps out even
+    # a reader, WAL or not), and it opens the ledger before it listens. Frozen there, the
+    # ledger let go, it stays caught until the import waits.
+    holder = sqlite3.connect(c.data_dir / "ledger.db", isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
     proc = serve_proc(c.data_dir, c.port, c.log)
     imp: subprocess.Popen[str] | None = None
     try:
-        # Caught between taking the lock and listening: frozen until the import waits.
-        deadline = time.monotonic() + 30
-        while not (lock_file.exists() and lock_file.read_text().startswith(f"serve {proc.pid} ")):
-            assert time.monotonic() < deadline and proc.poll() is None, c.log.read_text()
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 30
+            while not (lock_file.exists() and lock_file.read_text().startswith(f"serve {proc.pid} ")):
+                assert time.monotonic() < deadline and proc.poll() is None, c.log.read_text()
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGSTOP)
+        finally:
+            holder.close()
         nonce = lock_file.read_text().split()[2]
         endpoint = c.data_dir / serve_link.ENDPOINT_FILE
         assert not endpoint.exists() or json.loads(endpoint.read_text()).get("nonce") != nonce, \
@@ -484,6 +494,103 @@ def test_an_import_while_serve_starts_waits_and_goes_through_serve(tmp_path: Pat
             imp.kill()
             imp.wait()
         stop(proc)
+
+
+# ---------------------------------------------------------------------------- one import at a time
+
+
+def import_proc(data_dir: Path, err: Path, *paths: Path) -> subprocess.Popen[str]:
+    with open(err, "w") as err_file:
+        return subprocess.Popen([sys.executable, "-m", "collector", "import", *map(str, paths), "--data-dir",
+                                 str(data_dir)], env=ENV, stdout=subprocess.PIPE, stderr=err_file, text=True)
+
+
+@pytest.mark.parametrize("with_serve", [False, True], ids=["direct", "through-serve"])
+def test_an_import_waits_for_the_import_that_holds_import_lock_and_names_it(tmp_path: Path, with_serve: bool) -> None:
+    """import.lock held as another import holds it (labelled with its pid): this import
+    says so, waits without committing anything, and goes on once it is let go."""
+    c = Collector(tmp_path / "collector")
+    key = enrolled(c.data_dir, "n1")["n1"]
+    path = bundle_file(frames_of(key, "n1", 4), key, "n1", tmp_path / "n1.wsb")
+    if with_serve:
+        c.start()
+    other = serve_link.DataDirLock(c.data_dir, serve_link.IMPORT_LOCK_FILE)
+    released = False
+    imp: subprocess.Popen[str] | None = None
+    try:
+        assert other.try_acquire("import")
+        err = tmp_path / "import.err"
+        imp = import_proc(c.data_dir, err, path)
+        wait_for(lambda: f"waiting for another `waystation-collector import` (pid {os.getpid()}) to finish with "
+                         f"{c.data_dir}" in err.read_text(), 30, "the import to say whom it waits for")
+        time.sleep(1.0)
+        assert imp.poll() is None and stored(c, "n1") == (0, 0), err.read_text()
+        if not with_serve:
+            # It waits before claiming serve.lock: a serve may still start meanwhile.
+            probe = serve_link.DataDirLock(c.data_dir)
+            try:
+                assert probe.try_acquire("serve")
+            finally:
+                probe.close()
+        other.close()
+        released = True
+        out, _ = imp.communicate(timeout=60)
+        assert imp.returncode == 0, out + err.read_text()
+        assert ("imported through serve" if with_serve else "imported through ledger") in out, out
+        assert f"{SITE}/n1: 4 accepted, 0 duplicates, 0 refused" in out, out
+        assert stored(c, "n1") == (4, 4)
+        assert (c.data_dir / serve_link.IMPORT_LOCK_FILE).read_text() == ""  # let go, label cleared
+    finally:
+        if not released:
+            other.close()
+        if imp is not None and imp.poll() is None:
+            imp.kill()
+            imp.wait()
+        c.stop()
+
+
+def test_two_imports_of_two_unplaced_spools_of_one_node_through_serve_never_splice(tmp_path: Path) -> None:
+    """A reinstalled node's two spools (both never placed, both from seq 1) in two bundles
+    imported at once through serve, while the ledger is busy, so that whichever goes first
+    has read the chain head and handed its frames to serve and is still waiting for them to
+    commit: the other waits for it (import.lock), naming it, then reads a head that says
+    its spool is another one. One is taken whole, the other refused whole; the ledger holds
+    one chain, never seqs of both."""
+    c = Collector(tmp_path / "collector")
+    key = enrolled(c.data_dir, "n1")["n1"]
+    spools = [frames_of(key, "n1", 5), frames_of(key, "n1", 8, value=-1.0)]  # other bytes at every seq
+    paths = [bundle_file(frames, key, "n1", tmp_path / f"spool-{i}.wsb", unplaced=True)
+             for i, frames in enumerate(spools)]
+    errs = [tmp_path / f"import-{i}.err" for i in range(2)]
+    c.start()
+    imps: list[subprocess.Popen[str]] = []
+    holder = sqlite3.connect(c.data_dir / "ledger.db", isolation_level=None, timeout=10)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # serve's commits wait; reads (the chain head) do not
+        imps = [import_proc(c.data_dir, err, path) for err, path in zip(errs, paths, strict=True)]
+        waiter = wait_for(lambda: [i for i, err in enumerate(errs) if "waiting for another" in err.read_text()],
+                          30, "one import to wait for the other")
+        holder.execute("ROLLBACK")
+        outs = [imp.communicate(timeout=60)[0] for imp in imps]
+        (loser,) = waiter
+        winner = 1 - loser
+        assert f"waiting for another `waystation-collector import` (pid {imps[winner].pid})" in \
+            errs[loser].read_text(), errs[loser].read_text()
+        assert imps[winner].returncode == 0, outs[winner] + errs[winner].read_text()
+        assert f"{SITE}/n1: {len(spools[winner])} accepted, 0 duplicates, 0 refused" in outs[winner], outs[winner]
+        n = len(spools[loser])
+        assert imps[loser].returncode == 1, outs[loser] + errs[loser].read_text()
+        assert f"{SITE}/n1: 0 accepted, 0 duplicates, {n} refused" in outs[loser], outs[loser]
+        assert outs[loser].count(": unplaced_spool: ") == n, outs[loser]
+        held = c.ledger_rows("SELECT seq, hash FROM batches WHERE node = 'n1' ORDER BY seq")
+        assert held == [(i + 1, wire.batch_hash(f)) for i, f in enumerate(spools[winner])], held
+    finally:
+        holder.close()
+        for imp in imps:
+            if imp.poll() is None:
+                imp.kill()
+                imp.wait()
+        c.stop()
 
 
 # ---------------------------------------------------------------------------- capacity
@@ -540,3 +647,114 @@ def test_a_large_import_through_a_busy_serve_lands_every_frame_once_beside_posts
             imp.kill()
             imp.wait()
         c.stop()
+
+
+# ---------------------------------------------------------------------------- a key rotation serve did not take
+
+
+def test_frames_after_a_key_rotation_the_commit_queue_had_no_room_for_are_answered_overloaded(
+        tmp_path: Path) -> None:
+    """Ingest.import_frames over a real ledger and committer whose queue is full (the ledger
+    thread busy, two posts' batches waiting): the rotation is answered overloaded, and so is
+    every frame after it, unverified, rather than refused unknown_key for a key the ledger
+    does not know yet. Sent again once there is room, all of them go in."""
+    import asyncio
+
+    from collector.config import LimitsConfig
+    from collector.exposition import FleetState
+    from collector.ingest import Committer, Ingest, IngestMetrics
+    from collector.ledger import Ledger, Outcome, Submission
+    from tests.unit.test_ledger import Chain
+
+    ledger_path = tmp_path / "ledger.db"
+    the_ledger = Ledger(ledger_path)
+    old, new, other = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
+    trust.enroll(the_ledger.conn, SITE, "n1", bytes(old.verify_key))
+    other_record = trust.enroll(the_ledger.conn, SITE, "n2", bytes(other.verify_key))
+    chain = Chain(old, SITE, "n1")
+    first = chain.data(1)
+    rotated = [chain.rotation(2, new), chain.data(3, key=new), chain.data(4, key=new)]
+    posted = frames_of(other, "n2", 2)
+    keys = ledger.connect(ledger_path, create=False)
+    limits = LimitsConfig(max_pending_commits=2)
+    fleet = FleetState(limits.max_series_per_node)
+
+    def on_outcome(outcome: Outcome) -> None:
+        fleet.update_node(outcome.state)
+
+    committer = Committer(the_ledger, limits.max_pending_commits, on_outcome)
+    ingest = Ingest(limits, keys, committer, fleet, IngestMetrics())
+
+    async def scenario() -> tuple[list[tuple[str, str]], list[str]]:
+        committer.start()
+        assert [a[0] for a in await ingest.import_frames([first], "n1.wsb")] == ["accepted"]
+        gate = threading.Event()
+        busy = asyncio.ensure_future(committer.call(gate.wait, 30))
+        waiting = [asyncio.ensure_future(committer.submit(Submission(wire.parse_frame(raw), other_record,
+                                                                     time.time()))) for raw in posted]
+        while committer.pending < 2:
+            await asyncio.sleep(0.01)
+        full = [(result, detail) for result, detail, _ in await ingest.import_frames(rotated, "n1.wsb")]
+        gate.set()
+        await busy
+        assert [o.result for o in await asyncio.gather(*waiting)] == ["accepted", "accepted"]
+        again = [result for result, _, _ in await ingest.import_frames(rotated, "n1.wsb")]
+        await committer.stop()
+        return full, again
+
+    try:
+        full, again = asyncio.run(scenario())
+    finally:
+        ingest.verifier.shutdown(wait=True)
+        keys.close()
+        the_ledger.close()
+    assert [result for result, _ in full] == ["overloaded"] * 3, full
+    assert all(f"the key rotation of {SITE}/n1 at seq 2 before it was answered overloaded" in detail
+               for _, detail in full[1:]), full
+    assert again == ["accepted"] * 3
+    assert ingest.metrics.batches["unknown_key"] == 0
+
+
+def test_a_key_rotation_serve_could_not_commit_holds_back_the_rest_of_the_import(tmp_path: Path) -> None:
+    """Through serve, slices of 2 frames (max_pending_commits = 4): the rotation's commit fails
+    (the ledger held past its busy timeout), so the frame after it in its slice is answered
+    overloaded and the next slice's, verified without the new key, unknown_key. The import
+    sends all of them again after the rotation, and every frame lands once."""
+    config = tmp_path / "collector.toml"
+    config.write_text("[limits]\nmax_pending_commits = 4\n")
+    c = Collector(tmp_path / "collector", config=config)
+    old, new = SigningKey.generate(), SigningKey.generate()
+    conn = ledger.connect(c.data_dir / "ledger.db")
+    try:
+        trust.enroll(conn, SITE, "n1", bytes(old.verify_key))
+    finally:
+        conn.close()
+    from tests.unit.test_ledger import Chain
+
+    chain = Chain(old, SITE, "n1")
+    first = bundle_file([chain.data(1)], old, "n1", tmp_path / "first.wsb")
+    rest = bundle_file([chain.rotation(2, new), *(chain.data(s, key=new) for s in (3, 4, 5))], new, "n1",
+                       tmp_path / "rest.wsb")
+    c.start()
+    imp: subprocess.Popen[str] | None = None
+    holder = sqlite3.connect(c.data_dir / "ledger.db", isolation_level=None, timeout=10)
+    try:
+        r = c.cli("import", str(first))
+        assert r.returncode == 0 and f"{SITE}/n1: 1 accepted" in r.stdout, r.stdout + r.stderr
+        holder.execute("BEGIN IMMEDIATE")  # serve's commits wait past SQLite's busy timeout, then fail
+        err = tmp_path / "import.err"
+        imp = import_proc(c.data_dir, err, rest)
+        wait_for(lambda: "is busy (" in err.read_text(), 60, "serve to answer the import", interval=0.05)
+        holder.execute("ROLLBACK")
+        out, _ = imp.communicate(timeout=60)
+        assert imp.returncode == 0, out + err.read_text()
+        assert f"{SITE}/n1: 4 accepted, 0 duplicates, 0 refused" in out, out
+        assert "is busy (4 of 4 frames answered unavailable)" in err.read_text(), err.read_text()
+        assert stored(c, "n1") == (5, 5)
+    finally:
+        holder.close()
+        if imp is not None and imp.poll() is None:
+            imp.kill()
+            imp.wait()
+        c.stop()
+    assert "ledger commit of 1 batches failed" in c.log.read_text()

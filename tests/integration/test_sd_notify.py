@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -240,6 +241,150 @@ def test_the_collector_says_ready_with_its_state_pings_and_says_stopping(
         assert sock.wait_for("STOPPING", 20)["STOPPING"] == "1"
         assert proc.wait(30) == 0, log.read_text()[-2000:]
     finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _committer_fixture(tmp_path: Path) -> tuple[Any, Any, list[bytes]]:
+    """A real ledger with lab/n1 enrolled, its record, and n1's chain seq 1..3."""
+    from nacl.signing import SigningKey
+
+    import wire
+    from collector import trust
+    from collector.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "ledger.db")
+    key = SigningKey.generate()
+    record = trust.enroll(ledger.conn, "lab", "n1", bytes(key.verify_key))
+    frames: list[bytes] = []
+    for seq in (1, 2, 3):
+        prev = wire.batch_hash(frames[-1]) if frames else wire.ZERO_HASH
+        series = [wire.Series("m", (), wire.MetricType.GAUGE, (1_700_000_000_000 + seq,), (1.0,))]
+        frames.append(wire.encode_data_batch(wire.BatchContext(key, "lab", "n1", seq, prev, seq, seq, 0), series))
+    return ledger, record, frames
+
+
+def test_a_committer_task_that_died_stops_the_collectors_pings(
+        tmp_path: Path, manager: tuple[NotifySocket, str]) -> None:
+    """No commit under way, so no step is stuck, yet nothing will ever commit again: the
+    committer task itself is watched."""
+    import asyncio
+
+    from collector.ingest import Committer
+
+    sock, path = manager
+    ledger, _, _ = _committer_fixture(tmp_path)
+
+    async def scenario() -> list[bool]:
+        committer = Committer(ledger, 10)
+        watchdog = Watchdog(Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}), committer.liveness,
+                            lambda: "committing")
+        committer.start()
+        ticks = [watchdog.tick()]
+        assert committer._task is not None
+        committer._task.cancel()  # what any exception escaping _run would leave: a task that is done
+        with pytest.raises(asyncio.CancelledError):
+            await committer._task
+        ticks.append(watchdog.tick())
+        committer.executor.shutdown(wait=True)
+        return ticks
+
+    try:
+        assert asyncio.run(scenario()) == [True, False]
+    finally:
+        ledger.close()
+    assert sock.receive(5) == {"WATCHDOG": "1", "STATUS": "committing"}
+    assert sock.receive(5) == {"STATUS": "stuck: ledger committer is not running"}
+
+
+def test_an_outcome_hook_that_raises_does_not_stop_the_committer(
+        tmp_path: Path, manager: tuple[NotifySocket, str], caplog: pytest.LogCaptureFixture) -> None:
+    """The hook (serve's: the latest state's accounting) fails after the commit: the sender
+    still gets its answer, the next submissions commit, and the pings go on."""
+    import asyncio
+
+    import wire
+    from collector.ingest import Committer
+    from collector.ledger import Outcome, Submission
+
+    sock, path = manager
+    ledger, record, frames = _committer_fixture(tmp_path)
+    seen: list[int] = []
+
+    def on_outcome(outcome: Outcome) -> None:
+        seen.append(outcome.state.highest_seq)
+        raise RuntimeError(f"hook failed after seq {outcome.state.highest_seq}")
+
+    async def scenario() -> tuple[list[str], bool]:
+        committer = Committer(ledger, 10, on_outcome)
+        watchdog = Watchdog(Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}), committer.liveness,
+                            lambda: "committing")
+        committer.start()
+        results = []
+        for raw in frames:
+            sub = Submission(wire.parse_frame(raw), record, time.time())
+            outcome = await asyncio.wait_for(committer.submit(sub), 30)
+            results.append(outcome.result)
+        ticked = watchdog.tick()
+        await committer.stop()
+        return results, ticked
+
+    try:
+        assert asyncio.run(scenario()) == (["accepted"] * 3, True)
+        assert ledger.conn.execute("SELECT COUNT(*) FROM batches").fetchone() == (3,)
+    finally:
+        ledger.close()
+    assert seen == [1, 2, 3]
+    failures = [r for r in caplog.records if "applying its outcome failed" in r.getMessage()]
+    assert len(failures) == 3 and "lab/n1 (accepted)" in failures[0].getMessage(), caplog.text
+    assert failures[0].exc_info is not None and "hook failed after seq 1" in str(failures[0].exc_info[1])
+    assert sock.receive(5) == {"WATCHDOG": "1", "STATUS": "committing"}
+
+
+def test_the_collector_extends_its_start_while_an_import_holds_the_data_dir(
+        tmp_path: Path, manager: tuple[NotifySocket, str]) -> None:
+    """A start that waits (for an import here; for a long ledger replay likewise) keeps
+    asking systemd for more time (EXTEND_TIMEOUT_USEC) and says what it waits for; READY
+    comes once the import let go."""
+    from collector import serve_link
+    from tests.conftest import free_port
+
+    sock, path = manager
+    port = free_port()
+    data_dir = tmp_path / "d"
+    env = dict(ENV, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000")
+    log = tmp_path / "collector.log"
+    lock = serve_link.DataDirLock(data_dir)
+    assert lock.try_acquire("import")  # labelled `import <pid> <nonce>`, as an import's
+    released = False
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "collector", "serve", "--data-dir", str(data_dir),
+                                 "--listen", f"127.0.0.1:{port}"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        waiting = f"starting: waiting for `waystation-collector import` (pid {os.getpid()}) to finish with {data_dir}"
+        deadline = time.monotonic() + 30
+        extend = sock.wait_for("EXTEND_TIMEOUT_USEC", 30)
+        while extend["STATUS"] != waiting:
+            assert time.monotonic() < deadline, sock.messages
+            extend = sock.wait_for("EXTEND_TIMEOUT_USEC", 30)
+        assert int(extend["EXTEND_TIMEOUT_USEC"]) >= 30_000_000, extend
+        time.sleep(1.0)
+        assert proc.poll() is None
+        assert not any("READY" in m for m in sock.messages), sock.messages
+        lock.close()
+        released = True
+        ready = sock.wait_for("READY", 30)
+        assert ready["STATUS"].startswith("0 nodes;"), ready
+        between = sock.messages[sock.messages.index(extend) + 1 : sock.messages.index(ready)]
+        replaying = f"starting: replaying the ledger {data_dir / 'ledger.db'}"
+        statuses = [m["STATUS"] for m in between if "EXTEND_TIMEOUT_USEC" in m]
+        assert statuses[-1:] == [replaying] and set(statuses) <= {waiting, replaying}, between
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-2000:]
+    finally:
+        if not released:
+            lock.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -257,3 +257,40 @@ def test_export_stops_at_the_manifest_frame_limit(tmp_path: Path, monkeypatch: p
     manifests = [r.manifest for r in records if isinstance(r, wire.bundle.ManifestRecord)]
     assert len(manifests) == 1 and manifests[0] is not None
     assert [e.seq for e in manifests[0].entries] == [1, 2, 3]
+
+
+def test_a_receipt_older_than_the_spool_does_not_place_it_unless_it_answers_its_bundle(tmp_path: Path) -> None:
+    """The node's previous install got a receipt (head 300); the collector has since taken
+    more over HTTP. Placed by that stale head, the new spool would reuse seqs the collector
+    holds. One answering a bundle this spool exported is fresh, whatever the clocks say."""
+    key = SigningKey.generate()
+    sp, _ = _spool(tmp_path, 3)
+    created = int(sp.db.execute("SELECT value FROM meta WHERE key = 'created_ms'").fetchone()[0])
+    before = {s: f.raw for s, f in _frames(sp).items()}
+    done = sp.resume_from_receipt(key, "s", "n", (300, HEAD), [], issued_ms=created - 60_000)
+    assert done.outcome == spool_mod.STALE and sp.resume_needed()
+    assert {s: f.raw for s, f in _frames(sp).items()} == before
+    bundle_hash = b"\x11" * 32
+    sp.note_exported(3, bundle_hash)
+    done = sp.resume_from_receipt(key, "s", "n", (300, HEAD), [], issued_ms=created - 60_000, bundles=[bundle_hash])
+    assert (done.outcome, done.moved) == (spool_mod.RENUMBERED, 3)
+    sp.close()
+    (tmp_path / "forced").mkdir()
+    sp, _ = _spool(tmp_path / "forced", 1)
+    done = sp.resume_from_receipt(key, "s", "n", (300, HEAD), [], issued_ms=0, force=True)
+    assert done.outcome == spool_mod.RENUMBERED
+    sp.close()
+
+
+def test_a_head_below_what_the_spool_exported_is_not_followed_blindly(tmp_path: Path) -> None:
+    """A brand-new node's own seqs 1-5 were exported (and imported) but evicted here; a
+    receipt stating an older head (3) arrives. Nothing left tells whose seq 3 is, and the
+    collector may hold this spool's 4-5: renumbering would record them twice. Undecided."""
+    key = SigningKey.generate()
+    sp, _ = _evicted_spool(tmp_path, key)
+    sp.note_exported(5, b"\x22" * 32)
+    hashes = {s: wire.batch_hash(f.raw) for s, f in _frames(sp).items()}
+    done = sp.resume_from_receipt(key, "s", "n", (3, HEAD), [])
+    assert done.outcome == spool_mod.UNDECIDED and sp.resume_needed()
+    assert {s: wire.batch_hash(f.raw) for s, f in _frames(sp).items()} == hashes
+    sp.close()

@@ -11,8 +11,10 @@ systemd is not PID 1 here, so the units cannot be started. What can be checked w
 `systemd-analyze verify` and `security --offline`, and the daemons run as the unit would
 run them as far as plain processes can: as the unit's user, with its capability sets, no new
 privileges, its umask, and seccomp filters built from the unit's own SystemCallFilter=,
-MemoryDenyWriteExecute=, RestrictAddressFamilies= and RestrictNamespaces= lines. Mount
-namespaces (ProtectSystem= and friends) and the device policy are not emulated.
+MemoryDenyWriteExecute=, RestrictAddressFamilies= and RestrictNamespaces= lines, in a mount
+namespace where the whole system is read-only but the unit's StateDirectory
+(ProtectSystem=strict). The other mount settings (PrivateTmp=, ProtectHome=, ...), the
+device policy and the cgroup limits need systemd itself and are not emulated.
 """
 
 from __future__ import annotations
@@ -148,8 +150,9 @@ def unit_settings(path: Path) -> dict[str, list[str]]:
 
 
 def sandboxed(unit: Path, argv: list[str]) -> list[str]:
-    """argv as the unit would run it: user and groups, capabilities, no new privileges, umask,
-    seccomp. (The user's own supplementary groups are none: it is a system user.)"""
+    """argv as the unit would run it: a read-only system but its state directory, user and
+    groups, capabilities, no new privileges, umask, seccomp. (The user's own supplementary
+    groups are none: it is a system user.)"""
     s = unit_settings(unit)
     caps = [c for v in s.get("AmbientCapabilities", []) for c in v.split()]
     bounding = [c for v in s.get("CapabilityBoundingSet", []) for c in v.split()]
@@ -165,7 +168,34 @@ def sandboxed(unit: Path, argv: list[str]) -> list[str]:
     spec = {"filter": s["SystemCallFilter"], "mdwe": s.get("MemoryDenyWriteExecute") == ["yes"],
             "families": families, "namespaces": s.get("RestrictNamespaces") == ["yes"],
             "umask": s.get("UMask", ["0022"])[-1]}
-    return cmd + ["--", "/usr/bin/python3", "-c", SANDBOX, json.dumps(spec), *argv]
+    confined = cmd + ["--", "/usr/bin/python3", "-c", SANDBOX, json.dumps(spec), *argv]
+    assert s.get("ProtectSystem") == ["strict"], f"{unit}: ProtectSystem=strict expected"
+    writable = [f"/var/lib/{d}" for v in s.get("StateDirectory", []) for d in v.split()]
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", READ_ONLY_SYSTEM, "sh",
+            " ".join(writable), *confined]
+
+
+# ProtectSystem=strict as far as a mount namespace shows it: every mount read-only but the
+# API filesystems (/proc, /sys, /dev) and the unit's StateDirectory, which stays writable.
+# (PrivateTmp is left out: the test's configs and notify sockets live in /tmp.) Refuses to
+# run the daemon if the system is still writable, so the confinement cannot silently lapse.
+READ_ONLY_SYSTEM = r"""
+set -e
+writable=$1; shift
+for d in $writable; do mount --bind "$d" "$d"; done
+for mp in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
+  case "$mp" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) continue ;; esac
+  keep=0
+  for d in $writable; do [ "$mp" = "$d" ] && keep=1; done
+  [ "$keep" = 1 ] || mount -o remount,bind,ro "$mp" 2>/dev/null || true
+done
+if touch /usr/.waystation-sandbox-probe 2>/dev/null; then
+  rm -f /usr/.waystation-sandbox-probe
+  echo "sandbox: /usr is still writable" >&2
+  exit 97
+fi
+exec "$@"
+"""
 
 
 @dataclass

@@ -31,6 +31,43 @@ def test_packaged_collector_config_spells_out_the_builtin_defaults(tmp_path: Pat
         load_config(bad)
 
 
+def _keys(cls: type, prefix: str = "") -> set[str]:
+    """Every config key a dataclass reads, dotted by table ("limits.max_pending_commits")."""
+    out: set[str] = set()
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_") or not f.init:
+            continue
+        sub = f.type if isinstance(f.type, type) else None
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if default is not None and dataclasses.is_dataclass(default):
+            out |= _keys(type(default), f"{prefix}{f.name}.")
+        elif sub is None or not dataclasses.is_dataclass(sub):
+            out.add(prefix + f.name)
+    return out
+
+
+@pytest.mark.parametrize("which", ["agent", "collector"])
+def test_packaged_configs_name_every_key(which: str) -> None:
+    """The annotated configs are where an operator learns what can be set: each key the
+    code reads appears in them, set or commented out, in its table."""
+    from collector.config import CollectorConfig
+
+    cls = AgentConfig if which == "agent" else CollectorConfig
+    text = (REPO / "packaging" / "config" / f"{which}.toml").read_text()
+    table, seen = "", set()
+    for line in text.splitlines():
+        bare = line.lstrip("# ").strip()
+        head = bare.split("#", 1)[0].strip()
+        if head.startswith("[") and head.endswith("]"):
+            table = head.strip("[]").strip()
+        elif "=" in bare:
+            key = bare.split("=", 1)[0].strip()
+            seen.add(f"{table}.{key}" if table else key)
+            seen.add(f"{table.split('.')[0]}.{key}" if table else key)
+    missing = sorted(k for k in _keys(cls) if k not in seen and k.split(".")[-1] not in {"scrape", "devices",
+                                                                                          "remote_write"})
+    assert not missing, f"packaging/config/{which}.toml does not name {missing}"
+
 def test_packaged_remote_write_example_loads_with_its_defaults(tmp_path: Path) -> None:
     from collector.config import RemoteWriteConfig, load_config
 

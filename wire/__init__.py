@@ -5,6 +5,7 @@ docs/wire.md is the normative description; this package is its reference impleme
 The agent and the collector import it and nothing of each other's.
 """
 
+from wire.columns import prepare_columns
 from wire.compression import ZSTD_CAP_MAX_INPUT, ZSTD_TABLE_LOG_MAX, compress, zstd_parameters
 from wire.control import (
     MAX_DROP_RANGES,
@@ -28,6 +29,8 @@ from wire.frame import (
     MAX_SEQ,
     SIGNATURE_LEN,
     WIRE_VERSION,
+    WIRE_VERSION_2,
+    WIRE_VERSIONS,
     ZERO_HASH,
     BatchContext,
     Codec,
@@ -51,16 +54,30 @@ from wire.model import I64_MAX, I64_MIN, Limits, MetricType, Series, WireError
 from wire.open import (
     DEFAULT_OPEN_LIMITS,
     KeyLookup,
+    MemoryTables,
     NodeKey,
     OpenLimits,
     Refusal,
     SeriesTables,
+    TableStore,
     VerifiedBatch,
     open_batch,
 )
 from wire.payload import MAX_SCALED, SeriesTableCache, ValueMode, decode_series, encode_series
 from wire.schema import schema_problem
 from wire.sealing import SEAL_OVERHEAD, SealingKeys, seal, seal_prepared, sealed_to, unseal
+from wire.table import (
+    TABLE_HEAD_LEN,
+    TABLE_ID_LEN,
+    TABLE_MAGIC,
+    CurrentTable,
+    SeriesTable,
+    TableBuilder,
+    encode_table,
+    open_table,
+    parse_table_head,
+    table_id,
+)
 
 __all__ = [
     "FIXED_HEADER_LEN", "FLAG_SEALED", "HASH_LEN", "I64_MAX", "I64_MIN", "KEY_ID_LEN", "KNOWN_FLAGS", "MAGIC",
@@ -75,4 +92,7 @@ __all__ = [
     "open_batch",
     "MAX_DROP_RANGES", "MAX_SEQ", "check_drop_receipt", "schema_problem",
     "SEAL_OVERHEAD", "SealingKeys", "check_raw_len", "seal", "seal_prepared", "sealed_to", "unseal",
+    "WIRE_VERSION_2", "WIRE_VERSIONS", "MemoryTables", "TableStore", "prepare_columns",
+    "TABLE_HEAD_LEN", "TABLE_ID_LEN", "TABLE_MAGIC", "CurrentTable", "SeriesTable", "TableBuilder", "encode_table",
+    "open_table", "parse_table_head", "table_id",
 ]

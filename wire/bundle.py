@@ -34,6 +34,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from wire.frame import FIXED_HEADER_LEN, HASH_LEN, KEY_ID_LEN, MAGIC, MAX_NAME_LEN, SIGNATURE_LEN, key_id
 from wire.model import I64_MAX, WireError
+from wire.table import TABLE_HEAD_LEN, TABLE_MAGIC, parse_table_head
 
 BUNDLE_MAGIC = b"WSBN"
 BUNDLE_VERSION = 1
@@ -42,6 +43,11 @@ BUNDLE_HEADER = BUNDLE_MAGIC + bytes((BUNDLE_VERSION,))
 RECORD_SYNC = b"WR"
 TAG_FRAME = 0x46  # "F"
 TAG_MANIFEST = 0x4D  # "M"
+# A series table (wire/table.py) that v2 frames after it name: carried once per bundle, ahead
+# of the first frame that needs it, outside the manifest (each frame's signature covers the
+# id of its table, so a table is proven by the frames that name it).
+TAG_TABLE = 0x54  # "T"
+_TAGS = (TAG_FRAME, TAG_MANIFEST, TAG_TABLE)
 _RECORD = struct.Struct("<2sBI")  # sync, tag, body length
 RECORD_OVERHEAD = _RECORD.size  # 7
 
@@ -224,6 +230,12 @@ class BundleWriter:
         self.entries.append(ManifestEntry(seq, _digest(frame), len(frame)))
         self.bytes += RECORD_OVERHEAD + len(frame)
 
+    def add_table(self, blob: bytes) -> None:
+        """A series table the frames added after it name (wire v2); not in the manifest."""
+        self.out.write(_RECORD.pack(RECORD_SYNC, TAG_TABLE, len(blob)))
+        self.out.write(blob)
+        self.bytes += RECORD_OVERHEAD + len(blob)
+
     def size_with(self, frame_len: int, site: str, node: str) -> int:
         """The bundle's size if one more frame of frame_len bytes were added and it finished."""
         return self.bytes + RECORD_OVERHEAD + frame_len + RECORD_OVERHEAD + manifest_len(
@@ -253,6 +265,15 @@ class FrameRecord:
 
 
 @dataclass(frozen=True)
+class TableRecord:
+    """A series table record whose length agrees with the table's own head; not yet checked
+    against any frame."""
+
+    offset: int
+    raw: bytes
+
+
+@dataclass(frozen=True)
 class ManifestRecord:
     offset: int
     manifest: Manifest | None  # None: it does not parse (see detail)
@@ -269,7 +290,7 @@ class Damaged:
     detail: str
 
 
-Record = FrameRecord | ManifestRecord | Damaged
+Record = FrameRecord | TableRecord | ManifestRecord | Damaged
 
 
 def _frame_len(body: bytes) -> int | None:
@@ -309,6 +330,12 @@ def _body_agrees(buf: Buffer, body_at: int, tag: int, length: int) -> bool:
     if tag == TAG_FRAME:
         head = buf[body_at : body_at + min(length, _FRAME_HEAD)]
         return head[:4] == MAGIC and _frame_len(head) == length
+    if tag == TAG_TABLE:
+        head = buf[body_at : body_at + min(length, TABLE_HEAD_LEN)]
+        try:
+            return head[:4] == TABLE_MAGIC and parse_table_head(head).length == length
+        except WireError:
+            return False
     head = buf[body_at : body_at + min(length, _MANIFEST_HEAD)]
     return head[:4] == MANIFEST_MAGIC and _manifest_len(head) == length
 
@@ -320,7 +347,7 @@ def _plausible(buf: Buffer, at: int, size: int) -> bool:
     if len(head) < RECORD_OVERHEAD:
         return False
     sync, tag, length = _RECORD.unpack_from(head, 0)
-    if sync != RECORD_SYNC or tag not in (TAG_FRAME, TAG_MANIFEST) or at + RECORD_OVERHEAD + length > size:
+    if sync != RECORD_SYNC or tag not in _TAGS or at + RECORD_OVERHEAD + length > size:
         return False
     return _body_agrees(buf, at + RECORD_OVERHEAD, tag, length)
 
@@ -343,7 +370,7 @@ def read_bundle(buf: Buffer, max_frame_bytes: int, max_manifest_bytes: int) -> I
     A frame record longer than max_frame_bytes is reported `too_large` and skipped unread
     (the HTTP body limit applies to each frame). A record whose header or length is wrong
     is reported as Damaged and the reader looks for the next record (sync, tag, length
-    inside the file, then the frame's or manifest's magic), so a bit flip, a cut or a
+    inside the file, then the frame's, table's or manifest's magic), so a bit flip, a cut or a
     splice costs only the records it touched. Signatures are not checked here."""
     size = len(buf)
     if size < len(BUNDLE_HEADER) or buf[: len(BUNDLE_MAGIC)] != BUNDLE_MAGIC:
@@ -362,13 +389,14 @@ def read_bundle(buf: Buffer, max_frame_bytes: int, max_manifest_bytes: int) -> I
         else:
             sync, tag, length = _RECORD.unpack_from(head, 0)
             body_at = pos + RECORD_OVERHEAD
-            if sync != RECORD_SYNC or tag not in (TAG_FRAME, TAG_MANIFEST):
+            if sync != RECORD_SYNC or tag not in _TAGS:
                 problem = "no record starts here"
             elif body_at + length > size:
                 problem = f"record of {length} bytes runs past the end of the file (truncated)"
-            elif tag == TAG_FRAME and length > max_frame_bytes:
+            elif tag in (TAG_FRAME, TAG_TABLE) and length > max_frame_bytes:
+                what = "frame" if tag == TAG_FRAME else "series table"
                 yield Damaged(pos, body_at + length, "too_large",
-                              f"frame of {length} bytes exceeds max_body_bytes {max_frame_bytes}")
+                              f"{what} of {length} bytes exceeds max_body_bytes {max_frame_bytes}")
                 pos = body_at + length
                 continue
             elif tag == TAG_MANIFEST and length > max_manifest_bytes:
@@ -383,6 +411,12 @@ def read_bundle(buf: Buffer, max_frame_bytes: int, max_manifest_bytes: int) -> I
                     pos = body_at + length
                     continue
                 problem = "frame record's length disagrees with the frame inside it"
+            elif tag == TAG_TABLE:
+                if _body_agrees(buf, body_at, tag, length):
+                    yield TableRecord(pos, buf[body_at : body_at + length])
+                    pos = body_at + length
+                    continue
+                problem = "series table record's length disagrees with the table inside it"
             elif buf[body_at : body_at + 4] != MANIFEST_MAGIC:
                 problem = "manifest record does not hold a manifest"
             else:

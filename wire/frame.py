@@ -22,6 +22,10 @@ from wire.payload import encode_series
 
 MAGIC = b"WSB1"
 WIRE_VERSION = 1
+# Version 2 changes only the DATA payload (wire/columns.py: a series table named by hash and
+# fixed-width columns); drop receipts and key rotations read the same in both.
+WIRE_VERSION_2 = 2
+WIRE_VERSIONS = (WIRE_VERSION, WIRE_VERSION_2)
 SIGNATURE_LEN = 64
 HASH_LEN = 32
 KEY_ID_LEN = 8
@@ -113,6 +117,7 @@ class Prepared:
     series_count: int
     sample_count: int
     flags: int = 0  # FLAG_SEALED once wire.sealing.seal_prepared has encrypted the payload
+    version: int = WIRE_VERSION
 
 
 def _sign(
@@ -133,13 +138,15 @@ def _sign(
         raise ValueError("prev_hash must be 32 bytes")
     if p.flags & ~KNOWN_FLAGS:
         raise ValueError(f"unknown flags 0x{p.flags:02x}")
+    if p.version not in WIRE_VERSIONS:
+        raise ValueError(f"wire version {p.version} is not one of {WIRE_VERSIONS}")
     site_b = site.encode("utf-8")
     node_b = node.encode("utf-8")
     if not 0 < len(site_b) <= MAX_NAME_LEN or not 0 < len(node_b) <= MAX_NAME_LEN:
         raise ValueError("site and node must be 1..255 bytes of UTF-8")
     head = _FIXED.pack(
         MAGIC,
-        WIRE_VERSION,
+        p.version,
         p.kind,
         p.codec,
         p.flags,
@@ -212,7 +219,7 @@ def resign_batch(frame: Frame, ctx: BatchContext) -> bytes:
     A sealed payload stays sealed: the ciphertext is carried over as it is."""
     h = frame.header
     p = Prepared(h.kind, h.codec, frame.payload, h.raw_len, h.window_start_ms, h.window_end_ms,
-                 h.series_count, h.sample_count, h.flags)
+                 h.series_count, h.sample_count, h.flags, h.version)
     return _sign(p, ctx.signing_key, ctx.site, ctx.node, ctx.seq, ctx.prev_hash, h.created_wall_ms,
                  h.created_mono_ns)
 
@@ -246,8 +253,9 @@ def parse_frame(raw: bytes) -> Frame:
     magic, version, kind, codec, flags, seq = fields[:6]
     if magic != MAGIC:
         raise WireError("malformed", "bad magic (not a Waystation batch)")
-    if version != WIRE_VERSION:
-        raise WireError("unsupported_version", f"wire version {version}, this side speaks {WIRE_VERSION}")
+    if version not in WIRE_VERSIONS:
+        raise WireError("unsupported_version",
+                        f"wire version {version}, this side speaks {', '.join(map(str, WIRE_VERSIONS))}")
     pos = FIXED_HEADER_LEN
     site_len = raw[pos]
     site_b = raw[pos + 1 : pos + 1 + site_len]

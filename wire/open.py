@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from wire import control
+from wire.columns import columns_table_id
 from wire.control import DropReceipt, KeyRotation, decode_drop_receipt, decode_key_rotation
 from wire.frame import (
     FLAG_SEALED,
+    WIRE_VERSION_2,
     Frame,
     Header,
     Kind,
@@ -34,6 +36,10 @@ from wire.model import Limits, Series, WireError
 from wire.payload import DEFAULT_LIMITS, SeriesTableCache, decode_series
 from wire.schema import schema_problem
 from wire.sealing import SealingKeys, unseal
+from wire.table import SeriesTable, open_table, table_id
+
+if TYPE_CHECKING:
+    from wire.columns_np import Columns
 
 
 class NodeKey(Protocol):
@@ -67,6 +73,46 @@ class SeriesTables:
         return table
 
 
+class TableStore(Protocol):
+    """Where a reader finds the series tables (wire v2) a node has sent, by (site, node, id)."""
+
+    def get(self, site: str, node: str, table_id: bytes) -> SeriesTable | None: ...
+
+    def add(self, site: str, node: str, table: SeriesTable) -> None: ...
+
+
+class MemoryTables:
+    """Series tables held in memory, at most `max_tables` (the least recently used go first).
+    A reader that keeps tables durably (the collector's ledger) looks there on a miss."""
+
+    def __init__(self, max_tables: int = 4096) -> None:
+        self.max_tables = max_tables
+        self._tables: dict[tuple[str, str, bytes], SeriesTable] = {}
+
+    def get(self, site: str, node: str, table_id: bytes) -> SeriesTable | None:
+        key = (site, node, table_id)
+        table = self._tables.pop(key, None)
+        if table is None:
+            table = self.load(site, node, table_id)
+            if table is None:
+                return None
+        self._tables[key] = table
+        self._trim()
+        return table
+
+    def load(self, site: str, node: str, table_id: bytes) -> SeriesTable | None:
+        """A table this cache does not hold, from wherever the reader keeps them; None here."""
+        return None
+
+    def add(self, site: str, node: str, table: SeriesTable) -> None:
+        self._tables[(site, node, table.id)] = table
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self._tables) > self.max_tables:
+            del self._tables[next(iter(self._tables))]
+
+
 @dataclass(frozen=True)
 class OpenLimits:
     max_decompressed_bytes: int = 128 * 1024 * 1024
@@ -85,6 +131,10 @@ class VerifiedBatch:
     series: list[Series] = field(default_factory=list)  # data batches only
     drop: DropReceipt | None = None
     rotation: KeyRotation | None = None
+    # v2 data batches: the series table they name (with the blob, for the ledger) and the
+    # decoded columns.
+    table: SeriesTable | None = None
+    columns: Columns | None = None
 
     @property
     def header(self) -> Header:
@@ -113,6 +163,8 @@ def open_batch(
     tables: TableLookup | None = None,
     *,
     sealing_keys: SealingKeys | None = None,
+    series_tables: TableStore | None = None,
+    attached_table: bytes | None = None,
 ) -> VerifiedBatch | Refusal:
     """parse -> key -> signature -> unseal -> bounded decompression -> decode -> schema and limits.
 
@@ -121,6 +173,10 @@ def open_batch(
     A cache is touched by one call at a time: callers serialize per sender.
     `sealing_keys` maps a collector key id to its private sealing key (current and retired);
     without it a sealed batch is refused as `sealed_to_unknown_key`.
+    A v2 data batch names its series table: `attached_table` is one sent with it (checked
+    against the id the signed payload names, then kept in `series_tables`), otherwise the
+    table must be in `series_tables`, or the batch is refused `unknown_table` (the sender
+    sends it again with the table).
     """
     try:
         frame = parse_frame(raw)
@@ -143,6 +199,10 @@ def open_batch(
             check_raw_len(h, limits.max_decompressed_bytes)  # refused before any decryption work
             unsealed = unseal(frame.payload, sealing_keys)
         payload = decompress_payload(frame, limits.max_decompressed_bytes, unsealed)
+        if attached_table is not None and not (h.kind == Kind.DATA and h.version == WIRE_VERSION_2):
+            raise WireError("malformed", "a series table sent with a batch that names none (not v2 data)")
+        if h.kind == Kind.DATA and h.version == WIRE_VERSION_2:
+            return _open_columns(frame, key, payload, limits, sealing_keys, series_tables, attached_table)
         if h.kind == Kind.DATA:
             cache = tables(h.site, h.node) if tables is not None else None
             series = decode_series(payload, limits.payload, cache)
@@ -161,3 +221,35 @@ def open_batch(
         return VerifiedBatch(frame, key, rotation=decode_key_rotation(frame, payload))
     except WireError as exc:
         return _refusal(exc, h, True)
+
+
+def _open_columns(
+    frame: Frame,
+    key: NodeKey,
+    payload: bytes,
+    limits: OpenLimits,
+    sealing_keys: SealingKeys | None,
+    series_tables: TableStore | None,
+    attached: bytes | None,
+) -> VerifiedBatch | Refusal:
+    from wire.columns_np import decode_columns  # numpy: loaded by readers only
+
+    h = frame.header
+    named = columns_table_id(payload)
+    table = series_tables.get(h.site, h.node, named) if series_tables is not None else None
+    if attached is not None:
+        if table_id(attached) != named:
+            raise WireError("malformed", f"the series table sent with batch {h.seq} is not the one it names "
+                                         f"({named.hex()[:16]})")
+        if table is None:
+            table = open_table(attached, limits.payload, limits.max_decompressed_bytes, sealing_keys)
+            if series_tables is not None:
+                series_tables.add(h.site, h.node, table)
+    if table is None:
+        return Refusal("unknown_table", f"series table {named.hex()[:16]} of {h.site}/{h.node} is not held here; "
+                                        "send it with the batch", h, True)
+    columns = decode_columns(payload, table, limits.payload)
+    if h.series_count != columns.series_count or h.sample_count != columns.sample_count:
+        raise WireError("schema", f"header counts {h.series_count} series/{h.sample_count} samples, "
+                                  f"payload has {columns.series_count}/{columns.sample_count}")
+    return VerifiedBatch(frame, key, series=columns.to_series(), table=table, columns=columns)

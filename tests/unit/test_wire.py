@@ -446,7 +446,7 @@ def test_every_single_bit_flip_rejected(zstd: bool) -> None:
 
 def test_header_field_rejections() -> None:
     assert reason(lambda: wire.parse_frame(forge(magic=b"WSB2"))) == "malformed"
-    assert reason(lambda: wire.parse_frame(forge(version=2))) == "unsupported_version"
+    assert reason(lambda: wire.parse_frame(forge(version=3))) == "unsupported_version"
     assert reason(lambda: wire.parse_frame(forge(version=0))) == "unsupported_version"
     assert reason(lambda: wire.parse_frame(forge(kind=3))) == "malformed"
     assert reason(lambda: wire.parse_frame(forge(codec=2))) == "malformed"

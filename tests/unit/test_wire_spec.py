@@ -276,7 +276,7 @@ def test_an_empty_data_batch_has_its_creation_time_as_window() -> None:
 def test_sealed_flag_parses_and_an_unknown_version_is_unsupported_version() -> None:
     # A sealed payload is a matter for after the signature (§5, §7): the structure parses.
     assert wire.parse_frame(frame_bytes(flags=wire.FLAG_SEALED)).header.flags == wire.FLAG_SEALED
-    assert reason(lambda: wire.parse_frame(frame_bytes(version=2))) == "unsupported_version"
+    assert reason(lambda: wire.parse_frame(frame_bytes(version=3))) == "unsupported_version"
 
 
 # ---------------------------------------------------------------- §3.1 drop receipts

@@ -1,0 +1,292 @@
+"""Series tables (wire v2, docs/wire.md §10): a node's series identities, sent once, named by hash.
+
+A v2 data batch carries no names or labels: it names a **table** by the SHA-256 of the
+table's bytes as carried (its *table id*) and refers to series by their index in it. The
+table travels beside the frames that name it (in the same request, or as a bundle record)
+and is not signed itself: the signed frame names its hash, so exactly one table opens it.
+
+The agent keeps one current table (TableBuilder): new series are appended, so the indices
+of older series never change while the table grows; a table whose series mostly went quiet
+is started afresh. Each new table costs one upload; the collector stores every table it
+was given with the batch that brought it, durably, so later batches are columns only.
+
+Pure: bytes in, dataclasses out. Tables are hostile input like frames: every length is
+checked against the limits before anything is allocated for it.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+from nacl.bindings import crypto_hash_sha256
+
+from wire import compression
+from wire.keys import CollectorKey
+from wire.model import Limits, MetricType, Series, WireError
+from wire.schema import schema_problem
+from wire.sealing import SealingKeys, seal, unseal
+
+TABLE_MAGIC = b"WSTB"
+TABLE_VERSION = 1
+TABLE_ID_LEN = 32
+TABLE_CODEC_NONE = 0
+TABLE_CODEC_ZSTD = 1
+TABLE_FLAG_SEALED = 0x01
+# magic, version, codec, flags, reserved (0), series_count, raw_len, payload_len
+_HEAD = struct.Struct("<4sBBBBIII")
+TABLE_HEAD_LEN = _HEAD.size  # 20
+_STRINGS = struct.Struct("<I")
+_SERIES = struct.Struct("<IBH")  # name string index, metric type, label count
+_LABEL = struct.Struct("<II")
+_MTYPES = {int(m): m for m in MetricType}
+_LITTLE = struct.pack("=H", 1) == struct.pack("<H", 1)
+
+Identity = tuple[str, tuple[tuple[str, str], ...], MetricType]
+
+
+def table_id(blob: bytes) -> bytes:
+    """A table's id: SHA-256 over its bytes exactly as carried (head and payload)."""
+    return crypto_hash_sha256(bytes(blob))
+
+
+@dataclass(frozen=True)
+class TableHead:
+    version: int
+    codec: int
+    flags: int
+    series_count: int
+    raw_len: int
+    payload_len: int
+
+    @property
+    def length(self) -> int:
+        return TABLE_HEAD_LEN + self.payload_len
+
+
+def parse_table_head(buf: bytes | memoryview, at: int = 0) -> TableHead:
+    """The fixed head of a table at `at` (its length tells where it ends); WireError if it
+    is not one."""
+    if len(buf) - at < TABLE_HEAD_LEN:
+        raise WireError("malformed", f"series table of {len(buf) - at} bytes is shorter than its "
+                                     f"{TABLE_HEAD_LEN}-byte head")
+    magic, version, codec, flags, reserved, count, raw_len, payload_len = _HEAD.unpack_from(buf, at)
+    if magic != TABLE_MAGIC:
+        raise WireError("malformed", "bad series table magic")
+    if version != TABLE_VERSION:
+        raise WireError("unsupported_version", f"series table version {version}, this side reads {TABLE_VERSION}")
+    if codec not in (TABLE_CODEC_NONE, TABLE_CODEC_ZSTD):
+        raise WireError("malformed", f"series table codec {codec}")
+    if flags & ~TABLE_FLAG_SEALED or reserved:
+        raise WireError("malformed", f"series table flags 0x{flags:02x}, reserved byte {reserved}")
+    return TableHead(version, codec, flags, count, raw_len, payload_len)
+
+
+@dataclass(eq=False)
+class SeriesTable:
+    """A decoded table: each series' name, labels and type by index, checked against the
+    schema once. `durable` is the collector's bookkeeping: set once its ledger holds the blob."""
+
+    id: bytes
+    blob: bytes = field(repr=False)
+    names: list[str]
+    labels: list[tuple[tuple[str, str], ...]]
+    mtypes: list[MetricType]
+    durable: bool = False
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def identity(self, i: int) -> Identity:
+        return self.names[i], self.labels[i], self.mtypes[i]
+
+
+def encode_table_raw(identities: Iterable[Identity]) -> bytes:
+    """The uncompressed table: a string table, then each series' name, type and labels."""
+    strings: dict[str, int] = {}
+
+    def intern(s: str) -> int:
+        idx = strings.get(s)
+        if idx is None:
+            idx = strings[s] = len(strings)
+        return idx
+
+    body = bytearray()
+    count = 0
+    for name, labels, mtype in identities:
+        body += _SERIES.pack(intern(name), int(mtype), len(labels))
+        for k, v in labels:
+            body += _LABEL.pack(intern(k), intern(v))
+        count += 1
+    encoded = [s.encode("utf-8") for s in strings]
+    head = struct.pack(f"<I{len(encoded)}I", len(encoded), *(len(e) for e in encoded))
+    return b"".join((head, *encoded, struct.pack("<I", count), bytes(body)))
+
+
+def encode_table(
+    identities: list[Identity], zstd_level: int = 19, seal_to: CollectorKey | None = None
+) -> bytes:
+    """The table's bytes as carried (and hashed): head, then the compressed (and, with
+    `seal_to`, sealed) raw table."""
+    raw = encode_table_raw(identities)
+    payload = compression.compress(raw, zstd_level)
+    flags = 0
+    if seal_to is not None:
+        payload = seal(payload, seal_to)
+        flags = TABLE_FLAG_SEALED
+    return _HEAD.pack(TABLE_MAGIC, TABLE_VERSION, TABLE_CODEC_ZSTD, flags, 0, len(identities), len(raw),
+                      len(payload)) + payload
+
+
+def open_table(
+    blob: bytes, limits: Limits, max_raw_bytes: int, sealing_keys: SealingKeys | None = None
+) -> SeriesTable:
+    """Decode and check a table's bytes (exactly one table, nothing after it). Raises
+    WireError: malformed, unsupported_version, limit, too_large, schema, and the sealing
+    results for a sealed table."""
+    blob = bytes(blob)
+    head = parse_table_head(blob)
+    if head.length != len(blob):
+        raise WireError("malformed", f"series table says {head.length} bytes, carries {len(blob)}")
+    if head.series_count > limits.max_series:
+        raise WireError("limit", f"series table of {head.series_count} series exceeds {limits.max_series}")
+    if head.raw_len > max_raw_bytes:
+        raise WireError("too_large", f"series table of {head.raw_len} bytes exceeds {max_raw_bytes}")
+    payload = blob[TABLE_HEAD_LEN:]
+    if head.flags & TABLE_FLAG_SEALED:
+        payload = unseal(payload, sealing_keys)
+    if head.codec == TABLE_CODEC_ZSTD:
+        raw = compression.decompress(payload, head.raw_len, max_raw_bytes)
+    elif len(payload) != head.raw_len:
+        raise WireError("malformed", "uncompressed series table length differs from its head")
+    else:
+        raw = payload
+    names, labels, mtypes = _decode_raw(raw, head.series_count, limits)
+    table = SeriesTable(table_id(blob), blob, names, labels, mtypes)
+    problem = schema_problem([Series(n, lb, m, (), ()) for n, lb, m in zip(names, labels, mtypes, strict=True)])
+    if problem:
+        raise WireError("schema", f"series table: {problem}")
+    return table
+
+
+def _decode_raw(
+    raw: bytes, declared: int, limits: Limits
+) -> tuple[list[str], list[tuple[tuple[str, str], ...]], list[MetricType]]:
+    size = len(raw)
+    if size < 4:
+        raise WireError("malformed", "series table truncated in its string count")
+    (n_strings,) = _STRINGS.unpack_from(raw, 0)
+    if n_strings > limits.max_series * (2 * limits.max_labels + 1):
+        raise WireError("limit", f"{n_strings} strings in the series table")
+    pos = 4 + 4 * n_strings
+    if pos > size:
+        raise WireError("malformed", "series table truncated in its string lengths")
+    lengths = array("I")
+    lengths.frombytes(raw[4:pos])
+    if not _LITTLE:
+        lengths.byteswap()
+    if n_strings and max(lengths) > limits.max_string_len:
+        raise WireError("limit", f"string of {max(lengths)} bytes exceeds {limits.max_string_len}")
+    offsets = list(accumulate(lengths, initial=pos))
+    if offsets[-1] + 4 > size:
+        raise WireError("malformed", "series table truncated in its strings")
+    try:
+        strings = [raw[a:b].decode("utf-8") for a, b in zip(offsets, offsets[1:], strict=False)]
+    except UnicodeDecodeError as exc:
+        raise WireError("malformed", "a string in the series table is not UTF-8") from exc
+    pos = offsets[-1]
+    (count,) = _STRINGS.unpack_from(raw, pos)
+    pos += 4
+    if count != declared:
+        raise WireError("malformed", f"series table head says {declared} series, its body {count}")
+    names: list[str] = []
+    all_labels: list[tuple[tuple[str, str], ...]] = []
+    mtypes: list[MetricType] = []
+    max_labels = limits.max_labels
+    try:
+        for _ in range(count):
+            name_i, mtype, n_labels = _SERIES.unpack_from(raw, pos)
+            pos += _SERIES.size
+            if n_labels > max_labels:
+                raise WireError("limit", f"series with {n_labels} labels exceeds {max_labels}")
+            stop = pos + _LABEL.size * n_labels
+            if stop > size:
+                raise WireError("malformed", f"series table truncated at byte {pos}")
+            all_labels.append(tuple([(strings[k], strings[v]) for k, v in _LABEL.iter_unpack(raw[pos:stop])]))
+            pos = stop
+            names.append(strings[name_i])
+            mt = _MTYPES.get(mtype)
+            if mt is None:
+                raise WireError("malformed", f"unknown metric type {mtype}")
+            mtypes.append(mt)
+    except struct.error as exc:
+        raise WireError("malformed", f"series table truncated at byte {pos}") from exc
+    except IndexError as exc:
+        raise WireError("malformed", "series table refers to a missing string") from exc
+    if pos != size:
+        raise WireError("malformed", f"{size - pos} trailing bytes after the series table")
+    return names, all_labels, mtypes
+
+
+@dataclass(frozen=True)
+class CurrentTable:
+    """The agent's table as carried: its id, bytes and series count."""
+
+    id: bytes
+    blob: bytes
+    series_count: int
+
+
+class TableBuilder:
+    """The agent's current series table. `place` maps a batch's series to table indices,
+    appending series the table lacks (so earlier indices stay valid and earlier batches keep
+    their table); a table grown to more than twice the series a batch uses, or past
+    `max_series`, is started afresh from the batch's own series. Not thread-safe: one
+    producer (the flush) uses it."""
+
+    def __init__(self, zstd_level: int = 19, max_series: int = 200_000) -> None:
+        self.zstd_level = zstd_level
+        self.max_series = max_series
+        self._identities: list[Identity] = []
+        self._index: dict[tuple[Identity, int], int] = {}
+        self._current: CurrentTable | None = None
+        self._sealed_to: bytes | None = None
+
+    def place(
+        self, series: list[Series], seal_to: CollectorKey | None = None
+    ) -> tuple[CurrentTable, list[tuple[int, Series]]]:
+        """(the table, [(index, series)] in index order) for one batch."""
+        keys = self._keys(series)
+        missing = [k for k in keys if k not in self._index]
+        sealed_key = seal_to.key_id if seal_to is not None else None
+        used = len(keys)
+        grown = len(self._identities) + len(missing)
+        if grown > self.max_series or (grown > 64 and grown > 2 * used):
+            self._identities, self._index = [], {}
+            missing = keys
+        if missing or self._current is None or sealed_key != self._sealed_to:
+            for key in missing:
+                self._index[key] = len(self._identities)
+                self._identities.append(key[0])
+            blob = encode_table(self._identities, self.zstd_level, seal_to)
+            self._current = CurrentTable(table_id(blob), blob, len(self._identities))
+            self._sealed_to = sealed_key
+        index = self._index
+        placed = sorted(((index[k], s) for k, s in zip(keys, series, strict=True)), key=lambda p: p[0])
+        return self._current, placed
+
+    @staticmethod
+    def _keys(series: list[Series]) -> list[tuple[Identity, int]]:
+        """Each series' identity with its occurrence number: the format lets a batch carry
+        one identity twice, and each occurrence needs an index of its own."""
+        seen: dict[Identity, int] = {}
+        keys: list[tuple[Identity, int]] = []
+        for s in series:
+            ident = (s.name, s.labels, MetricType(s.mtype))
+            n = seen.get(ident, 0)
+            seen[ident] = n + 1
+            keys.append((ident, n))
+        return keys

@@ -290,3 +290,21 @@ class TableBuilder:
             seen[ident] = n + 1
             keys.append((ident, n))
         return keys
+
+
+def with_table(table: bytes | None, frame: bytes) -> bytes:
+    """A request body (docs/wire.md §9.1): the frame, preceded by the series table it names
+    when the receiver may not hold it."""
+    return frame if table is None else table + frame
+
+
+def split_body(body: bytes) -> tuple[bytes | None, bytes]:
+    """(table sent with the frame or None, frame) from a request body or bundle item; a body
+    that starts with a table's magic must hold a whole table, then the frame."""
+    if body[:4] != TABLE_MAGIC:
+        return None, body
+    head = parse_table_head(body)
+    if head.length >= len(body):
+        raise WireError("malformed", f"a series table of {head.length} bytes and no frame after it "
+                                     f"(body of {len(body)} bytes)")
+    return body[: head.length], body[head.length :]

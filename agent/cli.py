@@ -92,6 +92,8 @@ def cmd_check_config(config: AgentConfig, args: argparse.Namespace) -> int:
     print("  sources:" + "".join(f"\n    {line}" for line in sources) if sources else "  sources: none")
     pin = config.uplink.collector_pin
     print(f"  payloads sealed to collector key {pin.key_id.hex()}" if pin else "  payloads not sealed")
+    print("  wire version 2: series tables sent once, batches name them by hash" if config.uplink.wire_version == 2
+          else "  wire version 1: every data batch carries its series names (for a collector not yet upgraded)")
     if not config.key_path.exists():
         print(f"  note: no node key at {config.key_path} yet; run `waystation-agent keygen`")
     return 0
@@ -213,15 +215,28 @@ def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
             os.fchmod(f.fileno(), 0o600)  # a leftover temp file keeps its old mode otherwise
             writer = bundle.BundleWriter(f)
             max_frames = bundle.MAX_MANIFEST_ENTRIES  # read here: a bundle stops at this many frames
-            rows = spool.unacknowledged()
+            rows = spool.unacknowledged_named()
+            written: set[bytes] = set()  # series tables (wire v2) already in the bundle
             try:
-                for seq, frame in rows:
+                for seq, frame, tid in rows:
                     if not left and len(seqs) >= max_frames:
                         full = True
-                    if left or full or (max_bytes is not None
-                                        and writer.size_with(len(frame), config.site, config.node) > max_bytes):
+                    # A v2 frame's series table goes in once, ahead of the first frame naming it,
+                    # so the bundle opens on its own; its record counts towards --max-bytes.
+                    table = spool.table_blob(tid) if tid is not None and tid not in written else None
+                    if tid is not None and tid not in written and table is None:
+                        # Cannot happen (a table goes only with the last batch naming it); the frame
+                        # still goes, for a collector that may hold the table from an earlier send.
+                        print(f"waystation-agent export: warning: batch {seq} names series table "
+                              f"{tid.hex()[:16]}, which the spool does not hold", file=sys.stderr)
+                        written.add(tid)
+                    if left or full or (max_bytes is not None and writer.size_with(
+                            len(frame), config.site, config.node, len(table or b"")) > max_bytes):
                         left += 1
                         continue
+                    if table is not None and tid is not None:
+                        writer.add_table(table)
+                        written.add(tid)
                     writer.add(frame)
                     seqs.append(seq)
             finally:
@@ -254,7 +269,8 @@ def cmd_export(config: AgentConfig, args: argparse.Namespace) -> int:
     except sqlite3.Error as exc:
         print(f"waystation-agent export: warning: cannot record the export in {config.spool_path} ({exc}); "
               "a receipt for this bundle will still apply", file=sys.stderr)
-    print(f"wrote {out}: {len(seqs)} batches, seq {_seq_text(seqs)}, {writer.bytes} bytes "
+    tables = f" with {len(written)} series tables" if written else ""
+    print(f"wrote {out}: {len(seqs)} batches, seq {_seq_text(seqs)}, {writer.bytes} bytes{tables} "
           f"(bundle {manifest.hash.hex()[:16]})")
     if left and full:
         print(f"{left} newer unacknowledged batches did not fit: a bundle holds at most "

@@ -37,10 +37,17 @@ class UplinkConfig:
     # every data payload is sealed (encrypted) to it before it is signed, so the spool and
     # the wire are unreadable without the collector's private key; empty: not sealed.
     collector_key: str = ""
+    # The frame version data batches are signed in: 2 sends the series table once and later
+    # batches name it by hash (docs/wire.md §10); 1 keeps every batch self-describing, for a
+    # collector not yet upgraded to read v2. Drop receipts and key rotations are v1 either way.
+    wire_version: int = 2
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url {self.url!r} must start with http:// or https://")
+        if self.wire_version not in (1, 2):
+            raise ValueError(f"wire_version {self.wire_version!r} must be 1 or 2 (2: series tables sent once; "
+                             "1: for a collector that does not read v2 yet)")
         if self.collector_key:
             try:
                 parse_collector_key(self.collector_key)

@@ -125,6 +125,10 @@ class Agent:
         # they carry no metric names or values, and the collector can account for losses
         # even while it lacks a sealing key.
         self.collector_pin = config.uplink.collector_pin
+        # Wire v2: the node's series table, kept for the life of the agent so later batches
+        # name it by hash (the spool stores each table with the first batch naming it).
+        # Only the main loop (flush) uses it. None: v1 batches, each carrying its names.
+        self.tables: wire.TableBuilder | None = wire.TableBuilder() if config.uplink.wire_version == 2 else None
         self.summarizer = Summarizer(float(config.summary.window))
         sources: list[Scheduled] = build_sources(config, env or SourceEnv())
         self.runner = Runner(sources, self.summarizer.add)
@@ -170,7 +174,7 @@ class Agent:
         try:
             spool.append_data(
                 self.key, self.config.site, self.config.node, self.held, self.config.spool.max_bytes,
-                seal_to=self.collector_pin,
+                seal_to=self.collector_pin, tables=self.tables,
             )
         except (sqlite3.Error, OSError) as exc:
             self._write_failed(f"cannot write spool {self.config.spool_path}: {exc}")

@@ -15,6 +15,14 @@ transaction (claims and deletes nothing); `import-receipt` calls `resume_from_re
 (a new spool: renumber above the collector's chain head, like the uplink's `resume`) and
 then `apply_receipt`, a series of short write transactions (RECEIPT_CHUNK rows each) so a
 running agent's appends and acks never wait long behind it.
+
+Series tables (wire v2): a v2 data batch names its series table by id (batches.table_id);
+the table's bytes as carried are kept in `tables`, stored in the same transaction as the
+first batch that names it (sealed when sealing is on: what is stored is exactly what is
+sent, so the spool never holds a clear table the collector's key was meant to hide), and
+deleted with the last batch that names it (ack, receipt, eviction, the trim of rejected
+batches). The uplink sends a table with a batch while the collector is not known to hold
+it; an export writes each table once, ahead of the first frame that names it.
 """
 
 from __future__ import annotations
@@ -46,9 +54,15 @@ CREATE TABLE IF NOT EXISTS batches (
     bytes INTEGER NOT NULL,
     claimed_ms INTEGER,
     reject_reason TEXT,
-    frame BLOB NOT NULL
+    frame BLOB NOT NULL,
+    table_id BLOB
 );
 CREATE INDEX IF NOT EXISTS batches_state ON batches (state, seq);
+CREATE TABLE IF NOT EXISTS tables (
+    id BLOB PRIMARY KEY,
+    blob BLOB NOT NULL,
+    created_ms INTEGER
+);
 CREATE TABLE IF NOT EXISTS applied_receipts (
     collector_key_id BLOB NOT NULL,
     receipt_no INTEGER NOT NULL,
@@ -57,7 +71,7 @@ CREATE TABLE IF NOT EXISTS applied_receipts (
 ) WITHOUT ROWID;
 """
 
-_PENDING = "SELECT seq, kind, frame, window_end_ms FROM batches WHERE state = 'pending' "
+_PENDING = "SELECT seq, kind, frame, window_end_ms, table_id FROM batches WHERE state = 'pending' "
 _NEWEST_PENDING = _PENDING + "AND seq > ? ORDER BY seq DESC LIMIT 1"
 _OLDEST_PENDING = _PENDING + "AND seq > ? ORDER BY seq ASC LIMIT 1"
 
@@ -110,6 +124,10 @@ class Claimed:
     kind: int
     frame: bytes
     window_end_ms: int
+    # A v2 data batch's series table: its id and its bytes as carried (sealed when the batch
+    # is); None for v1 batches, drop receipts and key rotations.
+    table_id: bytes | None = None
+    table: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +154,8 @@ class Spool:
         if readonly:  # `status`: works for any user who can read the file, never takes the lock
             self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout_s,
                                       isolation_level=None)
+            # Read as it is: a spool made before series tables has no table_id (nothing names one).
+            self._tabled = "table_id" in self._columns()
             return
         self.db = sqlite3.connect(str(path), timeout=timeout_s, isolation_level=None)
         # Three connections (main loop, two lanes) each keep a page cache: 2 MB apiece by
@@ -145,7 +165,13 @@ class Spool:
         # FULL: a committed seq must survive power loss, or it could be reused after it was sent.
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
-        with self._write():
+        with self._write() as db:
+            if "table_id" not in self._columns():  # a spool made before series tables (wire v2)
+                db.execute("ALTER TABLE batches ADD COLUMN table_id BLOB")
+            db.execute("CREATE INDEX IF NOT EXISTS batches_table ON batches (table_id) WHERE table_id IS NOT NULL")
+            # Tables no batch names (one whose last batch went while an older version ran).
+            db.execute("DELETE FROM tables WHERE id NOT IN "
+                       "(SELECT table_id FROM batches WHERE table_id IS NOT NULL)")
             if self._meta("next_seq") is None and self._meta("resume_needed") is None:
                 # A new spool on a node that may have sent before (reinstalled, state lost):
                 # its seqs must be placed above what the collector already holds.
@@ -153,9 +179,19 @@ class Spool:
                 # A receipt issued before this spool existed cannot say where the
                 # collector's chain stands now (see resume_from_receipt).
                 self._set_meta("created_ms", int(time.time() * 1000))
+        self._tabled = True
 
     def close(self) -> None:
         self.db.close()
+
+    def _columns(self) -> set[str]:
+        return {str(row[1]) for row in self.db.execute("PRAGMA table_info(batches)")}
+
+    def _forget_tables(self, ids: Iterable[bytes | None]) -> None:
+        """Delete those of these tables that no batch names any more (an index lookup each)."""
+        for tid in {i for i in ids if i is not None}:
+            self.db.execute("DELETE FROM tables WHERE id = ? AND NOT EXISTS "
+                            "(SELECT 1 FROM batches WHERE table_id = ?)", (tid, tid))
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -341,23 +377,39 @@ class Spool:
         max_bytes: int,
         now_ms: int | None = None,
         seal_to: CollectorKey | None = None,
+        tables: wire.TableBuilder | None = None,
     ) -> int:
         """Sign series into the next batch of the chain and store it; returns its seq.
 
         With seal_to (the pinned collector key) the compressed payload is sealed to it first,
-        so no metric name, label or value reaches the spool file (or its WAL) in clear."""
+        so no metric name, label or value reaches the spool file (or its WAL) in clear.
+
+        With `tables` (the producer's TableBuilder, which lives as long as the producer) the
+        batch is wire v2: the series are placed in the builder's current table (sealed to
+        seal_to too) and the batch names it; a table the spool does not hold yet is stored
+        in the same transaction. Without it, a v1 batch that carries its own names. An empty
+        batch is v1 either way: it names no series, so it needs no table."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        # Compress and seal outside the lock.
-        prepared = wire.prepare_data(series, empty_window_ms=now_ms)
+        # Encode, compress and seal outside the lock.
+        table: wire.CurrentTable | None = None
+        if tables is not None and series:
+            table, placed = tables.place(series, seal_to=seal_to)
+            prepared = wire.prepare_columns(table, placed, empty_window_ms=now_ms)
+        else:
+            prepared = wire.prepare_data(series, empty_window_ms=now_ms)
         if seal_to is not None:
             prepared = wire.seal_prepared(prepared, seal_to)
-        with self._write():
+        with self._write() as db:
             seq, prev = self._chain_head()
             frame = wire.sign_batch(
                 prepared, wire.BatchContext(key, site, node, seq, prev, now_ms, time.monotonic_ns())
             )
             parsed = wire.parse_frame(frame)
-            self._insert(parsed, frame, now_ms)
+            if table is not None:
+                # Written only when missing: a table is stored once, however many batches name it.
+                db.execute("INSERT OR IGNORE INTO tables (id, blob, created_ms) VALUES (?, ?, ?)",
+                           (table.id, table.blob, now_ms))
+            self._insert(parsed, frame, now_ms, None if table is None else table.id)
             self._bump("produced_samples", parsed.header.sample_count)
             self._evict_over_quota(key, site, node, max_bytes, now_ms)
         return seq
@@ -386,13 +438,13 @@ class Spool:
         assert isinstance(prev, bytes)
         return next_seq, prev
 
-    def _insert(self, frame: wire.Frame, raw: bytes, now_ms: int) -> None:
+    def _insert(self, frame: wire.Frame, raw: bytes, now_ms: int, table_id: bytes | None = None) -> None:
         h = frame.header
         self.db.execute(
             "INSERT INTO batches (seq, kind, state, created_ms, window_start_ms, window_end_ms, "
-            "samples, bytes, frame) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+            "samples, bytes, frame, table_id) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
             (h.seq, int(h.kind), now_ms, h.window_start_ms, h.window_end_ms, h.sample_count,
-             len(raw), raw),
+             len(raw), raw, table_id),
         )
         self._set_meta("next_seq", h.seq + 1)
         self._set_meta("last_hash", wire.batch_hash(raw))
@@ -404,25 +456,40 @@ class Spool:
         (total,) = self.db.execute(
             "SELECT COALESCE(SUM(bytes), 0) FROM batches WHERE state != 'rejected'"
         ).fetchone()
+        # Series tables count too: while series churn during an outage, each new table is a
+        # full copy of the node's identities, kept as long as a batch names it.
+        table_bytes = {bytes(tid): int(n) for tid, n in self.db.execute("SELECT id, length(blob) FROM tables")}
+        total += sum(table_bytes.values())
         if total <= max_bytes:
             return
         # Newest batch stays: it is what the dashboards need first. Receipts are never evicted.
         (newest,) = self.db.execute("SELECT MAX(seq) FROM batches").fetchone()
+        # How many batches name each table: a table's bytes are freed with the last of them.
+        naming = {bytes(tid): int(n) for tid, n in self.db.execute(
+            "SELECT table_id, COUNT(*) FROM batches WHERE table_id IS NOT NULL GROUP BY table_id")}
         victims: list[tuple[int, int, int, int, int]] = []
         excess = total - max_bytes
         rows = self.db.execute(
-            "SELECT seq, window_start_ms, window_end_ms, samples, bytes FROM batches "
+            "SELECT seq, window_start_ms, window_end_ms, samples, bytes, table_id FROM batches "
             "WHERE state = 'pending' AND kind = ? AND seq != ? ORDER BY seq",
             (int(wire.Kind.DATA), newest),
         )
-        for row in rows:
+        freed: list[bytes] = []
+        for *row, tid in rows:
             if excess <= 0:
                 break
-            victims.append(row)
+            victims.append((row[0], row[1], row[2], row[3], row[4]))
             excess -= row[4]
+            if tid is not None:
+                tid = bytes(tid)
+                freed.append(tid)
+                naming[tid] -= 1
+                if naming[tid] == 0:
+                    excess -= table_bytes.get(tid, 0)
         if not victims:
             return
         self.db.executemany("DELETE FROM batches WHERE seq = ?", [(v[0],) for v in victims])
+        self._forget_tables(freed)
         self._append_receipt(key, site, node, victims, "spool_quota", now_ms)
 
     def _append_receipt(
@@ -463,7 +530,16 @@ class Spool:
                 "UPDATE batches SET state = 'inflight', claimed_ms = ? WHERE seq = ?",
                 (int(time.time() * 1000), row[0]),
             )
-        return Claimed(row[0], row[1], row[2], row[3])
+            tid = None if row[4] is None else bytes(row[4])
+            table = None if tid is None else self.table_blob(tid)
+        return Claimed(row[0], row[1], row[2], row[3], tid, table)
+
+    def table_blob(self, table_id: bytes) -> bytes | None:
+        """A stored series table's bytes as carried; None if the spool does not hold it."""
+        if not self._tabled:
+            return None
+        row = self.db.execute("SELECT blob FROM tables WHERE id = ?", (table_id,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def claim_newest_after(self, after_seq: int) -> Claimed | None:
         """Live lane: the freshest unsent batch newer than after_seq, so dashboards are current."""
@@ -477,11 +553,12 @@ class Spool:
         """The collector holds seq durably: forget it."""
         now_ms = int(time.time() * 1000)
         with self._write() as db:
-            row = db.execute("SELECT bytes FROM batches WHERE seq = ?", (seq,)).fetchone()
+            row = db.execute("SELECT bytes, table_id FROM batches WHERE seq = ?", (seq,)).fetchone()
             db.execute("DELETE FROM batches WHERE seq = ?", (seq,))
             if row is not None:
                 self._bump("acked_batches", 1)
                 self._bump("acked_bytes", row[0])
+                self._forget_tables([row[1]])
             self._set_meta("last_ack_ms", now_ms)
             if complete_through is not None:
                 # Two lanes ack out of order; the watermark only ever moves forward.
@@ -520,11 +597,12 @@ class Spool:
             if receipt_by is not None and row[5] == wire.Kind.DATA:
                 self._append_receipt(*receipt_by, [row[:5]], "rejected", now_ms)
             # Keep a bounded audit trail: the newest rejected batches only.
-            db.execute(
-                "DELETE FROM batches WHERE state = 'rejected' AND seq NOT IN "
-                "(SELECT seq FROM batches WHERE state = 'rejected' ORDER BY seq DESC LIMIT ?)",
+            trimmed = db.execute(
+                "SELECT seq, table_id FROM batches WHERE state = 'rejected' ORDER BY seq DESC LIMIT -1 OFFSET ?",
                 (MAX_REJECTED_KEPT,),
-            )
+            ).fetchall()
+            db.executemany("DELETE FROM batches WHERE seq = ?", [(t[0],) for t in trimmed])
+            self._forget_tables(t[1] for t in trimmed)
 
     def note_error(self, error: str) -> None:
         """A delivery problem no batch was claimed for (the first contact failed): `status`
@@ -542,12 +620,24 @@ class Spool:
         """(seq, frame) of every batch not yet acknowledged (pending or claimed by a lane),
         oldest first, read in one read transaction: a consistent snapshot beside a running
         agent (WAL), never claiming or deleting anything. Close the generator when done."""
-        self.db.execute("BEGIN")
+        rows = self.unacknowledged_named()
         try:
-            for seq, frame in self.db.execute(
-                "SELECT seq, frame FROM batches WHERE state IN ('pending', 'inflight') ORDER BY seq"
+            for seq, frame, _ in rows:
+                yield seq, frame
+        finally:
+            rows.close()
+
+    def unacknowledged_named(self) -> Generator[tuple[int, bytes, bytes | None], None, None]:
+        """`unacknowledged`, with the id of the series table each batch names (None: none).
+        While the generator is open, `table_blob` reads the same snapshot (one connection,
+        one read transaction), so every table a yielded batch names is there."""
+        self.db.execute("BEGIN")
+        named = "table_id" if self._tabled else "NULL"
+        try:
+            for seq, frame, tid in self.db.execute(
+                f"SELECT seq, frame, {named} FROM batches WHERE state IN ('pending', 'inflight') ORDER BY seq"
             ):
-                yield int(seq), bytes(frame)
+                yield int(seq), bytes(frame), None if tid is None else bytes(tid)
         finally:
             if self.db.in_transaction:
                 self.db.execute("COMMIT")
@@ -607,14 +697,17 @@ class Spool:
         while chunk := list(itertools.islice(rows, RECEIPT_CHUNK)):
             with self._write() as db:
                 chunk_deleted = chunk_size = 0
+                named: list[bytes | None] = []
                 for seq, digest in chunk:
-                    row = db.execute("SELECT frame FROM batches WHERE seq = ? AND state != 'rejected'",
+                    row = db.execute("SELECT frame, table_id FROM batches WHERE seq = ? AND state != 'rejected'",
                                      (seq,)).fetchone()
                     if row is None or wire.batch_hash(bytes(row[0])) != digest:
                         continue
                     db.execute("DELETE FROM batches WHERE seq = ?", (seq,))
                     chunk_deleted += 1
                     chunk_size += len(row[0])
+                    named.append(row[1])
+                self._forget_tables(named)
                 if chunk_deleted:
                     # The collector holds this spool's own chain: nothing to renumber above it.
                     self._set_meta("resume_needed", 0)

@@ -9,7 +9,20 @@ HTTP connection; they never send the same batch because a send is a spool claim.
 Failures: connection errors and 5xx back off exponentially with full jitter;
 429/503 wait for Retry-After; 401/403 (key not enrolled or revoked) keep the
 data and retry slowly; 400/409/413 mean resending cannot help, so the batch is
-set aside as rejected (kept for audit) and the error is recorded for `status`.
+set aside as rejected (kept for audit) and the error is recorded for `status`,
+except 400 `unsupported_version`, which an upgrade of the collector mends.
+
+Series tables (wire v2): a v2 data batch names its series table by hash. The uplink keeps
+the ids of the tables the collector is known to hold (those of batches it acked since this
+start) and sends a batch with its table (`wire.with_table`) while its id is not among them.
+A 428 `unknown_table` drops the id and sends the batch again at once with its table (once
+per claim; refused so again, it is retried with backoff). A 400 `unsupported_version` (a
+collector older than this agent) keeps the batch and backs off, warning once how to fix it;
+so does a 400 `malformed` to a body that carried a table when the frame alone then draws
+`unsupported_version` (a collector that reads only v1 takes the table for a bad frame).
+Sending the table unasked with the first batch after a start saves a round trip with an
+upgraded collector; with an old one, the bare retry tells, and until such a collector acks
+a v2 batch, batches go without their table (docs/wire.md §10.6).
 
 Freshness after an outage: while the live lane sits out a backoff because a send got
 no answer (the connection was refused, reset or timed out), it probes the collector
@@ -46,6 +59,7 @@ thread of its own; they share only Events, the stats (under its lock) and
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import logging
@@ -118,10 +132,14 @@ class UplinkStats:
 class Outcome:
     """What one POST came to."""
 
-    kind: str  # acked | retry | reject (collector lacks it) | conflict (collector holds another)
+    # acked | retry | reject (collector lacks it) | conflict (collector holds another) |
+    # unknown_table (the collector lacks the series table the batch names: send it along) |
+    # unsupported_version (the collector does not read this frame version: keep the batch)
+    kind: str
     delay_s: float = 0.0
     detail: str = ""
     complete_through: int | None = None
+    result: str = field(default="", compare=False)  # the collector's result word, if it answered
 
 
 # How an attempt failed, as far as reachability goes (what a probe can tell about it).
@@ -137,6 +155,7 @@ class _Step(NamedTuple):
     settled: bool  # acked, or set aside for good: the batch is done with
     wait_s: float  # how long to wait before the next attempt
     failure: str = HELD  # DOWN or LOST: a probe may end the wait (see _Outage)
+    sent_bytes: int = 0  # request bodies posted for it (series tables included)
 
 
 class _Outage:
@@ -271,15 +290,22 @@ def classify(status: int, headers: dict[str, str], body: bytes, now: float, seq:
         return Outcome("retry", -1.0 if after is None else after, detail)
     if reply is None:
         return Outcome("retry", -1.0, detail)
+    word = reply["result"]
+    if status == 428 and word == "unknown_table":
+        return Outcome("unknown_table", detail=detail, complete_through=ct, result=word)
+    if status == 400 and word == "unsupported_version":
+        # A collector older than this agent: resending the same bytes cannot help now, but
+        # will once it is upgraded, so the batch is kept (never set aside: that loses data).
+        return Outcome("unsupported_version", detail=detail, complete_through=ct, result=word)
     if status == 200:
         if reply["result"] in ("accepted", "duplicate") and reply.get("seq") == seq:
             return Outcome("acked", complete_through=ct)
         return Outcome("retry", -1.0, f"HTTP 200 that does not acknowledge batch {seq}: {body[:200]!r}")
     if status in (409,):
-        return Outcome("conflict", detail=detail, complete_through=ct)
+        return Outcome("conflict", detail=detail, complete_through=ct, result=word)
     if status in (400, 413, 422):
-        return Outcome("reject", detail=detail, complete_through=ct)
-    return Outcome("retry", -1.0, detail)  # 401/403/5xx/other: keep the data, back off
+        return Outcome("reject", detail=detail, complete_through=ct, result=word)
+    return Outcome("retry", -1.0, detail, result=word)  # 401/403/5xx/other: keep the data, back off
 
 
 class Backoff:
@@ -364,6 +390,15 @@ class Uplink:
         # waits for it, so after an outage the newest batch is always the first to arrive.
         self.live_ok = threading.Event()
         self.last_warning: str | None = None
+        # Series tables (wire v2) the collector is known to hold: those of batches it acked
+        # since this start. Both lanes read and add under the lock. Empty at each start, so
+        # the first batch naming a table after a start carries it (a few KB, once).
+        self.known_tables: set[bytes] = set()
+        self.tables_lock = threading.Lock()
+        # The collector answered unsupported_version (older than this agent): said once, and
+        # until it acks a v2 batch, v2 batches go without their table, which such a collector
+        # would read as a frame with a bad magic (docs/wire.md §10.6).
+        self.old_collector = False
 
     def start(self) -> None:
         t = threading.Thread(target=self._prepare, name="uplink-prepare", daemon=True)
@@ -524,7 +559,7 @@ class Uplink:
             # The timeout bounds each socket operation, not the whole upload, so a big batch
             # over a slow link legitimately takes longer: the bound allows 1 KB/s on top.
             # Far past it the lane is stuck (a hung socket, a wedged lock).
-            bound = float(self.config.timeout) + 120 + len(claimed.frame) / 1024
+            bound = float(self.config.timeout) + 120 + (len(claimed.frame) + len(claimed.table or b"")) / 1024
             with self.liveness.step(f"{threading.current_thread().name} send", bound):
                 return self._deliver(spool, conn, claimed, backoff)
         except BaseException:
@@ -535,23 +570,71 @@ class Uplink:
                 log.exception("could not release batch %d after a lane failure", claimed.seq)
             raise
 
+    def _collector_holds(self, table_id: bytes) -> bool:
+        with self.tables_lock:
+            return table_id in self.known_tables
+
+    def _note_table(self, table_id: bytes, held: bool) -> None:
+        with self.tables_lock:
+            if held:
+                self.known_tables.add(table_id)
+            else:
+                self.known_tables.discard(table_id)
+
+    def _post_batch(self, conn: _Connection, claimed: Claimed) -> tuple[Outcome, Outcome | None, int]:
+        """POST a claimed batch, with its series table while the collector is not known to
+        hold it (and not known to predate v2), and once more at once where the answer calls
+        for it (at most twice more):
+        with the table after unknown_table, or without it after a malformed answer to a body
+        that carried it. Returns (the last outcome, the malformed answer that made it try
+        without the table or None, bytes posted)."""
+        tid = claimed.table_id
+        unasked = tid is not None and not self.old_collector and not self._collector_holds(tid)
+        attach = claimed.table if unasked else None
+        resent = False  # sent once more with its table after unknown_table
+        probed: Outcome | None = None
+        sent = 0
+        while True:
+            body = wire.with_table(attach, claimed.frame)
+            status, headers, reply = conn.post(body, self._request_timeout())
+            sent += len(body)
+            with self.stats.lock:
+                self.stats.sent_bytes += len(body)
+                self.stats.sent_batches += 1
+            outcome = classify(status, headers, reply, self.clock.wall(), claimed.seq)
+            if tid is None:
+                return outcome, probed, sent
+            if outcome.kind == "unknown_table":
+                self._note_table(tid, False)  # it lost it, or never had it: send it along again
+                if attach is None and claimed.table is not None and not resent and probed is None:
+                    attach, resent = claimed.table, True  # at once, on the same claim
+                    continue
+            elif (outcome.kind == "reject" and outcome.result == "malformed" and attach is not None
+                  and probed is None):
+                # A collector that reads only wire v1 takes a body that starts with a series
+                # table for a bad frame. Whether that is all it means, the frame alone tells:
+                # such a collector then answers unsupported_version, and the batch is kept.
+                attach, probed = None, outcome
+                continue
+            return outcome, probed, sent
+
     def _deliver(self, spool: Spool, conn: _Connection, claimed: Claimed, backoff: Backoff) -> _Step:
         hold = self.hold_until - self.clock.monotonic()
         if hold > 0:
             spool.release(claimed.seq)
             return _Step(False, hold)
+        tid = claimed.table_id
         try:
-            status, headers, body = conn.post(claimed.frame, self._request_timeout())
+            outcome, probed, sent = self._post_batch(conn, claimed)
         except (OSError, http.client.HTTPException) as exc:
             problem = f"collector unreachable ({self.config.url}): {exc}"
             spool.release(claimed.seq, problem)
             self._warn_once(problem)
             return _Step(False, self._fail(backoff), _failure_of(exc))
-        with self.stats.lock:
-            self.stats.sent_bytes += len(claimed.frame)
-            self.stats.sent_batches += 1
-        outcome = classify(status, headers, body, self.clock.wall(), claimed.seq)
         if outcome.kind == "acked":
+            if tid is not None:
+                self._note_table(tid, True)
+                self.old_collector = False  # it reads v2 (again): a later refusal is news
             spool.ack(claimed.seq, outcome.complete_through)
             backoff.reset()
             if self.last_warning is not None:
@@ -561,24 +644,46 @@ class Uplink:
                 self.stats.acked_batches += 1
                 self.stats.last_ack_wall = self.clock.wall()
                 self.stats.backoff_s = 0.0
-            return _Step(True, 0.0)
+            return _Step(True, 0.0, sent_bytes=sent)
+        if outcome.kind == "unknown_table" and (probed is not None or claimed.table is None):
+            # The collector reads v2 but cannot have the table: it refused the one sent (the
+            # malformed answer before), or the spool does not hold it. No resend can help.
+            why = (probed.detail if probed is not None else
+                   f"the collector lacks series table {tid.hex()[:16] if tid else '?'} and the spool does not "
+                   "hold it")
+            outcome = Outcome("reject", detail=why, complete_through=outcome.complete_through)
         if outcome.kind in ("reject", "conflict"):
             log.error("collector rejected batch %d for good: %s", claimed.seq, outcome.detail)
             spool.reject(claimed.seq, outcome.detail,
                          self.identity if outcome.kind == "reject" else None)
             with self.stats.lock:
                 self.stats.rejected_batches += 1
-            return _Step(True, 0.0)
+            return _Step(True, 0.0, sent_bytes=sent)
+        if outcome.kind == "unsupported_version":
+            problem = (f"{outcome.detail}: the collector does not read the wire version of batch "
+                       f"{claimed.seq}; upgrade the collector, or set [uplink] wire_version = 1 in agent.toml "
+                       "(batches already signed as v2 wait in the spool for an upgraded collector)")
+            spool.release(claimed.seq, problem)
+            if not self.old_collector:
+                self.old_collector = True
+                log.warning("%s (data stays in the spool; retrying with backoff)", problem)
+            return _Step(False, self._fail(backoff), ANSWERED, sent)
+        if outcome.kind == "unknown_table":
+            # Refused as unknown with its table attached: the collector did not keep it
+            # (a restart mid-request?). Keep the batch; the next try sends the table again.
+            outcome = dataclasses.replace(
+                outcome, detail=f"{outcome.detail} (series table {tid.hex()[:16] if tid else '?'} was sent with it)",
+                delay_s=-1.0)
         spool.release(claimed.seq, outcome.detail)
         if outcome.delay_s >= 0:
             self.hold_until = max(self.hold_until, self.clock.monotonic() + outcome.delay_s)
             with self.stats.lock:
                 self.stats.backoff_s = outcome.delay_s
-            return _Step(False, outcome.delay_s)
+            return _Step(False, outcome.delay_s, HELD, sent)
         # The collector (or something in its place) answered: a probe would say it is up,
         # so this backoff is sat out in full rather than cut short into a send loop.
         self._warn_once(f"batches not delivered: {outcome.detail}")
-        return _Step(False, self._fail(backoff), ANSWERED)
+        return _Step(False, self._fail(backoff), ANSWERED, sent)
 
     def _request_timeout(self) -> float:
         """The configured timeout, but never past the end of a stop's grace."""
@@ -712,7 +817,8 @@ class Uplink:
                 self.backfill_sending = 0
             delay = step.wait_s
             if step.settled:
-                # The byte-rate cap: a batch of N bytes buys N/rate seconds of the uplink.
-                delay = max(0.0, len(claimed.frame) / rate - (self.clock.monotonic() - started))
+                # The byte-rate cap: a batch of N bytes (its series table too, when sent with
+                # it) buys N/rate seconds of the uplink.
+                delay = max(0.0, step.sent_bytes / rate - (self.clock.monotonic() - started))
             if delay:
                 self.clock.wait(self.draining, delay)

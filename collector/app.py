@@ -30,6 +30,7 @@ from collector.exposition import FleetCollector, FleetState
 from collector.ingest import IMPORT_GROUP, RETRY_AFTER_S, Committer, Ingest, IngestMetrics, Overloaded, open_limits
 from collector.ledger import Ledger, Outcome
 from collector.remote_write import ForwardingMetrics, Supervisor
+from collector.tables import LedgerTables
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,10 @@ def rebuild_latest_state(
     restored = fleet.restore(rows, now_ms=now_ms, saved=through is not None)
     fleet.restore_marks(ledger.load_latest_nodes())
     keys = partial(trust.lookup_recorded, ledger.conn)
+    series_tables = LedgerTables(ledger.conn, limits, sealing_keys)  # v2 batches' tables, from the ledger
     replayed = 0
     for raw, received_at in ledger.replay_frames(through):
-        opened = wire.open_batch(raw, keys, limits, sealing_keys=sealing_keys)
+        opened = wire.open_batch(raw, keys, limits, sealing_keys=sealing_keys, series_tables=series_tables)
         if isinstance(opened, wire.Refusal):  # recorded under other limits; not fatal at start
             log.warning("cannot rebuild latest state from a stored batch: %s: %s", opened.result, opened.detail)
             continue
@@ -314,7 +316,8 @@ async def post_import(request: web.Request) -> web.Response:
     """Bundle frames from `waystation-collector import` on this host: each one through
     ingest's path (Ingest.import_frames), as if posted, with origin 'bundle'.
 
-    Body: (u32 length, frame)*; header X-Waystation-Origin-File names the bundle file.
+    Body: (u32 length, item)*, each item a frame or a series table followed by the frame
+    that names it (as a post's body); header X-Waystation-Origin-File names the bundle file.
     Answer: {"results": [{"result", "detail", "site", "node", "seq"}, ...]} in body order;
     a 503 (overloaded, Retry-After) when serve is as busy as a post would find it, with
     nothing taken. Refusals before the body is read (403, 503) never name the token."""

@@ -17,7 +17,11 @@ Per row it proves:
 - the chain: its `prev_hash` is the hash of the frame at seq - 1 (docs/wire.md §2; seq 1
   carries 32 zero bytes), and after a key rotation in the chain the next batches are
   signed with the key it announced;
-- a drop receipt's ranges are the ones the ledger's drops table holds for it.
+- a drop receipt's ranges are the ones the ledger's drops table holds for it;
+- a v2 data batch's series table is in `series_tables` (else `missing_table`: its samples
+  cannot be read), and the row's table_id column is the table the signed payload names.
+Per node it also proves that every stored series table's bytes hash to the id it is stored
+under (else `table_mismatch`), reading one table at a time.
 Then every seq from 1 to the node's highest that no row holds must be named by a verified
 drop receipt or have left the archive by retention / the size cap (`retired`).
 
@@ -43,6 +47,7 @@ from typing import Any
 import wire
 from collector import ledger, trust
 from collector.ledger import IntervalSet
+from collector.tables import LedgerTables, has_series_tables
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -55,6 +60,11 @@ KEY_MISMATCH = "key_mismatch"  # signed with another key than the chain's rotati
 RECORDED_AFTER_REVOCATION = "recorded_after_revocation"
 DROP_MISMATCH = "drop_mismatch"  # the drops table and the signed receipts disagree
 MISSING = "missing"  # seqs no row holds, no drop receipt names, and retention did not retire
+MISSING_TABLE = "missing_table"  # a v2 data batch whose series table the ledger does not hold
+TABLE_MISMATCH = "table_mismatch"  # a stored series table whose bytes do not hash to its id
+# Decoded series tables kept per node while its rows are read (a node names one table for
+# many batches in a row); the rest are read again from the ledger.
+AUDIT_TABLES = 8
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,7 @@ class AuditSummary:
     data_batches: int = 0
     drop_receipts: int = 0
     key_rotations: int = 0
+    tables: int = 0  # series tables stored for these nodes (wire v2), each checked against its id
     sealed_unopened: int = 0  # signature and chain proven, payload not decrypted
     links_checked: int = 0
     links_unchecked: int = 0  # seq - 1 not held (dropped, retired) or not verifiable
@@ -175,11 +186,14 @@ class _Keys:
         return self._cache[key_id]
 
 
-_ROWS = (
-    "SELECT seq, kind, hash, prev_hash, key_id, received_at, created_wall_ms, window_start_ms, "
-    "window_end_ms, series_count, sample_count, bytes, frame FROM batches "
-    "WHERE site = ? AND node = ? ORDER BY seq"
-)
+def _rows_query(conn: sqlite3.Connection) -> str:
+    # A ledger no collector with series tables opened yet has no table_id column (and no v2 batch).
+    table_id = "table_id" if ledger.has_batch_column(conn, "table_id") else "NULL"
+    return (
+        "SELECT seq, kind, hash, prev_hash, key_id, received_at, created_wall_ms, window_start_ms, "
+        f"window_end_ms, series_count, sample_count, bytes, {table_id}, frame FROM batches "
+        "WHERE site = ? AND node = ? ORDER BY seq"
+    )
 
 
 def _nodes(run: _Run, conn: sqlite3.Connection, site: str | None, node: str | None) -> list[tuple[str, str]]:
@@ -347,6 +361,7 @@ def _audit_node_rows(conn: sqlite3.Connection, run: _Run, site: str, node: str) 
     summary = run.summary
     keys = _Keys(conn)
     tables = wire.SeriesTables(max_senders=1)
+    series_tables = LedgerTables(conn, run.limits, run.sealing_keys, max_tables=AUDIT_TABLES)
     holes = IntervalSet()  # seqs below the highest that no row holds
     named = IntervalSet()  # seqs named by verified drop receipts
     verified_receipts: set[int] = set()
@@ -369,15 +384,17 @@ def _audit_node_rows(conn: sqlite3.Connection, run: _Run, site: str, node: str) 
         series_count,
         sample_count,
         size,
+        stored_table,
         frame,
-    ) in conn.execute(_ROWS, (site, node)):
+    ) in conn.execute(_rows_query(conn), (site, node)):
         if seq > last_seq + 1:
             holes.add(last_seq + 1, seq - 1)
             announced = None  # a rotation may sit in the gap
         last_seq = seq
         run.tick(site, node, seq)
         raw = bytes(frame)
-        opened = wire.open_batch(raw, keys, run.limits, tables, sealing_keys=run.sealing_keys)
+        opened = wire.open_batch(raw, keys, run.limits, tables, sealing_keys=run.sealing_keys,
+                                 series_tables=series_tables)
         if isinstance(opened, wire.VerifiedBatch):
             header: wire.Header | None = opened.header
         else:
@@ -386,6 +403,12 @@ def _audit_node_rows(conn: sqlite3.Connection, run: _Run, site: str, node: str) 
                 summary.sealed_unopened += 1
                 if header is not None and header.kind == wire.Kind.DROP_RECEIPT:
                     sealed_receipts.add(seq)
+            elif opened.signed and opened.result == "unknown_table":
+                # Signature and chain are still proven; the samples cannot be read.
+                which = f" {bytes(stored_table).hex()}" if stored_table is not None else ""
+                run.emit(Finding(site, node, seq, MISSING_TABLE,
+                                 f"the series table{which} this batch names is not in the ledger's series_tables "
+                                 f"(or its bytes are not that table): its samples cannot be read ({opened.detail})"))
             else:
                 run.emit(Finding(site, node, seq, opened.result, _refusal_detail(opened)))
         if header is None:  # not proven: the links to and from it cannot be checked
@@ -406,7 +429,7 @@ def _audit_node_rows(conn: sqlite3.Connection, run: _Run, site: str, node: str) 
             link = None
             continue
         digest = wire.batch_hash(raw)
-        columns = (
+        columns: list[tuple[str, object, object]] = [
             ("hash", bytes(stored_hash), digest),
             ("prev_hash", bytes(stored_prev), header.prev_hash),
             ("key_id", bytes(stored_key), header.key_id),
@@ -417,7 +440,11 @@ def _audit_node_rows(conn: sqlite3.Connection, run: _Run, site: str, node: str) 
             ("series_count", series_count, header.series_count),
             ("sample_count", sample_count, header.sample_count),
             ("bytes", size, len(raw)),
-        )
+        ]
+        if isinstance(opened, wire.VerifiedBatch):
+            # The table the signed payload names (v2 data), else none.
+            signed_table = opened.table.id if opened.table is not None else None
+            columns.append(("table_id", None if stored_table is None else bytes(stored_table), signed_table))
         wrong = [
             f"{name} {_show(stored)} (signed: {_show(signed)})" for name, stored, signed in columns if stored != signed
         ]
@@ -500,6 +527,29 @@ def _audit_node_rows(conn: sqlite3.Connection, run: _Run, site: str, node: str) 
                 announced = (seq, wire.key_id(opened.rotation.new_public_key))
 
     _account_gaps(conn, run, site, node, last_seq, holes, named, verified_receipts, unproven, sealed_receipts)
+    _check_tables(conn, run, site, node)
+
+
+def _check_tables(conn: sqlite3.Connection, run: _Run, site: str, node: str) -> None:
+    """Each series table stored for the node must be the one its id names (one row at a time)."""
+    if not has_series_tables(conn):
+        return
+    for stored_id, blob in conn.execute(
+        "SELECT table_id, blob FROM series_tables WHERE site = ? AND node = ? ORDER BY table_id", (site, node)
+    ):
+        run.summary.tables += 1
+        stored_id, actual = bytes(stored_id), wire.table_id(bytes(blob))
+        if actual != stored_id:
+            run.emit(
+                Finding(
+                    site,
+                    node,
+                    None,
+                    TABLE_MISMATCH,
+                    f"the series table stored as {stored_id.hex()} holds other bytes ({len(blob)} bytes, "
+                    f"SHA-256 {actual.hex()}): the batches that name it cannot be read",
+                )
+            )
 
 
 def _check_receipt(
@@ -621,6 +671,8 @@ def describe(summary: AuditSummary) -> str:
         f"{s.links_unchecked:,} not checkable (seq - 1 dropped, retired or unverified); "
         f"{s.seqs_dropped:,} seqs named by drop receipts, {s.seqs_retired:,} retired by retention"
     )
+    if s.tables:
+        covered += f"; {s.tables:,} series tables"
     if s.sealed_unopened:
         covered += f"; {s.sealed_unopened:,} sealed payloads not opened (signature and chain checked)"
     if s.receipts_issued:

@@ -25,6 +25,14 @@ first pass read of the ledger still holds when the second commits because import
 at a time: each holds `<data_dir>/import.lock` throughout import_bundles, whichever way it
 commits (collector.serve_link.acquire_for_import; a second import waits, naming the first).
 
+Series tables (wire v2): a bundle carries each table its v2 frames name once, as a record of
+its own (wire.bundle.TableRecord, outside the manifest). The first pass keeps the file's
+tables by id (where they lie in the file: at most MAX_BUNDLE_TABLES, MAX_BUNDLE_TABLE_BYTES
+in all; any beyond are named as problems and not kept); the second pass sends each v2 frame
+whose table the file holds with that table before it (wire.with_table), exactly as a post
+does, so the sink verifies the frame against it and the ledger stores it with the frame. A
+frame whose table is neither in the file nor in the ledger is refused `unknown_table`.
+
 The receipt is built afterwards, in this process, from the committed ledger (the held seq
 ranges and the watermark) and signed with the collector's key (collector.receipts, docs/bundle.md §4).
 """
@@ -56,6 +64,7 @@ from collector.serve_link import (
     acquire_for_import,
     claim,
 )
+from collector.tables import LedgerTables, named_table_id
 from wire import bundle
 
 _LEN = struct.Struct("<I")
@@ -73,6 +82,10 @@ MAX_REFUSALS_KEPT = 1000  # in all, named one per line; the rest are counted per
 MAX_PROBLEMS_KEPT = 1000  # per file
 MAX_MANIFESTS_KEPT = 4  # per file; one bundle has one
 MAX_UNPROVEN_NODES = 100  # distinct site/node names on frames that did not verify
+# Series tables kept per file (by id: where each lies in the file, not its bytes); tables
+# beyond these are named as the file's problems, and the frames that name them go alone.
+MAX_BUNDLE_TABLES = 4096
+MAX_BUNDLE_TABLE_BYTES = 256 * 1024 * 1024
 
 # Results of frames held back because their unplaced spool's bundle does not continue the
 # collector's chain for the node (UNPLACED_SPOOL), or nothing tells whether it does (UNPLACED_GAP).
@@ -172,6 +185,10 @@ class FileReport:
     manifests_left_out: int = 0
     seen: SeenLog = field(default_factory=SeenLog)
     sites: set[tuple[str, str]] = field(default_factory=set)
+    # Series tables found in the file, by table id: (offset of the table's bytes, length).
+    tables: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+    table_bytes: int = 0
+    tables_refused: int = 0  # table records not kept (over MAX_BUNDLE_TABLES / _BYTES)
 
     def problem(self, text: str, always: bool = False) -> None:
         """always: a whole-file finding (a few per manifest), kept past the cap on damage."""
@@ -234,6 +251,8 @@ class DirectSink:
         self.max_frame_bytes = int(config.limits.max_body_bytes)
         self.tables = wire.SeriesTables()
         self.sealing_keys = sealing_keys
+        # v2: the tables sent with frames, and those the ledger holds (read through its connection).
+        self.series_tables = LedgerTables(self.ledger.conn, self.limits, sealing_keys)
 
     def commit(self, frames: Frames, origin_file: str) -> list[Answer]:
         answers: list[Answer] = []
@@ -250,7 +269,12 @@ class DirectSink:
             where.clear()
 
         for _, raw in frames:
-            opened = open_frame(raw, self.ledger.conn, self.limits, self.tables, self.sealing_keys)
+            if len(raw) > self.max_frame_bytes:  # as a post's body over max_body_bytes (table included)
+                answers.append(("too_large", f"frame of {len(raw)} bytes exceeds max_body_bytes "
+                                             f"{self.max_frame_bytes}", _header_of(raw)))
+                continue
+            opened = open_frame(raw, self.ledger.conn, self.limits, self.tables, self.sealing_keys,
+                                self.series_tables)
             if isinstance(opened, wire.Refusal):
                 answers.append((result_word(opened), opened.detail, opened.header))
                 continue
@@ -271,8 +295,9 @@ class DirectSink:
 
 
 def _survey(records: Iterator[bundle.Record], file: FileReport) -> None:
-    """The first pass over a file: its damage, its manifests (MAX_MANIFESTS_KEPT) and every
-    frame record found (offset, seq, hash, length) land in `file`; nothing is verified."""
+    """The first pass over a file: its damage, its manifests (MAX_MANIFESTS_KEPT), every
+    frame record found (offset, seq, hash, length) and where its series tables lie land in
+    `file`; nothing is verified. Only frames are what the manifests list."""
     for rec in records:
         if isinstance(rec, bundle.Damaged):
             file.problem(f"bytes {rec.offset}-{rec.end}: {rec.reason}: {rec.detail}")
@@ -283,24 +308,64 @@ def _survey(records: Iterator[bundle.Record], file: FileReport) -> None:
                 file.manifests.append(rec.manifest)
             else:
                 file.manifests_left_out += 1
+        elif isinstance(rec, bundle.TableRecord):
+            _keep_table(rec, file)
         else:
             file.frames += 1
             seq = struct.unpack_from("<Q", rec.raw, 8)[0]
             file.seen.add(rec.offset, seq, wire.batch_hash(rec.raw), len(rec.raw))
 
 
-def _chunks(frames: Iterator[bundle.FrameRecord], max_bytes: int) -> Iterator[Frames]:
-    """Frames in chunks of at most max_bytes (one larger frame goes alone)."""
+def _keep_table(rec: bundle.TableRecord, file: FileReport) -> None:
+    """Note where a series table lies, by its id, within the per-file bounds."""
+    tid = wire.table_id(rec.raw)
+    if tid in file.tables:
+        return  # the same table twice: one will do
+    if len(file.tables) >= MAX_BUNDLE_TABLES or file.table_bytes + len(rec.raw) > MAX_BUNDLE_TABLE_BYTES:
+        file.tables_refused += 1
+        file.problem(f"series table {tid.hex()[:16]} at byte {rec.offset}: not kept, the file holds more than "
+                     f"{MAX_BUNDLE_TABLES} series tables or {MAX_BUNDLE_TABLE_BYTES // (1024 * 1024)} MiB of them "
+                     "(the frames that name it are imported only if the collector holds it already)")
+        return
+    file.tables[tid] = (rec.offset + bundle.RECORD_OVERHEAD, len(rec.raw))
+    file.table_bytes += len(rec.raw)
+
+
+def _with_tables(
+    frames: Iterator[bundle.FrameRecord], file: FileReport, buf: bundle.Buffer, max_bytes: int,
+    sealing_keys: wire.SealingKeys | None,
+) -> Iterator[tuple[int, bytes]]:
+    """(offset, item) per frame: a v2 frame whose series table the file holds goes with the
+    table before it (wire.with_table), as long as the two fit max_bytes; any other alone."""
+    for rec in frames:
+        item = rec.raw
+        tid = named_table_id(rec.raw, sealing_keys) if file.tables else None
+        where = file.tables.get(tid) if tid is not None else None
+        if where is not None and where[1] + len(rec.raw) <= max_bytes:
+            start, length = where
+            item = wire.with_table(bytes(buf[start : start + length]), rec.raw)
+        yield rec.offset, item
+
+
+def _chunks(items: Iterator[tuple[int, bytes]], max_bytes: int) -> Iterator[Frames]:
+    """(offset, item) in chunks of at most max_bytes (one larger item goes alone)."""
     chunk: Frames = []
     size = 0
-    for rec in frames:
-        if chunk and size + len(rec.raw) + _LEN.size > max_bytes:
+    for offset, item in items:
+        if chunk and size + len(item) + _LEN.size > max_bytes:
             yield chunk
             chunk, size = [], 0
-        chunk.append((rec.offset, rec.raw))
-        size += len(rec.raw) + _LEN.size
+        chunk.append((offset, item))
+        size += len(item) + _LEN.size
     if chunk:
         yield chunk
+
+
+def _header_of(item: bytes) -> wire.Header | None:
+    try:
+        return wire.parse_frame(wire.split_body(item)[1]).header
+    except wire.WireError:
+        return None
 
 
 def _check_manifests(file: FileReport, conn: Any, report: Report) -> None:
@@ -523,7 +588,7 @@ def _import_all(
             report.via = f"ledger {config.ledger_path}"
         try:
             for path in paths:
-                report.files.append(_import_file(path, sink, report, config))
+                report.files.append(_import_file(path, sink, report, config, sealing_keys))
         finally:
             sink.close()
         conn = ledger_mod.connect_readonly(config.ledger_path)
@@ -539,7 +604,10 @@ def _import_all(
     return report
 
 
-def _import_file(path: Path, sink: DirectSink | ServeSink, report: Report, config: CollectorConfig) -> FileReport:
+def _import_file(
+    path: Path, sink: DirectSink | ServeSink, report: Report, config: CollectorConfig,
+    sealing_keys: wire.SealingKeys | None = None,
+) -> FileReport:
     file = FileReport(path)
     try:
         f = open(path, "rb")  # noqa: SIM115 (closed below, after the mmap)
@@ -560,11 +628,12 @@ def _import_file(path: Path, sink: DirectSink | ServeSink, report: Report, confi
                 if isinstance(rec, bundle.FrameRecord))
             if verdicts:
                 frames = _held_back(frames, verdicts, report, file)
-            for chunk in _chunks(frames, sink.max_frame_bytes):
-                for (offset, raw), (result, detail, h) in zip(chunk, sink.commit(chunk, path.name), strict=True):
+            items = _with_tables(frames, file, buf, sink.max_frame_bytes, sealing_keys)
+            for chunk in _chunks(items, sink.max_frame_bytes):
+                for (offset, item), (result, detail, h) in zip(chunk, sink.commit(chunk, path.name), strict=True):
                     _count(report, file, FrameResult(path.name, offset, result, detail,
                                                      h.site if h else None, h.node if h else None,
-                                                     h.seq if h else None), raw)
+                                                     h.seq if h else None), wire.split_body(item)[1])
     finally:
         f.close()
     return file
@@ -624,7 +693,8 @@ def describe(report: Report) -> list[str]:
         lines.append(f"{report.unproven_left_out} more frames refused under names of {MAX_UNPROVEN_NODES}+ nodes "
                      "that no frame or manifest proved (not named one by one)")
     for f in report.files:
-        lines.append(f"{f.path.name}: {f.frames} frames, {'damaged' if f.damaged else 'intact'}")
+        tables = f" ({len(f.tables)} series tables)" if f.tables else ""
+        lines.append(f"{f.path.name}: {f.frames} frames, {'damaged' if f.damaged else 'intact'}{tables}")
         lines += [f"  {p}" for p in f.problems]
         if f.problems_left_out:
             lines.append(f"  ... and {f.problems_left_out} more problems, not named one by one")

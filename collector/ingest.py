@@ -27,6 +27,7 @@ from collector import trust
 from collector.config import LimitsConfig
 from collector.exposition import FleetState, reported_backlog
 from collector.ledger import Ledger, Outcome, Submission
+from collector.tables import LedgerTables
 from wire.sdnotify import Liveness
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ STATUS: dict[str, int] = {
     # Sealed to a collector key this collector does not hold: not a bad batch (restoring the
     # key, or pinning the right collector, makes it open), so the agent keeps it and retries.
     "sealed_to_unknown_key": 421,
+    # A v2 data batch naming a series table this collector does not hold (never sent, or
+    # lost): not a bad batch; the sender sends it again with its table (precondition).
+    "unknown_table": 428,
     "undecryptable": 400,  # signed, but the sealed payload does not decrypt with the key it names
     "timeout": 408,  # the body did not arrive within body_read_timeout
     "aborted": 400,  # the sender closed the connection mid-body (it never reads this answer)
@@ -229,19 +233,32 @@ def open_frame(
     limits: wire.OpenLimits,
     tables: wire.SeriesTables,
     sealing_keys: wire.SealingKeys | None,
+    series_tables: wire.TableStore | None = None,
 ) -> wire.VerifiedBatch | wire.Refusal:
     """open_batch as ingest calls it: the node keys from the ledger, the collector's sealing
-    keys, each node's series table cache. One caller at a time per `tables`."""
-    return wire.open_batch(body, partial(trust.lookup, keys), limits, tables, sealing_keys=sealing_keys)
+    keys, each node's series table cache (v1), the series tables (v2: `series_tables`,
+    collector.tables.LedgerTables). `body` is a request body: a frame, or a series table
+    followed by the frame that names it (wire.split_body; one that starts as a table but
+    holds no whole table and frame is refused `malformed`). One caller at a time per
+    `tables` and `series_tables`."""
+    try:
+        attached, frame = wire.split_body(body)
+    except wire.WireError as exc:
+        return wire.Refusal(exc.reason if exc.reason in STATUS else "malformed",
+                            f"body starts with a series table: {exc.detail}")
+    return wire.open_batch(frame, partial(trust.lookup, keys), limits, tables, sealing_keys=sealing_keys,
+                           series_tables=series_tables, attached_table=attached)
 
 
 def submission(
     opened: wire.VerifiedBatch, received_at: float, origin: str = "http", origin_file: str | None = None
 ) -> Submission:
-    """What the ledger commits for a verified batch, whichever way it came (HTTP, a bundle)."""
+    """What the ledger commits for a verified batch, whichever way it came (HTTP, a bundle);
+    a v2 data batch brings its series table, for the ledger to hold with it."""
     backlog = reported_backlog(opened.series) if opened.series else None
     return Submission(opened.frame, cast(trust.KeyRecord, opened.key), received_at, drop=opened.drop,
-                      rotation=opened.rotation, backlog=backlog, origin=origin, origin_file=origin_file)
+                      rotation=opened.rotation, backlog=backlog, origin=origin, origin_file=origin_file,
+                      table=opened.table)
 
 
 def open_limits(limits: LimitsConfig) -> wire.OpenLimits:
@@ -255,10 +272,11 @@ def open_limits(limits: LimitsConfig) -> wire.OpenLimits:
     )
 
 
-def _header_of(raw: bytes) -> wire.Header | None:
-    """A frame's header as it reads, unverified (for an answer that names the frame)."""
+def _header_of(body: bytes) -> wire.Header | None:
+    """A frame's header as it reads, unverified (for an answer that names the frame); `body`
+    may carry a series table before the frame."""
     try:
-        return wire.parse_frame(raw).header
+        return wire.parse_frame(wire.split_body(body)[1]).header
     except wire.WireError:
         return None
 
@@ -289,6 +307,10 @@ class Ingest:
         # Per verified node: its series table repeats batch after batch, so names and labels
         # are decoded and validated once, not per batch.
         self.tables = wire.SeriesTables()
+        # Wire v2: the series tables nodes sent (held in the ledger once a batch with them
+        # commits), cached here and read from the ledger on a miss through `keys`; used by
+        # the verify thread only.
+        self.series_tables = LedgerTables(keys, self.open_limits, sealing_keys)
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
@@ -333,11 +355,16 @@ class Ingest:
 
     def _open(self, body: bytes) -> wire.VerifiedBatch | wire.Refusal:
         """Runs in the verify thread: one at a time, so each node's table cache has one user."""
-        return open_frame(body, self.keys, self.open_limits, self.tables, self.sealing_keys)
+        return open_frame(body, self.keys, self.open_limits, self.tables, self.sealing_keys, self.series_tables)
 
     async def verify(self, body: bytes) -> wire.VerifiedBatch:
-        """open_batch off the event loop; a refusal raises _Refusal."""
-        opened = await asyncio.get_running_loop().run_in_executor(self.verifier, self._open, body)
+        """open_batch off the event loop; a refusal raises _Refusal. LedgerUnavailable when
+        the ledger cannot be read for the node's key or series table (the batch is not
+        judged: answered 503, sent again)."""
+        try:
+            opened = await asyncio.get_running_loop().run_in_executor(self.verifier, self._open, body)
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"cannot read the ledger: {exc}") from None
         if isinstance(opened, wire.Refusal):
             raise _wire_refusal(opened)
         return opened
@@ -388,8 +415,9 @@ class Ingest:
         self, frames: list[bytes], origin_file: str
     ) -> list[tuple[str, str, wire.Header | None]]:
         """Bundle frames handed over by `waystation-collector import` (POST /v1/import): each
-        through exactly the path of a post, committed with origin 'bundle'. Returns (result,
-        detail, header) per frame, in order; frames commit together in groups."""
+        through exactly the path of a post, committed with origin 'bundle' (an item may be a
+        series table followed by its frame, as a post's body may). Returns (result, detail,
+        header) per frame, in order; frames commit together in groups."""
         results: list[tuple[str, str, wire.Header | None]] = [("", "", None)] * len(frames)
 
         async def one(i: int, opened: wire.VerifiedBatch, received_at: float) -> None:
@@ -416,6 +444,10 @@ class Ingest:
             except _Refusal as r:
                 self.metrics.count(r.result)
                 results[i] = (r.result, r.detail, r.header)
+                continue
+            except LedgerUnavailable as exc:
+                self.metrics.count("unavailable")
+                results[i] = ("unavailable", f"ledger cannot be read: {exc}", _header_of(body))
                 continue
             # Submitted in order, so a node's chain commits oldest first within each group.
             pending.append(asyncio.ensure_future(one(i, opened, time.time())))

@@ -12,6 +12,7 @@ import json
 import shlex
 import sqlite3
 import time
+import weakref
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -70,11 +71,23 @@ CREATE TABLE IF NOT EXISTS batches (
     frame           BLOB NOT NULL,
     origin          TEXT NOT NULL DEFAULT 'http',  -- how it arrived: 'http' or 'bundle'
     origin_file     TEXT,                          -- the bundle's file name (bundles only)
+    table_id        BLOB,                          -- a v2 data batch's series table (else NULL)
     PRIMARY KEY (site, node, seq)
 );
 -- Provenance finds the batches whose window reaches back to a time without reading the
 -- node's other frames.
 CREATE INDEX IF NOT EXISTS batches_by_window_end ON batches (site, node, window_end_ms);
+-- The series tables (wire v2) that the node's v2 data batches name, exactly as sent: a batch
+-- is committed only in the transaction that holds (or already held) the table it names,
+-- and a table leaves only once no stored batch names it (pruning).
+CREATE TABLE IF NOT EXISTS series_tables (
+    site        TEXT NOT NULL,
+    node        TEXT NOT NULL,
+    table_id    BLOB NOT NULL,     -- SHA-256 of blob (wire.table_id)
+    blob        BLOB NOT NULL,     -- the table's bytes as carried (head, compressed, maybe sealed)
+    received_ms INTEGER NOT NULL,  -- when the collector first stored it
+    PRIMARY KEY (site, node, table_id)
+);
 CREATE TABLE IF NOT EXISTS drops (
     site        TEXT NOT NULL,
     node        TEXT NOT NULL,
@@ -179,6 +192,12 @@ def connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
 _ADDED_BATCH_COLUMNS = (
     ("origin", "TEXT NOT NULL DEFAULT 'http'"),  # every batch before this column came over HTTP
     ("origin_file", "TEXT"),
+    ("table_id", "BLOB"),  # no batch before this column was a v2 data batch
+)
+# Created once the columns it covers exist (an older ledger gets them from _migrate first).
+# Pruning asks it whether any stored batch still names a series table.
+_BATCHES_BY_TABLE = (
+    "CREATE INDEX IF NOT EXISTS batches_by_table ON batches (site, node, table_id) WHERE table_id IS NOT NULL"
 )
 
 
@@ -189,14 +208,14 @@ def _batch_columns(conn: sqlite3.Connection) -> set[str]:
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring an existing ledger's tables up to SCHEMA (one transaction; concurrent openers
     of the same ledger serialize on it and the second finds nothing to do)."""
-    if all(name in _batch_columns(conn) for name, _ in _ADDED_BATCH_COLUMNS):
-        return
-    with immediate(conn):
-        present = _batch_columns(conn)
-        for name, definition in _ADDED_BATCH_COLUMNS:
-            if name not in present:
-                # Names and definitions are the constants above, never input.
-                conn.execute(f"ALTER TABLE batches ADD COLUMN {name} {definition}")
+    if not all(name in _batch_columns(conn) for name, _ in _ADDED_BATCH_COLUMNS):
+        with immediate(conn):
+            present = _batch_columns(conn)
+            for name, definition in _ADDED_BATCH_COLUMNS:
+                if name not in present:
+                    # Names and definitions are the constants above, never input.
+                    conn.execute(f"ALTER TABLE batches ADD COLUMN {name} {definition}")
+    conn.execute(_BATCHES_BY_TABLE)
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
@@ -389,6 +408,9 @@ class Submission:
     # origin_file); recorded with it for `provenance`.
     origin: str = "http"
     origin_file: str | None = None
+    # A v2 data batch's series table (wire.VerifiedBatch.table), as the batch was verified
+    # against it: committed with the batch unless the ledger is known to hold it already.
+    table: wire.SeriesTable | None = None
 
 
 @dataclass(frozen=True)
@@ -397,6 +419,7 @@ class Pruned:
     bytes: int
     expired: dict[str, tuple[int, int]]  # target -> (batches, samples) it never got
     more: bool
+    tables: int = 0  # series tables deleted because no stored batch names them any more
 
 
 _PRUNED = "duplicate_pruned"  # _apply's word for Outcome(result="duplicate", pruned=True)
@@ -426,7 +449,11 @@ _UPSERT_NODE = (
 _INSERT_BATCH = (
     "INSERT INTO batches (site, node, seq, kind, hash, prev_hash, key_id, received_at, "
     "created_wall_ms, window_start_ms, window_end_ms, series_count, sample_count, bytes, frame, "
-    "origin, origin_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "origin, origin_file, table_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_INSERT_TABLE = (
+    "INSERT OR IGNORE INTO series_tables (site, node, table_id, blob, received_ms) VALUES (?, ?, ?, ?, ?)"
 )
 
 _ISLANDS = (
@@ -450,6 +477,14 @@ class Ledger:
         self.path = path
         self.conn = connect(path)
         self._nodes: dict[tuple[str, str], _Node] = {}
+        # Series tables: a table object marked durable is trusted to be in series_tables
+        # without asking, unless this ledger has deleted tables since (pruning): each prune
+        # that deleted any starts a new epoch, and a durable table is trusted only once a
+        # commit of this epoch has put it (or found it) there again. The objects come from
+        # the readers' table caches (collector.tables.LedgerTables), which may hold one
+        # whose row pruning deleted.
+        self._table_epoch = 0
+        self._tables_confirmed: weakref.WeakKeyDictionary[wire.SeriesTable, int] = weakref.WeakKeyDictionary()
         for (site, node) in self.conn.execute("SELECT site, node FROM nodes").fetchall():
             self._nodes[(site, node)] = self._load_node(site, node)
 
@@ -608,6 +643,7 @@ class Ledger:
         """
         touched: dict[tuple[str, str], _Node] = {}
         results: list[tuple[str, str, _Node]] = []
+        kept: dict[tuple[str, str, bytes], list[wire.SeriesTable]] = {}  # series tables this group holds
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             for sub in group:
@@ -619,6 +655,10 @@ class Ledger:
                 self.conn.execute("SAVEPOINT batch")
                 try:
                     result, detail = self._apply(n, sub)
+                    if sub.table is not None and result in ("accepted", "duplicate"):
+                        # The ledger now holds the frame (a duplicate: held it already), so
+                        # it holds the table the frame names, in this same transaction.
+                        self._keep_table(sub, sub.table, kept)
                 except (OverflowError, ValueError, TypeError) as exc:
                     # This batch's own values cannot be stored (an integer beyond SQLite's
                     # signed 64 bits): it alone is refused, the rest of the group commits.
@@ -647,7 +687,13 @@ class Ledger:
             # The in-memory accounting may be ahead of the database now: reload what we touched.
             for key in touched:
                 self._nodes[key] = self._load_node(*key)
+            # The tables stay as they were (not durable): the next batch verified against
+            # one of them, in whatever group, puts it in the ledger with itself.
             raise
+        for tables in kept.values():
+            for table in tables:
+                table.durable = True
+                self._tables_confirmed[table] = self._table_epoch
         self._nodes.update(touched)
         snapshots = {key: n.snapshot() for key, n in touched.items()}
         return [
@@ -655,6 +701,27 @@ class Ledger:
                     pruned=result == _PRUNED)
             for result, detail, n in results
         ]
+
+    def _table_held(self, table: wire.SeriesTable) -> bool:
+        """Whether series_tables is known to hold `table` without asking (see __init__)."""
+        return table.durable and (self._table_epoch == 0 or self._tables_confirmed.get(table) == self._table_epoch)
+
+    def _keep_table(
+        self, sub: Submission, table: wire.SeriesTable, kept: dict[tuple[str, str, bytes], list[wire.SeriesTable]]
+    ) -> None:
+        """Put a held batch's series table in series_tables (once per group; a row already
+        there is left as it is: same id, same bytes)."""
+        h = sub.frame.header
+        key = (h.site, h.node, table.id)
+        held = kept.get(key)
+        if held is not None:
+            if all(t is not table for t in held):
+                held.append(table)
+            return
+        if self._table_held(table):
+            return
+        self.conn.execute(_INSERT_TABLE, (h.site, h.node, table.id, table.blob, int(sub.received_at * 1000)))
+        kept[key] = [table]
 
     def prune(
         self, now: float, retention_s: float, max_size: int, targets: Sequence[str], limit: int = 500
@@ -665,6 +732,7 @@ class Ledger:
         Never removed: each node's newest batch (a new spool asks for the chain head) and the
         newest batch of all (row ids must keep growing: they are the forwarding positions).
         A data batch that a configured target does not have yet is counted as expired for it.
+        A series table leaves with the last stored batch that names it (`tables`).
         """
         with immediate(self.conn):
             done = forward_done(self.conn, targets)
@@ -698,15 +766,30 @@ class Ledger:
                     freed += row[6]
             expired: dict[str, list[int]] = {t: [0, 0] for t in targets}
             by_node: dict[tuple[str, str], list[int]] = {}
+            named: set[tuple[str, str, bytes]] = set()  # series tables the victims name
             for rowid, site, node, seq, kind, samples, _size, _at in victims:
                 by_node.setdefault((site, node), []).append(seq)
                 if kind != int(wire.Kind.DATA):
                     continue
+                # Read for the victims only: the column lies after the frame in the row.
+                (table,) = self.conn.execute("SELECT table_id FROM batches WHERE rowid = ?", (rowid,)).fetchone()
+                if table is not None:
+                    named.add((site, node, bytes(table)))
                 for t in targets:
                     if rowid not in done[t]:
                         expired[t][0] += 1
                         expired[t][1] += samples
             self.conn.executemany("DELETE FROM batches WHERE rowid = ?", [(v[0],) for v in victims])
+            # A table goes with the last stored batch that names it (batches_by_table): a
+            # batch that names it later arrives with it again, or is answered unknown_table
+            # and sent again with it.
+            tables_deleted = 0
+            for site, node, table in sorted(named):
+                tables_deleted += self.conn.execute(
+                    "DELETE FROM series_tables WHERE site = ?1 AND node = ?2 AND table_id = ?3 AND NOT EXISTS "
+                    "(SELECT 1 FROM batches WHERE site = ?1 AND node = ?2 AND table_id = ?3)",
+                    (site, node, table),
+                ).rowcount
             for (site, node), seqs in by_node.items():
                 held = self.conn.execute(
                     "SELECT first_seq, last_seq FROM retired WHERE site = ? AND node = ?", (site, node)
@@ -730,8 +813,13 @@ class Ledger:
                 "ON CONFLICT (k) DO UPDATE SET v = CAST(v AS INTEGER) + excluded.v",
                 (len(victims),),
             )
+        if tables_deleted:
+            # Durable table objects in the readers' caches may name a deleted row: from now
+            # on each is put in the ledger again by the next commit that uses it.
+            self._table_epoch += 1
         more = len(victims) == limit
-        return Pruned(len(victims), freed, {t: (b, n) for t, (b, n) in expired.items() if b}, more)
+        return Pruned(len(victims), freed, {t: (b, n) for t, (b, n) in expired.items() if b}, more,
+                      tables_deleted)
 
     def _retired(self, site: str, node: str, first: int, last: int) -> int:
         """How many of seqs first..last were recorded and have left the archive."""
@@ -797,12 +885,16 @@ class Ledger:
             except TrustError as exc:
                 return "conflict", str(exc)
 
+        if h.kind == wire.Kind.DATA and h.version == wire.WIRE_VERSION_2 and sub.table is None:
+            # The invariant: no v2 data batch is held without the table it names.
+            raise ValueError("a v2 data batch submitted without the series table it names")
         self.conn.execute(
             _INSERT_BATCH,
             (
                 h.site, h.node, h.seq, int(h.kind), digest, h.prev_hash, h.key_id,
                 sub.received_at, h.created_wall_ms, h.window_start_ms, h.window_end_ms,
                 h.series_count, h.sample_count, len(frame.raw), frame.raw, sub.origin, sub.origin_file,
+                sub.table.id if sub.table is not None else None,
             ),
         )
         if not n.first_seen:

@@ -4,7 +4,8 @@
 the `batches_by_window_end` index for the node's data batches whose window reaches back
 to within `lookback` of the asked time (and ends no later than `lookback` after it: a
 batch's window is one flush interval, minutes), newest window end first, and opens each through
-`wire.open_batch` (the one verification path, with the key recorded for it), so a sample
+`wire.open_batch` (the one verification path, with the key recorded for it, and for a v2
+batch the series table the ledger holds for it), so a sample
 is only ever attributed to a batch whose signature verifies. It stops as soon as no
 batch still to be read can hold a later point than the ones found: it reads the few
 batches around the time, never the node's whole history.
@@ -25,6 +26,7 @@ from typing import Any
 
 import wire
 from collector import ledger, trust
+from collector.tables import LedgerTables
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ def find_sample(
     origin_columns = "origin, origin_file" if has_origin else "'http', NULL"
     wanted = set(labels)
     keys = _key_lookup(conn)
+    series_tables = LedgerTables(conn, limits, sealing_keys, max_tables=16)  # v2 batches' tables
     best: dict[tuple[tuple[str, str], ...], SampleOrigin] = {}
     read = sealed = 0
     unverified: list[str] = []
@@ -111,7 +114,7 @@ def find_sample(
                 break
             read += 1
             raw = bytes(frame)
-            opened = wire.open_batch(raw, keys, limits, sealing_keys=sealing_keys)
+            opened = wire.open_batch(raw, keys, limits, sealing_keys=sealing_keys, series_tables=series_tables)
             if isinstance(opened, wire.Refusal):
                 if opened.signed and opened.result == "sealed_to_unknown_key":
                     sealed += 1

@@ -62,6 +62,7 @@ from collector import remote_write_proto as proto
 from collector.config import RemoteWriteConfig
 from collector.exposition import RESERVED_PREFIXES
 from collector.ledger import IntervalSet
+from collector.tables import LedgerTables
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +314,7 @@ class Encoder:
         self.sealing_keys = sealing_keys
         self.keys = partial(trust.lookup_recorded, conn)
         self.tables = wire.SeriesTables()
+        self.series_tables = LedgerTables(conn, limits, sealing_keys)  # v2 batches' tables, from the ledger
         self.labels: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], bytes] = {}
         self.cache: OrderedDict[int, Encoded] = OrderedDict()
 
@@ -332,7 +334,8 @@ class Encoder:
         return enc
 
     def _encode(self, rowid: int, frame: bytes) -> Encoded:
-        opened = wire.open_batch(frame, self.keys, self.limits, self.tables, sealing_keys=self.sealing_keys)
+        opened = wire.open_batch(frame, self.keys, self.limits, self.tables, sealing_keys=self.sealing_keys,
+                                 series_tables=self.series_tables)
         if isinstance(opened, wire.Refusal):
             return Encoded(rowid, [], f"{opened.result}: {opened.detail}")
         h = opened.header

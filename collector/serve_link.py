@@ -302,7 +302,8 @@ def claim(data_dir: Path, say: Callable[[str], None]) -> DataDirLock | Endpoint:
 
 # ---------------------------------------------------------------------------- handing frames to serve
 
-Frames = list[tuple[int, bytes]]  # (offset in the file, frame)
+# (offset in the file, item): the frame, or the series table it names followed by it (wire.with_table)
+Frames = list[tuple[int, bytes]]
 Answer = tuple[str, str, wire.Header | None]  # result, detail, header
 RETRIED = ("overloaded", "unavailable")  # serve took none of it; sent again
 
@@ -438,8 +439,8 @@ class ServeSink:
         pass
 
 
-def _header_of(raw: bytes) -> wire.Header | None:
+def _header_of(item: bytes) -> wire.Header | None:
     try:
-        return wire.parse_frame(raw).header
+        return wire.parse_frame(wire.split_body(item)[1]).header
     except wire.WireError:
         return None

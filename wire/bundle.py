@@ -231,14 +231,23 @@ class BundleWriter:
         self.bytes += RECORD_OVERHEAD + len(frame)
 
     def add_table(self, blob: bytes) -> None:
-        """A series table the frames added after it name (wire v2); not in the manifest."""
+        """A series table the frames added after it name (wire v2); not in the manifest.
+        ValueError unless `blob` is one whole table (docs/wire.md §10.1) by its own head."""
+        try:
+            length = parse_table_head(blob).length
+        except WireError as exc:
+            raise ValueError(f"not a series table: {exc.detail}") from None
+        if length != len(blob):
+            raise ValueError(f"a series table of {length} bytes by its head, given {len(blob)}")
         self.out.write(_RECORD.pack(RECORD_SYNC, TAG_TABLE, len(blob)))
         self.out.write(blob)
         self.bytes += RECORD_OVERHEAD + len(blob)
 
-    def size_with(self, frame_len: int, site: str, node: str) -> int:
-        """The bundle's size if one more frame of frame_len bytes were added and it finished."""
-        return self.bytes + RECORD_OVERHEAD + frame_len + RECORD_OVERHEAD + manifest_len(
+    def size_with(self, frame_len: int, site: str, node: str, table_len: int = 0) -> int:
+        """The bundle's size if one more frame of frame_len bytes (after a table record of
+        table_len bytes, if not 0) were added and it finished."""
+        table = RECORD_OVERHEAD + table_len if table_len else 0
+        return self.bytes + table + RECORD_OVERHEAD + frame_len + RECORD_OVERHEAD + manifest_len(
             len(self.entries) + 1, site, node)
 
     def finish(
@@ -367,11 +376,12 @@ def _resync(buf: Buffer, start: int, size: int) -> int:
 def read_bundle(buf: Buffer, max_frame_bytes: int, max_manifest_bytes: int) -> Iterator[Record]:
     """Every record of a bundle in file order, keeping what can be kept.
 
-    A frame record longer than max_frame_bytes is reported `too_large` and skipped unread
-    (the HTTP body limit applies to each frame). A record whose header or length is wrong
-    is reported as Damaged and the reader looks for the next record (sync, tag, length
-    inside the file, then the frame's, table's or manifest's magic), so a bit flip, a cut or a
-    splice costs only the records it touched. Signatures are not checked here."""
+    A frame or series table record longer than max_frame_bytes is reported `too_large` and
+    skipped unread (the HTTP body limit applies to each frame and each table). A record
+    whose header or length is wrong is reported as Damaged and the reader looks for the next
+    record (sync, tag, length inside the file, then the frame's, table's or manifest's magic
+    and the length its own head declares), so a bit flip, a cut or a splice costs only the
+    records it touched. Signatures are not checked here, nor tables past their head."""
     size = len(buf)
     if size < len(BUNDLE_HEADER) or buf[: len(BUNDLE_MAGIC)] != BUNDLE_MAGIC:
         yield Damaged(0, size, "malformed", "not a Waystation bundle (bad magic)")

@@ -115,15 +115,20 @@ def encode_columns(table: CurrentTable, placed: list[tuple[int, Series]]) -> byt
 
 
 def prepare_columns(
-    table: CurrentTable, placed: list[tuple[int, Series]], zstd_level: int = 19, empty_window_ms: int = 0
+    table: CurrentTable,
+    placed: list[tuple[int, Series]],
+    zstd_level: int = 19,
+    empty_window_ms: int = 0,
+    codec: Codec = Codec.ZSTD,
 ) -> Prepared:
-    """A v2 data payload, compressed and counted, ready to be sealed and signed."""
+    """A v2 data payload, compressed (codec ZSTD; NONE only for examples and tests) and
+    counted, ready to be sealed and signed."""
     raw = encode_columns(table, placed)
     series = [s for _, s in placed]
     return Prepared(
         Kind.DATA,
-        Codec.ZSTD,
-        compress(raw, zstd_level),
+        codec,
+        compress(raw, zstd_level) if codec == Codec.ZSTD else raw,
         len(raw),
         min((min(s.timestamps_ms) for s in series), default=empty_window_ms),
         max((max(s.timestamps_ms) for s in series), default=empty_window_ms),

@@ -105,7 +105,9 @@ class MemoryTables:
         return None
 
     def add(self, site: str, node: str, table: SeriesTable) -> None:
-        self._tables[(site, node, table.id)] = table
+        key = (site, node, table.id)
+        self._tables.pop(key, None)  # the most recently used goes last
+        self._tables[key] = table
         self._trim()
 
     def _trim(self) -> None:
@@ -174,9 +176,11 @@ def open_batch(
     `sealing_keys` maps a collector key id to its private sealing key (current and retired);
     without it a sealed batch is refused as `sealed_to_unknown_key`.
     A v2 data batch names its series table: `attached_table` is one sent with it (checked
-    against the id the signed payload names, then kept in `series_tables`), otherwise the
-    table must be in `series_tables`, or the batch is refused `unknown_table` (the sender
-    sends it again with the table).
+    against the id the signed payload names, opened unless `series_tables` holds it, and
+    added there once the batch opened), otherwise the table must be in `series_tables`, or
+    the batch is refused `unknown_table` (the sender sends it again with the table). A table
+    sent with any other batch is `malformed`. Nothing but a Refusal or a VerifiedBatch comes
+    back, whatever the bytes.
     """
     try:
         frame = parse_frame(raw)
@@ -194,14 +198,15 @@ def open_batch(
     except WireError as exc:
         return _refusal(exc, h)
     try:
+        columnar = h.kind == Kind.DATA and h.version == WIRE_VERSION_2
+        if attached_table is not None and not columnar:
+            raise WireError("malformed", "a series table sent with a batch that names none (not v2 data)")
         unsealed = None
         if h.flags & FLAG_SEALED:
             check_raw_len(h, limits.max_decompressed_bytes)  # refused before any decryption work
             unsealed = unseal(frame.payload, sealing_keys)
         payload = decompress_payload(frame, limits.max_decompressed_bytes, unsealed)
-        if attached_table is not None and not (h.kind == Kind.DATA and h.version == WIRE_VERSION_2):
-            raise WireError("malformed", "a series table sent with a batch that names none (not v2 data)")
-        if h.kind == Kind.DATA and h.version == WIRE_VERSION_2:
+        if columnar:
             return _open_columns(frame, key, payload, limits, sealing_keys, series_tables, attached_table)
         if h.kind == Kind.DATA:
             cache = tables(h.site, h.node) if tables is not None else None
@@ -231,25 +236,28 @@ def _open_columns(
     sealing_keys: SealingKeys | None,
     series_tables: TableStore | None,
     attached: bytes | None,
-) -> VerifiedBatch | Refusal:
+) -> VerifiedBatch:
+    """A v2 data batch: its table (sent with it, or held for its node), then its columns."""
     from wire.columns_np import decode_columns  # numpy: loaded by readers only
 
     h = frame.header
     named = columns_table_id(payload)
     table = series_tables.get(h.site, h.node, named) if series_tables is not None else None
+    opened = False
     if attached is not None:
         if table_id(attached) != named:
             raise WireError("malformed", f"the series table sent with batch {h.seq} is not the one it names "
                                          f"({named.hex()[:16]})")
         if table is None:
             table = open_table(attached, limits.payload, limits.max_decompressed_bytes, sealing_keys)
-            if series_tables is not None:
-                series_tables.add(h.site, h.node, table)
+            opened = True
     if table is None:
-        return Refusal("unknown_table", f"series table {named.hex()[:16]} of {h.site}/{h.node} is not held here; "
-                                        "send it with the batch", h, True)
+        raise WireError("unknown_table", f"series table {named.hex()[:16]} of {h.site}/{h.node} is not held "
+                                         "here; send it with the batch")
     columns = decode_columns(payload, table, limits.payload)
     if h.series_count != columns.series_count or h.sample_count != columns.sample_count:
         raise WireError("schema", f"header counts {h.series_count} series/{h.sample_count} samples, "
                                   f"payload has {columns.series_count}/{columns.sample_count}")
+    if opened and series_tables is not None:  # kept only with a batch that opened with it
+        series_tables.add(h.site, h.node, table)
     return VerifiedBatch(frame, key, series=columns.to_series(), table=table, columns=columns)

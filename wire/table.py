@@ -20,7 +20,7 @@ import struct
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, pairwise
 
 from nacl.bindings import crypto_hash_sha256
 
@@ -127,17 +127,26 @@ def encode_table_raw(identities: Iterable[Identity]) -> bytes:
 
 
 def encode_table(
-    identities: list[Identity], zstd_level: int = 19, seal_to: CollectorKey | None = None
+    identities: list[Identity],
+    zstd_level: int = 19,
+    seal_to: CollectorKey | None = None,
+    codec: int = TABLE_CODEC_ZSTD,
 ) -> bytes:
-    """The table's bytes as carried (and hashed): head, then the compressed (and, with
-    `seal_to`, sealed) raw table."""
+    """The table's bytes as carried (and hashed): head, then the raw table compressed with
+    `codec` (ZSTD by default; NONE carries it as it is, as docs/wire.md §10.8's example
+    does) and, with `seal_to`, encrypted to the collector's key (TABLE_FLAG_SEALED)."""
     raw = encode_table_raw(identities)
-    payload = compression.compress(raw, zstd_level)
+    if codec == TABLE_CODEC_ZSTD:
+        payload = compression.compress(raw, zstd_level)
+    elif codec == TABLE_CODEC_NONE:
+        payload = raw
+    else:
+        raise ValueError(f"series table codec {codec} is not {TABLE_CODEC_NONE} or {TABLE_CODEC_ZSTD}")
     flags = 0
     if seal_to is not None:
         payload = seal(payload, seal_to)
         flags = TABLE_FLAG_SEALED
-    return _HEAD.pack(TABLE_MAGIC, TABLE_VERSION, TABLE_CODEC_ZSTD, flags, 0, len(identities), len(raw),
+    return _HEAD.pack(TABLE_MAGIC, TABLE_VERSION, codec, flags, 0, len(identities), len(raw),
                       len(payload)) + payload
 
 
@@ -175,29 +184,34 @@ def open_table(
 def _decode_raw(
     raw: bytes, declared: int, limits: Limits
 ) -> tuple[list[str], list[tuple[tuple[str, str], ...]], list[MetricType]]:
+    """The raw table (docs/wire.md §10.2) of `declared` series (its head's count, already
+    within limits.max_series). Every count is bounded before anything is built for it."""
     size = len(raw)
     if size < 4:
         raise WireError("malformed", "series table truncated in its string count")
     (n_strings,) = _STRINGS.unpack_from(raw, 0)
-    if n_strings > limits.max_series * (2 * limits.max_labels + 1):
-        raise WireError("limit", f"{n_strings} strings in the series table")
+    # Each series names at most 1 + 2 * max_labels distinct strings.
+    if n_strings > declared * (2 * limits.max_labels + 1):
+        raise WireError("limit", f"{n_strings} strings in a series table of {declared} series")
     pos = 4 + 4 * n_strings
     if pos > size:
         raise WireError("malformed", "series table truncated in its string lengths")
     lengths = array("I")
+    if lengths.itemsize != 4:
+        raise WireError("platform", "unsupported integer width")
     lengths.frombytes(raw[4:pos])
     if not _LITTLE:
         lengths.byteswap()
     if n_strings and max(lengths) > limits.max_string_len:
         raise WireError("limit", f"string of {max(lengths)} bytes exceeds {limits.max_string_len}")
-    offsets = list(accumulate(lengths, initial=pos))
-    if offsets[-1] + 4 > size:
+    end = pos + sum(lengths)
+    if end + 4 > size:
         raise WireError("malformed", "series table truncated in its strings")
     try:
-        strings = [raw[a:b].decode("utf-8") for a, b in zip(offsets, offsets[1:], strict=False)]
+        strings = [raw[a:b].decode("utf-8") for a, b in pairwise(accumulate(lengths, initial=pos))]
     except UnicodeDecodeError as exc:
         raise WireError("malformed", "a string in the series table is not UTF-8") from exc
-    pos = offsets[-1]
+    pos = end
     (count,) = _STRINGS.unpack_from(raw, pos)
     pos += 4
     if count != declared:
@@ -243,8 +257,11 @@ class CurrentTable:
 class TableBuilder:
     """The agent's current series table. `place` maps a batch's series to table indices,
     appending series the table lacks (so earlier indices stay valid and earlier batches keep
-    their table); a table grown to more than twice the series a batch uses, or past
-    `max_series`, is started afresh from the batch's own series. Not thread-safe: one
+    their table). When series must be appended and the table would then hold more than
+    `max_series`, or more than 64 series and more than twice the series the batch uses (its
+    series mostly went quiet), it is started afresh from the batch's own series instead. A
+    batch whose series are all in the table keeps it, however few it uses. A new collector
+    key (`seal_to`) makes a new table of the same series (a new id). Not thread-safe: one
     producer (the flush) uses it."""
 
     def __init__(self, zstd_level: int = 19, max_series: int = 200_000) -> None:
@@ -264,15 +281,25 @@ class TableBuilder:
         sealed_key = seal_to.key_id if seal_to is not None else None
         used = len(keys)
         grown = len(self._identities) + len(missing)
-        if grown > self.max_series or (grown > 64 and grown > 2 * used):
-            self._identities, self._index = [], {}
-            missing = keys
+        identities, index = self._identities, self._index
+        # Only a table that must change anyway is started afresh: a batch that uses a few
+        # series of a big table (a fast source's flush between full ones) keeps it.
+        if missing and (grown > self.max_series or (grown > 64 and grown > 2 * used)):
+            identities, index, missing = [], {}, keys
         if missing or self._current is None or sealed_key != self._sealed_to:
-            for key in missing:
-                self._index[key] = len(self._identities)
-                self._identities.append(key[0])
-            blob = encode_table(self._identities, self.zstd_level, seal_to)
-            self._current = CurrentTable(table_id(blob), blob, len(self._identities))
+            before = len(identities)
+            try:
+                for key in missing:
+                    index[key] = len(identities)
+                    identities.append(key[0])
+                blob = encode_table(identities, self.zstd_level, seal_to)
+            except BaseException:  # a series that cannot be encoded leaves the table as it was
+                del identities[before:]
+                for key in missing:
+                    index.pop(key, None)
+                raise
+            self._identities, self._index = identities, index
+            self._current = CurrentTable(table_id(blob), blob, len(identities))
             self._sealed_to = sealed_key
         index = self._index
         placed = sorted(((index[k], s) for k, s in zip(keys, series, strict=True)), key=lambda p: p[0])
@@ -293,7 +320,7 @@ class TableBuilder:
 
 
 def with_table(table: bytes | None, frame: bytes) -> bytes:
-    """A request body (docs/wire.md §9.1): the frame, preceded by the series table it names
+    """A request body (docs/wire.md §10.6): the frame, preceded by the series table it names
     when the receiver may not hold it."""
     return frame if table is None else table + frame
 

@@ -50,6 +50,7 @@ import pytest
 
 import wire
 from collector import keyring, trust
+from collector.tables import LedgerTables
 from tests.conftest import free_port
 from tests.e2e.receivers import VICTORIA_METRICS, KillableCollector, Samples, VictoriaMetricsReceiver, ms_to_param
 from tests.e2e.test_remote_write import diff, norm
@@ -215,16 +216,18 @@ def ledger_frames(data_dir: Path) -> dict[int, bytes]:
 
 def ledger_batches(data_dir: Path) -> dict[int, wire.VerifiedBatch]:
     """The node's stored data batches, opened as every reader opens them: wire.open_batch with
-    the recorded node key and the collector's sealing keys (each must verify)."""
+    the recorded node key, the collector's sealing keys and, for a v2 batch, the series table
+    the ledger holds for it (each must verify)."""
     sealing = keyring.load_sealing_keys(keyring.sealing_key_files(data_dir))
     conn = sqlite3.connect(f"file:{data_dir / 'ledger.db'}?mode=ro", uri=True, timeout=10)
     out: dict[int, wire.VerifiedBatch] = {}
     try:
+        tables = LedgerTables(conn, wire.DEFAULT_OPEN_LIMITS, sealing)
         rows = conn.execute("SELECT seq, frame FROM batches WHERE site = ? AND node = ? AND kind = ? ORDER BY seq",
                             (SITE, NODE, int(wire.Kind.DATA))).fetchall()
         for seq, frame in rows:
             opened = wire.open_batch(bytes(frame), lambda kid: trust.lookup_recorded(conn, kid),
-                                     sealing_keys=sealing)
+                                     sealing_keys=sealing, series_tables=tables)
             assert isinstance(opened, wire.VerifiedBatch), f"ledger seq {seq} does not open: {opened}"
             out[int(seq)] = opened
     finally:

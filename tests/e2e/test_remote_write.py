@@ -113,9 +113,8 @@ def ledger_samples(collector: KillableCollector) -> Samples:
     the series' own labels, __name__, and site and node from the (verified) batch header."""
     out: Samples = {}
     for (raw,) in collector.ledger_rows("SELECT frame FROM batches WHERE kind = ?", (int(wire.Kind.DATA),)):
-        frame = wire.parse_frame(bytes(raw))
-        h = frame.header
-        for s in wire.decode_series(wire.decompress_payload(frame, 1 << 30)):
+        h = wire.parse_frame(bytes(raw)).header
+        for s in collector.ledger_series(bytes(raw)):  # wire v1 or v2
             labels = {k: v for k, v in s.labels if k not in ("site", "node")}
             labels.update(__name__=s.name, site=h.site, node=h.node)
             out.setdefault(norm(labels), []).extend(zip(s.timestamps_ms, s.values, strict=True))

@@ -93,8 +93,7 @@ def agent_sample_times(collector: Collector) -> set[int]:
     """Every time at which the agent sampled cpu 0's idle counter, from the recorded batches."""
     times: set[int] = set()
     for (raw,) in collector.ledger_rows("SELECT frame FROM batches WHERE kind = ?", (int(wire.Kind.DATA),)):
-        frame = wire.parse_frame(bytes(raw))
-        for s in wire.decode_series(wire.decompress_payload(frame, 1 << 24)):
+        for s in collector.ledger_series(bytes(raw)):  # wire v1 or v2
             if s.name == "node_cpu_seconds_total" and dict(s.labels) == {"cpu": "0", "mode": "idle"}:
                 times.update(s.timestamps_ms)
     return times

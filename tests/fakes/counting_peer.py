@@ -60,7 +60,8 @@ class CountingPeer:
                 self._answer(self.rfile.read(int(self.headers["Content-Length"])))
 
             def _answer(self, body: bytes | None) -> None:
-                seq = wire.parse_frame(body).header.seq if body else 0
+                # A v2 body may carry the series table the frame names ahead of it.
+                seq = wire.parse_frame(wire.split_body(body)[1]).header.seq if body else 0
                 with peer.lock:
                     peer.requests.append((peer.clock.monotonic(), self.command, self.path, seq))
                     mode = peer.modes.get(seq, peer.mode) if body else peer.mode

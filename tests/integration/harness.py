@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import wire
 from tests.conftest import REPO, free_port
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
@@ -128,6 +129,37 @@ class Collector:
             return db.execute(query, params).fetchall()
         finally:
             db.close()
+
+    def ledger_table(self, table_id: bytes) -> bytes | None:
+        """A series table (wire v2) the ledger holds, by id."""
+        rows = self.ledger_rows("SELECT blob FROM series_tables WHERE table_id = ?", (table_id,))
+        return bytes(rows[0][0]) if rows else None
+
+    def ledger_series(self, frame: bytes) -> list[wire.Series]:
+        """The series of an unsealed data batch the ledger holds, wire v1 or v2."""
+        return data_series(frame, self.ledger_table)
+
+
+def data_series(
+    frame: bytes, table: Callable[[bytes], bytes | None], sealing_keys: wire.SealingKeys | None = None
+) -> list[wire.Series]:
+    """The series of a data batch, wire v1 or v2, unverified: `table` finds the series table
+    a v2 batch names, by id (the agent's spool, the collector's ledger); `sealing_keys` open
+    a sealed payload and table."""
+    from wire.columns import columns_table_id
+    from wire.columns_np import decode_columns
+
+    f = wire.parse_frame(bytes(frame))
+    sealed = f.header.flags & wire.FLAG_SEALED
+    raw = wire.decompress_payload(f, 1 << 30, wire.unseal(f.payload, sealing_keys) if sealed else None)
+    if f.header.version != wire.WIRE_VERSION_2:
+        return wire.decode_series(raw)
+    tid = columns_table_id(raw)
+    blob = table(tid)
+    assert blob is not None, f"batch {f.header.seq} names series table {tid.hex()[:16]}, which is not held"
+    limits = wire.DEFAULT_OPEN_LIMITS
+    opened = wire.open_table(blob, limits.payload, limits.max_decompressed_bytes, sealing_keys)
+    return decode_columns(raw, opened, limits.payload).to_series()
 
 
 class Agent:

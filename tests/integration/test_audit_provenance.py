@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from functools import partial
 from pathlib import Path
 
 import wire
+from collector import trust
+from collector.tables import LedgerTables
 from tests.integration.harness import Agent, Collector, wait_for
 
 FAST = """
@@ -39,8 +42,15 @@ def test_audit_and_provenance_beside_a_running_collector(tmp_path: Path) -> None
         seq, frame = collector.ledger_rows(
             "SELECT seq, frame FROM batches WHERE kind = 0 ORDER BY seq LIMIT 1 OFFSET 1"
         )[0]
-        parsed = wire.parse_frame(frame)
-        series = wire.decode_series(wire.decompress_payload(parsed, 1 << 26))
+        # Opened as every reader opens it (a v2 batch with the series table the ledger holds).
+        conn = sqlite3.connect(f"file:{collector.data_dir / 'ledger.db'}?mode=ro", uri=True, timeout=10)
+        try:
+            opened = wire.open_batch(bytes(frame), partial(trust.lookup_recorded, conn),
+                                     series_tables=LedgerTables(conn, wire.DEFAULT_OPEN_LIMITS))
+        finally:
+            conn.close()
+        assert isinstance(opened, wire.VerifiedBatch), opened
+        parsed, series = opened.frame, opened.series
         load = next(s for s in series if s.name == "node_load1")
         at_ms = load.timestamps_ms[-1]
         r = collector.cli(

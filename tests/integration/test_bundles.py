@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import wire
 from agent.spool import Spool
-from tests.integration.harness import ENV, Agent, Collector, wait_for
+from tests.integration.harness import ENV, Agent, Collector, data_series, wait_for
 from tests.integration.test_remote_write_forwarding import Collector as ForwardingCollector
 from tests.integration.test_remote_write_forwarding import Receiver
 from wire import bundle
@@ -204,6 +206,20 @@ def spool_frames(agent: Agent) -> dict[int, bytes]:
         spool.close()
 
 
+def spool_tables(agent: Agent) -> dict[int, bytes]:
+    """seq -> the series table (wire v2) each unacknowledged batch names, as the spool holds it."""
+    spool = Spool(agent.state_dir / "spool.db", readonly=True)
+    try:
+        rows = spool.unacknowledged_named()
+        try:
+            named = [(seq, tid) for seq, _, tid in rows if tid is not None]
+            return {seq: blob for seq, tid in named if (blob := spool.table_blob(tid)) is not None}
+        finally:
+            rows.close()
+    finally:
+        spool.close()
+
+
 def resume_needed(agent: Agent) -> bool:
     spool = Spool(agent.state_dir / "spool.db", readonly=True)
     try:
@@ -362,7 +378,7 @@ def test_import_into_a_running_serve_shows_on_metrics_and_goes_to_remote_write(t
             spool = Spool(agent.state_dir / "spool.db", readonly=True)
             first = next(f for s, f in spool.unacknowledged() if s == 1)
             spool.close()
-            assert c.post(first) == 200
+            assert c.post(wire.with_table(spool_tables(agent).get(1), first)) == 200
             r = c.cli("import", str(out), "--receipt-out", str(receipt))
             assert r.returncode == 0, r.stdout + r.stderr
             assert "imported through serve at http://127.0.0.1:" in r.stdout, r.stdout
@@ -378,15 +394,12 @@ def test_import_into_a_running_serve_shows_on_metrics_and_goes_to_remote_write(t
             from collector import keyring
 
             sealing = keyring.load_sealing_keys(keyring.sealing_key_files(c.data_dir))
-            spool = Spool(agent.state_dir / "spool.db", readonly=True)
-            frames = [wire.parse_frame(f) for _, f in spool.unacknowledged()]
-            spool.close()
+            tables = {wire.table_id(t): t for t in spool_tables(agent).values()}
             want = set()
-            for f in frames:
-                if f.header.kind != wire.Kind.DATA:
+            for frame in spool_frames(agent).values():
+                if wire.parse_frame(frame).header.kind != wire.Kind.DATA:
                     continue
-                raw = wire.decompress_payload(f, 1 << 26, wire.unseal(f.payload, sealing))
-                for series in wire.decode_series(raw):
+                for series in data_series(frame, tables.get, sealing):
                     if series.name == "node_load1":
                         want.update(zip(series.timestamps_ms, series.values, strict=True))
             assert want
@@ -446,12 +459,19 @@ def test_hostile_bundles_keep_the_frames_that_verify_and_name_the_rest(tmp_path:
     assert [s for s, _ in rc.batches] == [1, 3, 6] and rc.complete_through == 1 and rc.held == ((1, 1), (3, 3), (6, 6))
 
 
-def _bundle_of(frames: list[bytes], key: SigningKey, site: str, node: str, path: Path, unplaced: bool = False) -> Path:
+def _bundle_of(frames: list[bytes], key: SigningKey, site: str, node: str, path: Path, unplaced: bool = False,
+               tables: Sequence[bytes | None] = ()) -> Path:
+    """A bundle of these frames; tables[i], the series table frame i names (wire v2), goes in
+    ahead of the first frame naming it, as export writes it."""
     import io
 
     buf = io.BytesIO()
     w = bundle.BundleWriter(buf)
-    for f in frames:
+    written: set[bytes] = set()
+    for f, table in itertools.zip_longest(frames, tables[:len(frames)]):
+        if table is not None and table not in written:
+            w.add_table(table)
+            written.add(table)
         w.add(f)
     w.finish(key, site, node, 1, unplaced=unplaced)
     path.write_bytes(buf.getvalue())
@@ -512,9 +532,12 @@ def test_a_seq_pruned_by_retention_is_not_named_held_in_the_receipt(tmp_path: Pa
 # ---------------------------------------------------------------------------- unplaced spools
 
 
-def bundle_size(frames: list[bytes], site: str, node: str) -> int:
-    """The size of a bundle of exactly these frames: as --max-bytes, export writes them and no more."""
+def bundle_size(frames: list[bytes], site: str, node: str, tables: Sequence[bytes | None] = ()) -> int:
+    """The size of a bundle of exactly these frames (and the series tables they name, each
+    once): as --max-bytes, export writes them and no more."""
+    distinct = {t for t in tables if t is not None}
     return (len(bundle.BUNDLE_HEADER) + sum(bundle.RECORD_OVERHEAD + len(f) for f in frames)
+            + sum(bundle.RECORD_OVERHEAD + len(t) for t in distinct)
             + bundle.RECORD_OVERHEAD + bundle.manifest_len(len(frames), site, node))
 
 
@@ -605,17 +628,17 @@ def test_an_unplaced_spools_later_bundle_imported_alone_commits_nothing(tmp_path
     that chain (`unplaced_gap`); the first collides with it (`unplaced_spool`). Neither
     commits a frame; the receipt still places the node."""
     collector, agent, k = reinstalled_offline(tmp_path, 4)
-    frames = spool_frames(agent)
+    frames, tables = spool_frames(agent), spool_tables(agent)
     m, j = len(frames), k + 2  # the first bundle ends at K + 2; the second starts at K + 3
     first = tmp_path / "first.wsb"
-    size = bundle_size([frames[s] for s in range(1, j + 1)], "lab", "node-1")
+    size = bundle_size([frames[s] for s in range(1, j + 1)], "lab", "node-1", [tables.get(s) for s in range(1, j + 1)])
     r = agent.cli("export", "--out", str(first), "--max-bytes", str(size))
     assert r.returncode == 0 and f"seq 1-{j}," in r.stdout, r.stdout + r.stderr
     assert f"{m - j} newer unacknowledged batches did not fit" in r.stdout, r.stdout
     # What the node's next bundle holds once these left its spool: export writes the oldest
     # first, so only a bundle built here can carry the rest alone.
     second = _bundle_of([frames[s] for s in range(j + 1, m + 1)], node_key(agent), "lab", "node-1",
-                        tmp_path / "second.wsb", unplaced=True)
+                        tmp_path / "second.wsb", unplaced=True, tables=[tables.get(s) for s in range(j + 1, m + 1)])
     before = collector.ledger_rows("SELECT seq, hash FROM batches ORDER BY seq")
     receipt = tmp_path / "r.wsr"
     r = collector.cli("import", str(second), "--receipt-out", str(receipt))
@@ -642,16 +665,16 @@ def test_a_brand_new_nodes_unplaced_bundles_import_before_any_receipt_comes_back
     agent.start()
     wait_for(lambda: len(spool_seqs(agent)) >= 4, 30, "four batches in the spool")
     agent.stop()
-    frames = spool_frames(agent)
+    frames, tables = spool_frames(agent), spool_tables(agent)
     n = len(frames)
     assert resume_needed(agent)
     first, whole = tmp_path / "first.wsb", tmp_path / "whole.wsb"
-    r = agent.cli("export", "--out", str(first), "--max-bytes", str(bundle_size([frames[1], frames[2]], "lab",
-                                                                                     "node-1")))
+    size = bundle_size([frames[1], frames[2]], "lab", "node-1", [tables.get(1), tables.get(2)])
+    r = agent.cli("export", "--out", str(first), "--max-bytes", str(size))
     assert r.returncode == 0 and "seq 1-2," in r.stdout, r.stdout + r.stderr
     assert agent.cli("export", "--out", str(whole)).returncode == 0  # no receipt back yet: 1..n again
     later = _bundle_of([frames[s] for s in range(3, n + 1)], node_key(agent), "lab", "node-1",
-                       tmp_path / "later.wsb", unplaced=True)
+                       tmp_path / "later.wsb", unplaced=True, tables=[tables.get(s) for s in range(3, n + 1)])
     r = collector.cli("import", str(first), "--receipt-out", str(tmp_path / "r1.wsr"))
     assert r.returncode == 0 and "lab/node-1: 2 accepted, 0 duplicates, 0 refused" in r.stdout, r.stdout
     # The first bundle's receipt is not applied: the later bundle follows the head it left.

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import wire
 from tests.integration.harness import Agent, Collector, serve_page, wait_for
 
 
@@ -72,8 +71,7 @@ def test_full_disk_keeps_sampling_reports_and_recovers(tmp_path: Path, small_fs:
             def sampled_while_full() -> list[int]:
                 stamps = set()
                 for (frame,) in collector.ledger_rows("SELECT frame FROM batches WHERE kind = 0"):
-                    f = wire.parse_frame(frame)
-                    for series in wire.decode_series(wire.decompress_payload(f, 1 << 30)):
+                    for series in collector.ledger_series(frame):  # wire v1 or v2
                         if series.name == "node_load1":
                             stamps.update(series.timestamps_ms)
                 return sorted(t for t in stamps if full_at + 0.5 < t / 1000 < freed_at - 0.5)

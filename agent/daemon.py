@@ -200,6 +200,11 @@ class Agent:
         for s in series:
             try:
                 wire.encode_series([s])
+                # A name or label the collector refuses: in a v2 series table it would get
+                # every later batch naming the table refused, so it never enters one.
+                problem = wire.series_problem(s)
+                if problem:
+                    raise ValueError(problem)
             except (ValueError, struct.error, OverflowError) as why:
                 self.unencodable_samples += len(s.values)
                 log.error("dropping series %s%s: it cannot be encoded (%s)", s.name, dict(s.labels), why)

@@ -609,11 +609,13 @@ class Uplink:
                 if attach is None and claimed.table is not None and not resent and probed is None:
                     attach, resent = claimed.table, True  # at once, on the same claim
                     continue
-            elif (outcome.kind == "reject" and outcome.result == "malformed" and attach is not None
-                  and probed is None):
+            elif (outcome.kind == "reject" and outcome.result in ("malformed", "too_large")
+                  and attach is not None and probed is None):
                 # A collector that reads only wire v1 takes a body that starts with a series
-                # table for a bad frame. Whether that is all it means, the frame alone tells:
-                # such a collector then answers unsupported_version, and the batch is kept.
+                # table for a bad frame; a table and frame together may pass max_body_bytes
+                # where the frame alone does not. Whether that is all it means, the frame
+                # alone tells: a v1-only collector then answers unsupported_version, and the
+                # batch is kept; one that holds the table takes it.
                 attach, probed = None, outcome
                 continue
             return outcome, probed, sent

@@ -76,6 +76,7 @@ from wire.table import (
     encode_table,
     open_table,
     parse_table_head,
+    series_problem,
     split_body,
     table_id,
     with_table,
@@ -96,5 +97,5 @@ __all__ = [
     "SEAL_OVERHEAD", "SealingKeys", "check_raw_len", "seal", "seal_prepared", "sealed_to", "unseal",
     "WIRE_VERSION_2", "WIRE_VERSIONS", "MemoryTables", "TableStore", "prepare_columns",
     "TABLE_HEAD_LEN", "TABLE_ID_LEN", "TABLE_MAGIC", "CurrentTable", "SeriesTable", "TableBuilder", "encode_table",
-    "open_table", "parse_table_head", "split_body", "table_id", "with_table",
+    "open_table", "parse_table_head", "series_problem", "split_body", "table_id", "with_table",
 ]

@@ -82,22 +82,31 @@ class TableStore(Protocol):
 
 
 class MemoryTables:
-    """Series tables held in memory, at most `max_tables` (the least recently used go first).
-    A reader that keeps tables durably (the collector's ledger) looks there on a miss."""
+    """Series tables held in memory, the least recently used going first once there are more
+    than `max_tables`, or their series together pass `max_series` (a decoded table costs a
+    few hundred bytes a series: one node key bringing new big tables must not fill memory),
+    or one node has more than `per_node` (its replaced tables go before other nodes' current
+    ones). A reader that keeps tables durably (the collector's ledger) looks there on a miss."""
 
-    def __init__(self, max_tables: int = 4096) -> None:
+    def __init__(self, max_tables: int = 4096, max_series: int = 2_000_000, per_node: int = 4) -> None:
         self.max_tables = max_tables
+        self.max_series = max_series
+        self.per_node = per_node
+        self.series = 0  # series in the tables held
         self._tables: dict[tuple[str, str, bytes], SeriesTable] = {}
+        self._per_node: dict[tuple[str, str], int] = {}
+
+    def __len__(self) -> int:
+        return len(self._tables)
 
     def get(self, site: str, node: str, table_id: bytes) -> SeriesTable | None:
         key = (site, node, table_id)
-        table = self._tables.pop(key, None)
+        table = self._tables.get(key)
         if table is None:
             table = self.load(site, node, table_id)
             if table is None:
                 return None
-        self._tables[key] = table
-        self._trim()
+        self.add(site, node, table)
         return table
 
     def load(self, site: str, node: str, table_id: bytes) -> SeriesTable | None:
@@ -106,13 +115,25 @@ class MemoryTables:
 
     def add(self, site: str, node: str, table: SeriesTable) -> None:
         key = (site, node, table.id)
-        self._tables.pop(key, None)  # the most recently used goes last
+        if self._tables.pop(key, None) is None:  # the most recently used goes last
+            self.series += len(table)
+            self._per_node[(site, node)] = self._per_node.get((site, node), 0) + 1
         self._tables[key] = table
-        self._trim()
+        if self._per_node[(site, node)] > self.per_node:
+            oldest = next(k for k in self._tables if k[:2] == (site, node))
+            self._drop(oldest)
+        # The table just added stays, whatever its size: its batch is being opened.
+        while len(self._tables) > 1 and (len(self._tables) > self.max_tables or self.series > self.max_series):
+            self._drop(next(iter(self._tables)))
 
-    def _trim(self) -> None:
-        while len(self._tables) > self.max_tables:
-            del self._tables[next(iter(self._tables))]
+    def _drop(self, key: tuple[str, str, bytes]) -> None:
+        table = self._tables.pop(key)
+        self.series -= len(table)
+        left = self._per_node[key[:2]] - 1
+        if left:
+            self._per_node[key[:2]] = left
+        else:
+            del self._per_node[key[:2]]
 
 
 @dataclass(frozen=True)

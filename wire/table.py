@@ -245,6 +245,20 @@ def _decode_raw(
     return names, all_labels, mtypes
 
 
+DEFAULT_TABLE_LIMITS = Limits()
+
+
+def series_problem(s: Series, limits: Limits = DEFAULT_TABLE_LIMITS) -> str | None:
+    """Why a receiver with `limits` (the collector's defaults) would refuse a table holding
+    this series' identity: the schema rules, its label count, a name or label too long."""
+    if len(s.labels) > limits.max_labels:
+        return f"series {s.name[:100]!r} has {len(s.labels)} labels (at most {limits.max_labels})"
+    longest = max((len(t.encode("utf-8", "surrogatepass")) for kv in s.labels for t in kv), default=0)
+    if max(longest, len(s.name.encode("utf-8", "surrogatepass"))) > limits.max_string_len:
+        return f"series {s.name[:100]!r} has a name or label over {limits.max_string_len} bytes"
+    return schema_problem([s])
+
+
 @dataclass(frozen=True)
 class CurrentTable:
     """The agent's table as carried: its id, bytes and series count."""
@@ -275,9 +289,15 @@ class TableBuilder:
     def place(
         self, series: list[Series], seal_to: CollectorKey | None = None
     ) -> tuple[CurrentTable, list[tuple[int, Series]]]:
-        """(the table, [(index, series)] in index order) for one batch."""
+        """(the table, [(index, series)] in index order) for one batch. A series a receiver
+        would refuse (series_problem) raises WireError before it can enter the table: once
+        in, it would get every later batch naming the table refused, with or without it."""
         keys = self._keys(series)
         missing = [k for k in keys if k not in self._index]
+        for (name, labels, mtype), _n in missing:
+            problem = series_problem(Series(name, labels, mtype, (), ()))
+            if problem:
+                raise WireError("schema", problem)
         sealed_key = seal_to.key_id if seal_to is not None else None
         used = len(keys)
         grown = len(self._identities) + len(missing)

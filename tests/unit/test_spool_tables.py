@@ -390,3 +390,36 @@ def test_export_max_bytes_counts_the_table_records(tmp_path: Path, capsys: pytes
     assert "alone makes a bundle larger than --max-bytes" in capsys.readouterr().err
     assert _export(state, tmp_path / "exact.wsb", "--max-bytes", str(single)) == 0
     assert (tmp_path / "exact.wsb").stat().st_size == single
+
+
+def test_the_agent_drops_only_a_series_the_collector_would_refuse_and_its_table_stays_good(tmp_path: Path) -> None:
+    """A scraped label such as `__x` passes the text parser; in a v2 series table it would
+    get every later batch naming the table refused. The agent drops that series alone
+    (counted as unencodable) and signs the rest against a table the collector opens."""
+    from nacl.signing import SigningKey
+
+    from agent.config import AgentConfig, NetworkSourceConfig, SourcesConfig, SystemSourceConfig
+    from agent.daemon import Agent
+
+    config = AgentConfig(node="n1", state_dir=str(tmp_path),
+                         sources=SourcesConfig(system=SystemSourceConfig(enabled=False),
+                                               network=NetworkSourceConfig(enabled=False)))
+    agent = Agent(config, SigningKey.generate())
+    good = wire.Series("up", (("job", "x"),), wire.MetricType.GAUGE, (1_700_000_000_000,), (1.0,))
+    bad = wire.Series("up", (("__x", "1"),), wire.MetricType.GAUGE, (1_700_000_000_000,), (2.0,))
+    agent.store([good, bad])
+    agent.store([good._replace(timestamps_ms=(1_700_000_060_000,))])
+    spool = agent.spool
+    assert spool is not None
+    try:
+        assert agent.unencodable_samples == 1
+        opened = []
+        while (claimed := spool.claim_oldest()) is not None:
+            assert claimed.table is not None
+            table = wire.open_table(claimed.table, wire.Limits(), 1 << 20)
+            assert table.names == ["up"] and table.labels == [(("job", "x"),)]
+            opened.append(claimed.seq)
+            spool.ack(claimed.seq, None)
+        assert opened == [1, 2]
+    finally:
+        spool.close()

@@ -63,7 +63,8 @@ class Collector:
     not hold); "v1" is a collector that reads only wire v1 (a body starting with a table is a
     frame with a bad magic, a v2 frame unsupported_version); "no_v2" answers every v2 batch
     unsupported_version; "stubborn" answers every v2 batch unknown_table, table sent or not;
-    "bad_table" refuses every table sent as malformed (the bare frame is then judged as "v2")."""
+    "bad_table" refuses every table sent as malformed (the bare frame is then judged as "v2");
+    "small_body" answers a body with a table too_large (table and frame pass max_body_bytes)."""
 
     def __init__(self, key: SigningKey, mode: str = "v2") -> None:
         self.pub = bytes(key.verify_key)
@@ -96,6 +97,8 @@ class Collector:
                 h.seq, h.version, tid
         if v2 and self.mode == "stubborn":
             return 428, {"result": "unknown_table", "error": "not held", "seq": h.seq}, h.seq, h.version, tid
+        if attached is not None and self.mode == "small_body":
+            return 413, {"result": "too_large", "error": "body exceeds max_body_bytes"}, h.seq, h.version, tid
         if attached is not None and self.mode == "bad_table":
             return 400, {"result": "malformed", "error": "bad series table", "seq": h.seq}, h.seq, h.version, tid
         opened = wire.open_batch(frame, self.lookup, series_tables=self.tables, attached_table=attached)
@@ -408,6 +411,34 @@ def test_a_table_the_collector_refuses_sets_the_batch_aside_with_a_drop_receipt(
         (1, True, "malformed"), (1, False, "unknown_table"), (2, False, "accepted")]
     assert posts[2].version == wire.WIRE_VERSION  # a drop receipt is v1
     assert _rows(path) == [(1, int(wire.Kind.DATA), "rejected")]
+
+
+def test_a_body_too_large_only_with_its_table_is_sent_again_alone_and_kept(tmp_path: Path) -> None:
+    """After a start the agent sends a table the collector may already hold; if table and
+    frame together pass max_body_bytes (413) the frame alone is tried before anything is set
+    aside, and a collector that holds the table takes it."""
+    key, path = SigningKey.generate(), tmp_path / "spool.db"
+    producer = Producer(path, key)
+    producer.sign(1)
+    peer = Collector(key)
+    with running(peer) as url:
+        up = _uplink(url, path, key)
+        up.start()
+        try:
+            _wait_until(lambda: up.stats.acked_batches == 1, "the first batch's ack")
+        finally:
+            up.stop()
+        producer.sign(1)  # the same table: the collector holds it, a new uplink does not know
+        peer.mode = "small_body"
+        up = _uplink(url, path, key)
+        up.start()
+        try:
+            _wait_until(lambda: up.stats.acked_batches == 1, "the second batch's ack")
+        finally:
+            up.stop()
+    assert [(p.seq, p.table is not None, p.result) for p in peer.seen()] == [
+        (1, True, "accepted"), (2, True, "too_large"), (2, False, "accepted")]
+    assert _rows(path) == []
 
 
 # ---------------------------------------------------------------- wire_version, config, footprint

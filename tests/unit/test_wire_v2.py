@@ -563,11 +563,33 @@ def test_an_empty_batch_keeps_the_current_table() -> None:
 def test_a_series_that_cannot_be_encoded_leaves_the_builder_as_it_was() -> None:
     builder = wire.TableBuilder(1)
     t, _ = builder.place(series_named(["a"]))
+    unencodable = Series("bad", (("k", "\udc80"),), MetricType.GAUGE, (T0,), (1.0,))
     with pytest.raises(UnicodeEncodeError):
-        builder.place(series_named(["a", "bad\udc80"]))
+        builder.place([*series_named(["a"]), unencodable])
     t2, placed = builder.place(series_named(["a", "b"]))
     assert t2.series_count == 2 and [i for i, _ in placed] == [0, 1]
     assert wire.open_table(t2.blob, LIMITS, MAX_RAW).names == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        (Series("bad name", (), MetricType.GAUGE, (T0,), (1.0,)), "not a valid Prometheus name"),
+        (Series("up", (("__x", "1"),), MetricType.GAUGE, (T0,), (1.0,)), "label name '__x'"),
+        (Series("up", tuple((f"l{i}", "v") for i in range(65)), MetricType.GAUGE, (T0,), (1.0,)), "65 labels"),
+        (Series("up", (("k", "v" * 4097),), MetricType.GAUGE, (T0,), (1.0,)), "over 4096 bytes"),
+    ],
+)
+def test_a_series_the_collector_would_refuse_never_enters_the_table(bad: Series, why: str) -> None:
+    """Once in, such a series would get every later batch naming the table refused, with it
+    or without it: the builder refuses it (the agent drops only that series) and stays as it was."""
+    builder = wire.TableBuilder(1)
+    t1, _ = builder.place(series_named(["a"]))
+    with pytest.raises(wire.WireError, match=why) as info:
+        builder.place([*series_named(["a"]), bad])
+    assert info.value.reason == "schema"
+    t2, placed = builder.place(series_named(["a"]))
+    assert t2.id == t1.id and [i for i, _ in placed] == [0]
 
 
 # ---------------------------------------------------------------- hand-built payloads (the document's layouts)
@@ -1174,3 +1196,30 @@ class _ExampleKey:
 if __name__ == "__main__":
     for name, make in BLOCKS.items():
         print(f"<!-- BEGIN {name} -->\n```text\n{make()}\n```\n<!-- END {name} -->\n")
+
+
+def _table_of(n: int, prefix: str) -> wire.SeriesTable:
+    blob = wire.encode_table([(f"{prefix}_{i}", (), MetricType.GAUGE) for i in range(n)], 1)
+    return wire.open_table(blob, LIMITS, MAX_RAW)
+
+
+def test_memory_tables_are_bounded_by_series_and_per_node() -> None:
+    """One node key bringing new big tables must not fill the collector's memory, nor push
+    out every other node's current table: the cache counts series, and a node's replaced
+    tables go first."""
+    tables = wire.MemoryTables(max_tables=100, max_series=1000, per_node=2)
+    other = _table_of(10, "other")
+    tables.add("s", "quiet", other)
+    churn = [_table_of(300, f"t{i}") for i in range(5)]
+    for t in churn:
+        tables.add("s", "busy", t)
+        assert tables.series <= 1000 and len(tables) <= 3
+    # The busy node keeps its newest two; the quiet node's table was never pushed out.
+    assert tables.get("s", "busy", churn[-1].id) is churn[-1]
+    assert tables.get("s", "busy", churn[-2].id) is churn[-2]
+    assert tables.get("s", "busy", churn[0].id) is None
+    assert tables.get("s", "quiet", other.id) is other
+    # Past the series budget the least recently used go, but never the table just added.
+    huge = _table_of(2000, "huge")
+    tables.add("s", "big", huge)
+    assert tables.get("s", "big", huge.id) is huge and len(tables) == 1 and tables.series == 2000

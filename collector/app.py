@@ -27,7 +27,16 @@ from collector import keyring, remote_write, serve_link, trust
 from collector import ledger as ledger_mod
 from collector.config import CollectorConfig
 from collector.exposition import FleetCollector, FleetState
-from collector.ingest import IMPORT_GROUP, RETRY_AFTER_S, Committer, Ingest, IngestMetrics, Overloaded, open_limits
+from collector.ingest import (
+    IMPORT_GROUP,
+    RETRY_AFTER_S,
+    Committer,
+    Ingest,
+    IngestMetrics,
+    Overloaded,
+    apply_opened,
+    open_limits,
+)
 from collector.ledger import Ledger, Outcome
 from collector.remote_write import ForwardingMetrics, Supervisor
 from collector.tables import LedgerTables
@@ -71,12 +80,13 @@ def rebuild_latest_state(
     series_tables = LedgerTables(ledger.conn, limits, sealing_keys)  # v2 batches' tables, from the ledger
     replayed = 0
     for raw, received_at in ledger.replay_frames(through):
-        opened = wire.open_batch(raw, keys, limits, sealing_keys=sealing_keys, series_tables=series_tables)
+        opened = wire.open_batch(raw, keys, limits, sealing_keys=sealing_keys, series_tables=series_tables,
+                                 as_series=False)
         if isinstance(opened, wire.Refusal):  # recorded under other limits; not fatal at start
             log.warning("cannot rebuild latest state from a stored batch: %s: %s", opened.result, opened.detail)
             continue
         # Replayed as it arrived: at the collector's clock when it was received, as ingest did.
-        fleet.apply(opened.header.site, opened.header.node, opened.series, now_ms=int(received_at * 1000))
+        apply_opened(fleet, opened, int(received_at * 1000))
         replayed += 1
     if through is None:
         fleet.mark_all_changed()

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -26,6 +27,7 @@ from prometheus_client.samples import Sample
 
 import wire
 from collector.ledger import NodeState
+from wire.columns_np import Columns
 from wire.metric_help import help_of
 
 BACKLOG_BATCHES = "waystation_agent_spool_pending_batches"
@@ -39,6 +41,9 @@ RESERVED_PREFIXES = (
     "waystation_remote_write_",
     "waystation_ledger_",
 )
+# Series tables per node whose index -> entry slots are kept (the current one and the one
+# before, while batches naming it still arrive).
+TABLE_SLOTS = 2
 FLEET_HELP = "Latest value reported by the fleet (via waystation-collector)."
 
 Labels = tuple[tuple[str, str], ...]
@@ -79,6 +84,33 @@ def reported_backlog(series: list[wire.Series]) -> tuple[float | None, float | N
     return batches, size
 
 
+def reported_backlog_columns(columns: Columns) -> tuple[float | None, float | None] | None:
+    """reported_backlog for a v2 batch's columns: the same two series, found by table index
+    (a table's indices of the two names are looked up once, then by binary search)."""
+    table = columns.table
+    wanted = _BACKLOG_INDICES.get(table.id)
+    if wanted is None:
+        if len(_BACKLOG_INDICES) >= 10_000:
+            _BACKLOG_INDICES.clear()
+        names = table.names
+        wanted = _BACKLOG_INDICES[table.id] = tuple(
+            tuple(i for i, n in enumerate(names) if n == name) for name in (BACKLOG_BATCHES, BACKLOG_BYTES))
+    found: list[float | None] = [None, None]
+    index = columns.index
+    for slot, indices in enumerate(wanted):
+        for i in indices:  # the last present one wins, as in reported_backlog
+            pos = int(np.searchsorted(index, i))
+            if pos < index.size and int(index[pos]) == i:
+                found[slot] = float(columns.values[int(columns.starts[pos + 1]) - 1])
+    if found == [None, None]:
+        return None
+    return found[0], found[1]
+
+
+# A series table's indices of the backlog series, by table id.
+_BACKLOG_INDICES: dict[bytes, tuple[tuple[int, ...], ...]] = {}
+
+
 class _Entry:
     """One exposed series: identity, the newest point seen, what /metrics last showed of it,
     and the save queue it waits in (None: its saved row, if any, is current)."""
@@ -108,6 +140,9 @@ class _NodeLatest:
     # within HOLD_MS of the node's newest): moves only on arrivals, never backwards.
     arrival_ms: int = -(1 << 63)
     swept_ms: int = -(1 << 63)
+    # v2: per series table (by id) the entry of each table index, resolved once; reset
+    # whenever entries expire. At most TABLE_SLOTS tables per node.
+    by_table: dict[bytes, list[_Entry | None]] = field(default_factory=dict)
 
 
 # A node's marks as saved: (site, node, newest_ms, arrival_ms).
@@ -203,6 +238,67 @@ class FleetState:
                 entry.ts_ms = ts
                 entry.value = s.values[-1]
                 entry.mtype = s.mtype
+                q = entry.queue
+                if q is not queue:
+                    if q is not None:
+                        q.discard(entry)
+                    queue.add(entry)
+                    entry.queue = queue
+        if arrived and top >= latest.newest_ms - HOLD_MS and now > latest.arrival_ms:
+            latest.arrival_ms = now
+            if now > self.clock_ms:
+                self.clock_ms = now
+        latest.newest_ms = newest
+        if newest - latest.swept_ms >= self.sweep_every_ms:
+            self._expire(latest)
+
+    def apply_columns(
+        self, site: str, node: str, columns: Columns, now_ms: int | None = None, arrived: bool = True
+    ) -> None:
+        """`apply` for a v2 batch's columns, with the same rules: each table index resolves
+        to its entry once per table, and only each series' newest point is read, with array
+        operations, so a batch costs no Series objects and no label hashing per series."""
+        latest = self._latest.get((site, node))
+        if latest is None:
+            latest = self._latest[(site, node)] = _NodeLatest()
+        if not columns.series_count:
+            self.apply(site, node, (), now_ms, arrived)
+            return
+        table = columns.table
+        slots = latest.by_table.get(table.id)
+        if slots is None:
+            while len(latest.by_table) >= TABLE_SLOTS:
+                del latest.by_table[next(iter(latest.by_table))]
+            slots = latest.by_table[table.id] = [None] * len(table)
+        queue = self._epochs[-1][1]
+        newest = latest.newest_ms
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        horizon = now + self.series_ttl_ms
+        floor = newest - self.series_ttl_ms
+        last = columns.starts[1:] - 1
+        ts_last = columns.timestamps_ms[last]
+        top = int(ts_last.max())
+        inside = ts_last[ts_last < horizon]
+        if inside.size and int(inside.max()) > newest:
+            newest = int(inside.max())
+        names, labels, mtypes = table.names, table.labels, table.mtypes
+        by_raw = latest.by_raw
+        for i, ts, value in zip(columns.index.tolist(), ts_last.tolist(), columns.values[last].tolist(),
+                                strict=True):
+            entry = slots[i]
+            if entry is None:
+                entry = by_raw.get((names[i], labels[i]))
+                if entry is None:
+                    if ts < floor:
+                        continue  # backfill of a series long gone: it would expire at once
+                    entry = self._entry(latest, site, node, wire.Series(names[i], labels[i], mtypes[i], (), ()))
+                    if entry is None:
+                        continue  # refused by a cap: asked again (and counted) next time, as apply does
+                slots[i] = entry
+            if ts > entry.ts_ms:
+                entry.ts_ms = ts
+                entry.value = value
+                entry.mtype = mtypes[i]
                 q = entry.queue
                 if q is not queue:
                     if q is not None:
@@ -330,6 +426,7 @@ class FleetState:
             # The cache keeps what is still exposed: clearing it would cost every series a
             # label normalization on the next batch.
             latest.by_raw = {k: e for k, e in latest.by_raw.items() if e.ts_ms >= cutoff}
+            latest.by_table = {}  # their slots may name expired entries
             latest.expired_series += len(stale)
 
     def _entry(self, latest: _NodeLatest, site: str, node: str, s: wire.Series) -> _Entry | None:

@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 import wire
 from collector import trust
 from collector.config import LimitsConfig
-from collector.exposition import FleetState, reported_backlog
+from collector.exposition import FleetState, reported_backlog, reported_backlog_columns
 from collector.ledger import Ledger, Outcome, Submission
 from collector.tables import LedgerTables
 from wire.sdnotify import Liveness
@@ -246,8 +246,9 @@ def open_frame(
     except wire.WireError as exc:
         return wire.Refusal(exc.reason if exc.reason in STATUS else "malformed",
                             f"body starts with a series table: {exc.detail}")
+    # A v2 batch comes back as columns only: the latest state takes columns (apply_opened).
     return wire.open_batch(frame, partial(trust.lookup, keys), limits, tables, sealing_keys=sealing_keys,
-                           series_tables=series_tables, attached_table=attached)
+                           series_tables=series_tables, attached_table=attached, as_series=False)
 
 
 def submission(
@@ -255,10 +256,23 @@ def submission(
 ) -> Submission:
     """What the ledger commits for a verified batch, whichever way it came (HTTP, a bundle);
     a v2 data batch brings its series table, for the ledger to hold with it."""
-    backlog = reported_backlog(opened.series) if opened.series else None
+    if opened.columns is not None:
+        backlog = reported_backlog_columns(opened.columns)
+    else:
+        backlog = reported_backlog(opened.series) if opened.series else None
     return Submission(opened.frame, cast(trust.KeyRecord, opened.key), received_at, drop=opened.drop,
                       rotation=opened.rotation, backlog=backlog, origin=origin, origin_file=origin_file,
                       table=opened.table)
+
+
+def apply_opened(fleet: FleetState, opened: wire.VerifiedBatch, now_ms: int) -> None:
+    """A committed data batch into the latest state: a v2 batch by its columns (no Series
+    objects), a v1 batch by its series."""
+    h = opened.header
+    if opened.columns is not None:
+        fleet.apply_columns(h.site, h.node, opened.columns, now_ms=now_ms)
+    elif opened.series:
+        fleet.apply(h.site, h.node, opened.series, now_ms=now_ms)
 
 
 def open_limits(limits: LimitsConfig) -> wire.OpenLimits:
@@ -385,9 +399,8 @@ class Ingest:
             return "duplicate_pruned" if outcome.pruned and origin == "bundle" else "duplicate"
         if outcome.result != "accepted":
             raise _Refusal(outcome.result, outcome.detail, h, signed=True)
-        if opened.series:
-            # At the collector's clock when it was received: a replay at start applies it so too.
-            self.fleet.apply(h.site, h.node, opened.series, now_ms=int(received_at * 1000))
+        # At the collector's clock when it was received: a replay at start applies it so too.
+        apply_opened(self.fleet, opened, int(received_at * 1000))
         self.metrics.count("accepted")
         self.metrics.samples += h.sample_count
         return "accepted"

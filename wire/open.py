@@ -188,6 +188,7 @@ def open_batch(
     sealing_keys: SealingKeys | None = None,
     series_tables: TableStore | None = None,
     attached_table: bytes | None = None,
+    as_series: bool = True,
 ) -> VerifiedBatch | Refusal:
     """parse -> key -> signature -> unseal -> bounded decompression -> decode -> schema and limits.
 
@@ -201,7 +202,9 @@ def open_batch(
     added there once the batch opened), otherwise the table must be in `series_tables`, or
     the batch is refused `unknown_table` (the sender sends it again with the table). A table
     sent with any other batch is `malformed`. Nothing but a Refusal or a VerifiedBatch comes
-    back, whatever the bytes.
+    back, whatever the bytes. With `as_series` False a v2 data batch comes back as its
+    `columns` only (`series` empty): a reader that works on columns skips a Python object
+    per series.
     """
     try:
         frame = parse_frame(raw)
@@ -228,7 +231,8 @@ def open_batch(
             unsealed = unseal(frame.payload, sealing_keys)
         payload = decompress_payload(frame, limits.max_decompressed_bytes, unsealed)
         if columnar:
-            return _open_columns(frame, key, payload, limits, sealing_keys, series_tables, attached_table)
+            return _open_columns(frame, key, payload, limits, sealing_keys, series_tables, attached_table,
+                                 as_series)
         if h.kind == Kind.DATA:
             cache = tables(h.site, h.node) if tables is not None else None
             series = decode_series(payload, limits.payload, cache)
@@ -257,6 +261,7 @@ def _open_columns(
     sealing_keys: SealingKeys | None,
     series_tables: TableStore | None,
     attached: bytes | None,
+    as_series: bool = True,
 ) -> VerifiedBatch:
     """A v2 data batch: its table (sent with it, or held for its node), then its columns."""
     from wire.columns_np import decode_columns  # numpy: loaded by readers only
@@ -281,4 +286,5 @@ def _open_columns(
                                   f"payload has {columns.series_count}/{columns.sample_count}")
     if opened and series_tables is not None:  # kept only with a batch that opened with it
         series_tables.add(h.site, h.node, table)
-    return VerifiedBatch(frame, key, series=columns.to_series(), table=table, columns=columns)
+    series = columns.to_series() if as_series else []
+    return VerifiedBatch(frame, key, series=series, table=table, columns=columns)

@@ -116,17 +116,28 @@ find "$stage" -name '*.pyc' -delete
 elf=$(printf '\177ELF')
 while IFS= read -r -d '' f; do
   if [ "$(head -c4 "$f")" = "$elf" ]; then
-    case "$f" in *.so|*.so.*) strip --remove-section=.comment --remove-section=.note --strip-unneeded "$f" ;; esac
+    # Not the private libraries auditwheel put in <package>.libs (numpy's OpenBLAS): patchelf
+    # rewrote their program headers, and strip would leave their segments misaligned.
+    case "$f" in *.libs/*) ;; *.so|*.so.*) strip --remove-section=.comment --remove-section=.note --strip-unneeded "$f" ;; esac
   elif [ -x "$f" ] && [ "$(head -c2 "$f")" != '#!' ]; then
     chmod a-x "$f"
   fi
 done < <(find "$stage/lib" -type f \( -name '*.so*' -o -perm /111 \) -print0)
+# auditwheel's private libraries are shared libraries, not programs; numpy's own helper
+# scripts are never run from here (and would want a python3 dependency if they were).
+find "$stage/lib" -path '*.libs/*' -type f -exec chmod 0644 {} +
+find "$stage/lib" -path '*/site-packages/numpy/*' -type f -name '*.py' -perm /111 -exec chmod a-x {} +
 # What the extension modules link against (libc6, libstdc++6, ...), as dpkg-shlibdeps
 # finds it for any Debian package; it wants a debian/control to stand in.
 mkdir -p "$work/shlibs/debian"
 printf 'Source: waystation\n\nPackage: waystation\nArchitecture: any\n' >"$work/shlibs/debian/control"
+# Wheels repaired by auditwheel (numpy's) carry private copies of the libraries they need in
+# a <package>.libs folder: found there (-l), and, coming from no Debian package, they add no
+# dependency of their own (--ignore-missing-info); what they in turn need still counts.
 mapfile -d '' sofiles < <(find "$stage/lib" -type f -name '*.so*' -print0)
-shlibs=$(cd "$work/shlibs" && dpkg-shlibdeps -O "${sofiles[@]}" 2>"$log") \
+libdirs=()
+while IFS= read -r -d '' d; do libdirs+=("-l$d"); done < <(find "$stage/lib" -type d -name '*.libs' -print0)
+shlibs=$(cd "$work/shlibs" && dpkg-shlibdeps -O --ignore-missing-info "${libdirs[@]}" "${sofiles[@]}" 2>"$log") \
   || { cat "$log" >&2; die "dpkg-shlibdeps failed on the venv's extension modules (above)"; }
 shlibs=${shlibs#shlibs:Depends=}
 site_rel=lib/python$pyver/site-packages

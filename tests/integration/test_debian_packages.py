@@ -83,7 +83,10 @@ allowed = set()
 for entry in spec["filter"]:
     names = set().union(*(expand(i) for i in entry.lstrip("~").split()))
     allowed = allowed - names if entry.startswith("~") else allowed | names
-allow = seccomp.SyscallFilter(defaction=seccomp.KILL_PROCESS)
+# What the filter does to a call it does not allow: SystemCallErrorNumber= when the unit sets
+# it (the call fails with that errno, as under systemd), else the process is killed.
+refused = seccomp.ERRNO(getattr(errno, spec["errno"])) if spec.get("errno") else seccomp.KILL_PROCESS
+allow = seccomp.SyscallFilter(defaction=refused)
 for call in sorted(allowed):
     try:
         allow.add_rule(seccomp.ALLOW, call)
@@ -165,7 +168,8 @@ def sandboxed(unit: Path, argv: list[str]) -> list[str]:
     assert s.get("NoNewPrivileges") == ["yes"], f"{unit}: NoNewPrivileges=yes expected"
     cmd.append("--no-new-privs")
     families = [getattr(socket, f) for v in s.get("RestrictAddressFamilies", []) for f in v.split()]
-    spec = {"filter": s["SystemCallFilter"], "mdwe": s.get("MemoryDenyWriteExecute") == ["yes"],
+    spec = {"filter": s["SystemCallFilter"], "errno": s.get("SystemCallErrorNumber", [""])[-1],
+            "mdwe": s.get("MemoryDenyWriteExecute") == ["yes"],
             "families": families, "namespaces": s.get("RestrictNamespaces") == ["yes"],
             "umask": s.get("UMask", ["0022"])[-1]}
     confined = cmd + ["--", "/usr/bin/python3", "-c", SANDBOX, json.dumps(spec), *argv]

@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,7 +128,32 @@ class _Entry:
         self.queue: set[_Entry] | None = None
 
 
-@dataclass
+# No point waiting in a table's pending columns.
+_NONE_MS = -(1 << 63)
+
+
+class _TableSlots:
+    """One series table's index -> entry slots for a node, and the newest point per index
+    that batches naming the table brought and the entries do not hold yet.
+
+    A batch whose indices all resolve to entries is taken with array operations only: its
+    newest points go into `pending_ts`/`pending_values` where newer than what waits there.
+    The entries take them in `FleetState._flush`, which every reader of entries calls
+    first (the exposition, a save, a snapshot, expiry, a v1 batch of the node), so what a
+    reader sees is what applying each batch at once would have made of it."""
+
+    __slots__ = ("entries", "resolved", "pending_ts", "pending_values", "mtypes", "waiting")
+
+    def __init__(self, size: int, mtypes: Sequence[wire.MetricType]) -> None:
+        self.entries: list[_Entry | None] = [None] * size
+        self.resolved = np.zeros(size, dtype=bool)
+        self.pending_ts = np.full(size, _NONE_MS, dtype=np.int64)
+        self.pending_values = np.zeros(size, dtype=np.float64)
+        self.mtypes = mtypes
+        self.waiting = False
+
+
+@dataclass(eq=False)  # hashed by identity: FleetState._waiting holds them
 class _NodeLatest:
     entries: dict[tuple[str, Labels], _Entry] = field(default_factory=dict)
     # (name, labels as sent) -> entry: skips re-normalizing labels for series seen before.
@@ -140,9 +165,11 @@ class _NodeLatest:
     # within HOLD_MS of the node's newest): moves only on arrivals, never backwards.
     arrival_ms: int = -(1 << 63)
     swept_ms: int = -(1 << 63)
-    # v2: per series table (by id) the entry of each table index, resolved once; reset
-    # whenever entries expire. At most TABLE_SLOTS tables per node.
-    by_table: dict[bytes, list[_Entry | None]] = field(default_factory=dict)
+    # v2: per series table (by id) the entry of each table index, resolved once, and the
+    # points waiting for them; flushed and reset whenever entries expire. At most
+    # TABLE_SLOTS tables per node.
+    by_table: dict[bytes, _TableSlots] = field(default_factory=dict)
+    waiting: bool = False  # some table's pending points wait for _flush
 
 
 # A node's marks as saved: (site, node, newest_ms, arrival_ms).
@@ -186,6 +213,8 @@ class FleetState:
         self._epochs: deque[tuple[int, set[_Entry]]] = deque([(0, set())])
         self._overdue: set[_Entry] = set()
         self._removed: set[RowKey] = set()
+        # Nodes whose tables hold points their entries have not taken yet (see _TableSlots).
+        self._waiting: set[_NodeLatest] = set()
 
     def update_node(self, state: NodeState) -> None:
         self._states[(state.site, state.node)] = state
@@ -214,6 +243,7 @@ class FleetState:
         latest = self._latest.get((site, node))
         if latest is None:
             latest = self._latest[(site, node)] = _NodeLatest()
+        self._flush_node(latest)  # a table's waiting points are older than this batch
         by_raw = latest.by_raw
         queue = self._epochs[-1][1]
         newest = latest.newest_ms
@@ -235,29 +265,16 @@ class FleetState:
                 if entry is None:
                     continue
             if ts > entry.ts_ms:
-                entry.ts_ms = ts
-                entry.value = s.values[-1]
-                entry.mtype = s.mtype
-                q = entry.queue
-                if q is not queue:
-                    if q is not None:
-                        q.discard(entry)
-                    queue.add(entry)
-                    entry.queue = queue
-        if arrived and top >= latest.newest_ms - HOLD_MS and now > latest.arrival_ms:
-            latest.arrival_ms = now
-            if now > self.clock_ms:
-                self.clock_ms = now
-        latest.newest_ms = newest
-        if newest - latest.swept_ms >= self.sweep_every_ms:
-            self._expire(latest)
+                _take(entry, ts, s.values[-1], s.mtype, queue)
+        self._arrival(latest, top, newest, now, arrived)
 
     def apply_columns(
         self, site: str, node: str, columns: Columns, now_ms: int | None = None, arrived: bool = True
     ) -> None:
-        """`apply` for a v2 batch's columns, with the same rules: each table index resolves
-        to its entry once per table, and only each series' newest point is read, with array
-        operations, so a batch costs no Series objects and no label hashing per series."""
+        """`apply` for a v2 batch's columns, with the same rules and the same outcome. Each
+        table index resolves to its entry once per table; after that, a batch is taken with
+        array operations only: each series' newest point waits in the table's slots for
+        the entries' readers (see _TableSlots), so a batch costs no step per series."""
         latest = self._latest.get((site, node))
         if latest is None:
             latest = self._latest[(site, node)] = _NodeLatest()
@@ -267,25 +284,53 @@ class FleetState:
         table = columns.table
         slots = latest.by_table.get(table.id)
         if slots is None:
-            while len(latest.by_table) >= TABLE_SLOTS:
-                del latest.by_table[next(iter(latest.by_table))]
-            slots = latest.by_table[table.id] = [None] * len(table)
-        queue = self._epochs[-1][1]
+            if len(latest.by_table) >= TABLE_SLOTS:
+                self._flush_node(latest)
+                while len(latest.by_table) >= TABLE_SLOTS:
+                    del latest.by_table[next(iter(latest.by_table))]
+            slots = latest.by_table[table.id] = _TableSlots(len(table), table.mtypes)
         newest = latest.newest_ms
         now = int(time.time() * 1000) if now_ms is None else now_ms
         horizon = now + self.series_ttl_ms
-        floor = newest - self.series_ttl_ms
         last = columns.starts[1:] - 1
         ts_last = columns.timestamps_ms[last]
+        values_last = columns.values[last]
+        index = columns.index
         top = int(ts_last.max())
         inside = ts_last[ts_last < horizon]
         if inside.size and int(inside.max()) > newest:
             newest = int(inside.max())
+        if slots.resolved[index].all():
+            if latest.waiting and not slots.waiting:
+                self._flush_node(latest)  # another table's points first, in arrival order
+            pending_ts = slots.pending_ts
+            # Strictly newer, as an entry takes a point: at one time the first value stays.
+            newer = ts_last > pending_ts[index]
+            at = index[newer]
+            pending_ts[at] = ts_last[newer]
+            slots.pending_values[at] = values_last[newer]
+            slots.waiting = True
+            if not latest.waiting:
+                latest.waiting = True
+                self._waiting.add(latest)
+        else:
+            self._flush_node(latest)
+            self._take_columns(latest, site, node, slots, table, index, ts_last, values_last)
+        self._arrival(latest, top, newest, now, arrived)
+
+    def _take_columns(
+        self, latest: _NodeLatest, site: str, node: str, slots: _TableSlots, table: wire.SeriesTable,
+        index: np.ndarray, ts_last: np.ndarray, values_last: np.ndarray,
+    ) -> None:
+        """A batch naming table indices not resolved yet, series by series as `apply` takes
+        them (the same floor for backfill, the same caps), resolving what it can."""
+        queue = self._epochs[-1][1]
+        floor = latest.newest_ms - self.series_ttl_ms
         names, labels, mtypes = table.names, table.labels, table.mtypes
+        entries, resolved = slots.entries, slots.resolved
         by_raw = latest.by_raw
-        for i, ts, value in zip(columns.index.tolist(), ts_last.tolist(), columns.values[last].tolist(),
-                                strict=True):
-            entry = slots[i]
+        for i, ts, value in zip(index.tolist(), ts_last.tolist(), values_last.tolist(), strict=True):
+            entry = entries[i]
             if entry is None:
                 entry = by_raw.get((names[i], labels[i]))
                 if entry is None:
@@ -294,17 +339,14 @@ class FleetState:
                     entry = self._entry(latest, site, node, wire.Series(names[i], labels[i], mtypes[i], (), ()))
                     if entry is None:
                         continue  # refused by a cap: asked again (and counted) next time, as apply does
-                slots[i] = entry
+                entries[i] = entry
+                resolved[i] = True
             if ts > entry.ts_ms:
-                entry.ts_ms = ts
-                entry.value = value
-                entry.mtype = mtypes[i]
-                q = entry.queue
-                if q is not queue:
-                    if q is not None:
-                        q.discard(entry)
-                    queue.add(entry)
-                    entry.queue = queue
+                _take(entry, ts, value, mtypes[i], queue)
+
+    def _arrival(self, latest: _NodeLatest, top: int, newest: int, now: int, arrived: bool) -> None:
+        """After a batch (or saved rows) of a node whose newest point is `top`: its arrival
+        time, its newest sample time and, when due, the sweep of its expired series."""
         if arrived and top >= latest.newest_ms - HOLD_MS and now > latest.arrival_ms:
             latest.arrival_ms = now
             if now > self.clock_ms:
@@ -313,8 +355,42 @@ class FleetState:
         if newest - latest.swept_ms >= self.sweep_every_ms:
             self._expire(latest)
 
+    def _flush(self) -> None:
+        """Every node's waiting points into their entries (before entries are read)."""
+        waiting, self._waiting = self._waiting, set()
+        for latest in waiting:
+            self._flush_node(latest)
+
+    def _flush_node(self, latest: _NodeLatest) -> None:
+        if not latest.waiting:
+            return
+        latest.waiting = False
+        queue = self._epochs[-1][1]
+        for slots in latest.by_table.values():
+            if not slots.waiting:
+                continue
+            slots.waiting = False
+            pending_ts = slots.pending_ts
+            at = np.flatnonzero(pending_ts != _NONE_MS)
+            entries, mtypes = slots.entries, slots.mtypes
+            for i, ts, value in zip(at.tolist(), pending_ts[at].tolist(), slots.pending_values[at].tolist(),
+                                    strict=True):
+                entry = entries[i]
+                if entry is not None and ts > entry.ts_ms:  # _take, inline: once per series
+                    entry.ts_ms = ts
+                    entry.value = value
+                    entry.mtype = mtypes[i]
+                    q = entry.queue
+                    if q is not queue:
+                        if q is not None:
+                            q.discard(entry)
+                        queue.add(entry)
+                        entry.queue = queue
+            pending_ts[at] = _NONE_MS
+
     def snapshot(self) -> Iterator[Row]:
         """Every exposed series as a saved row."""
+        self._flush()
         for latest in self._latest.values():
             for e in latest.entries.values():
                 yield _row(e)
@@ -333,6 +409,7 @@ class FleetState:
         older (series not sent for `keep` epochs: SMART, silent nodes) and what is overdue
         is written, so a save costs the slow series and the expired keys, not the fleet.
         """
+        self._flush()  # points waiting now came from batches before `position`
         self._epochs.append((position, set()))
         due = list(self._overdue)
         self._overdue = set()
@@ -355,6 +432,7 @@ class FleetState:
 
     def mark_all_changed(self) -> None:
         """The next save writes every series (a start that found no saved position)."""
+        self._flush()
         overdue = self._overdue
         for _, queue in self._epochs:
             queue.clear()
@@ -412,6 +490,7 @@ class FleetState:
         return sum(self.series_count(site, node) for site, node in by_node)
 
     def _expire(self, latest: _NodeLatest) -> None:
+        self._flush_node(latest)  # a waiting point may keep a series
         latest.swept_ms = latest.newest_ms
         cutoff = latest.newest_ms - self.series_ttl_ms
         stale = [identity for identity, e in latest.entries.items() if e.ts_ms < cutoff]
@@ -469,6 +548,7 @@ class FleetState:
         if now_ms > self.clock_ms:
             self.clock_ms = now_ms
         now = self.clock_ms
+        self._flush()
         families: dict[str, Metric] = {}
         for latest in self._latest.values():
             floor = min(max(latest.newest_ms, latest.arrival_ms) - HOLD_MS, now)
@@ -499,6 +579,19 @@ class FleetState:
         """(site, node, dropped, expired) per node."""
         for (site, node), latest in self._latest.items():
             yield site, node, latest.dropped_series, latest.expired_series
+
+
+def _take(entry: _Entry, ts: int, value: float, mtype: wire.MetricType, queue: set[_Entry]) -> None:
+    """A newer point into its entry, and the entry into the open epoch's save queue."""
+    entry.ts_ms = ts
+    entry.value = value
+    entry.mtype = mtype
+    q = entry.queue
+    if q is not queue:
+        if q is not None:
+            q.discard(entry)
+        queue.add(entry)
+        entry.queue = queue
 
 
 def _same(a: float, b: float) -> bool:

@@ -59,7 +59,10 @@ def state(fleet: FleetState) -> tuple[object, ...]:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_columns_and_series_make_the_same_latest_state(seed: int) -> None:
+@pytest.mark.parametrize("read_every", [1, 7])
+def test_columns_and_series_make_the_same_latest_state(seed: int, read_every: int) -> None:
+    """Read after every batch, or after every seventh (points wait in the tables' slots
+    meanwhile); now and then a node sends a v1 batch between its v2 ones."""
     by_series = FleetState(25, series_ttl_s=1800, max_series_total=60)
     by_columns = FleetState(25, series_ttl_s=1800, max_series_total=60)
     builders = {f"n{i}": wire.TableBuilder(1) for i in range(3)}
@@ -73,12 +76,85 @@ def test_columns_and_series_make_the_same_latest_state(seed: int) -> None:
         assert isinstance(opened, wire.VerifiedBatch) and opened.columns is not None and opened.series == []
         now = T0 + seq * 60_000
         by_series.apply("s", node, [s for _, s in placed], now_ms=now)
-        by_columns.apply_columns("s", node, opened.columns, now_ms=now)
+        if seq % 11 == 5:
+            by_columns.apply("s", node, [s for _, s in placed], now_ms=now)  # a v1 batch
+        else:
+            by_columns.apply_columns("s", node, opened.columns, now_ms=now)
         assert reported_backlog_columns(opened.columns) == reported_backlog([s for _, s in placed])
-        assert state(by_columns) == state(by_series), f"after batch {seq}"
+        if seq % read_every == 0:
+            assert state(by_columns) == state(by_series), f"after batch {seq}"
         if seq % 20 == 0:  # a save takes the same entries from both
             got = by_columns.begin_save(seq, 1)
             want = by_series.begin_save(seq, 1)
             assert sorted(map(repr, map(_row, got[0]))) == sorted(map(repr, map(_row, want[0])))
             assert got[1:] == want[1:]
+    assert state(by_columns) == state(by_series)
     assert by_columns.total_series > 0
+
+
+def steady_batches(seed: int) -> list[tuple[str, list[wire.Series]]]:
+    """Two nodes with a settled set of series, as agents send most of the time: each batch a
+    random part of the set, a backfill now and then, a point at a time already held with
+    another value, and rarely a series joining (the table changes)."""
+    rng = random.Random(seed)
+    names = {"n0": [f"m_{i}" for i in range(30)], "n1": [f"m_{i}" for i in range(12)]}
+    out = []
+    for b in range(120):
+        node = f"n{rng.randrange(2)}"
+        if rng.random() < 0.04:
+            names[node].append(f"joined_{b}")
+        base = T0 + b * 10_000
+        if rng.random() < 0.15:
+            base -= rng.choice((30_000, 900_000))  # a backfill behind what is held
+        if rng.random() < 0.1:
+            base = T0 + (b - 1) * 10_000  # the previous batch's times again, other values
+        series = []
+        for name in rng.sample(names[node], k=rng.randrange(len(names[node]) // 2, len(names[node]) + 1)):
+            ts = tuple(base + k * 1_000 for k in range(rng.randrange(1, 4)))
+            series.append(wire.Series(name, (("job", "x"),), wire.MetricType.GAUGE, ts,
+                                      tuple(float(rng.randrange(1000)) for _ in ts)))
+        out.append((node, series))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("read_every", "ttl_s"), [(1, 600), (5, 600), (5, 40)])
+def test_a_settled_table_is_taken_without_a_step_per_series_and_reads_the_same(
+    seed: int, read_every: int, ttl_s: int
+) -> None:
+    """Batches whose indices all resolved wait in the table's slots (no entry is touched);
+    whatever reads the state then (a snapshot, a save, expiry, a v1 batch) sees exactly
+    what applying each batch at once makes. With a short TTL, series a batch left out
+    expire while newer points of others wait."""
+    by_series = FleetState(1000, series_ttl_s=ttl_s)
+    by_columns = FleetState(1000, series_ttl_s=ttl_s)
+    builders = {f"n{i}": wire.TableBuilder(1) for i in range(2)}
+    tables = wire.MemoryTables()
+    waited = 0
+    for seq, (node, series) in enumerate(steady_batches(seed), 1):
+        table, placed = builders[node].place(series)
+        frame = wire.sign_batch(wire.prepare_columns(table, placed, 1),
+                                wire.BatchContext(KEY, "s", node, seq, wire.ZERO_HASH, T0, 0))
+        opened = wire.open_batch(frame, lambda _k: Enrolled(), series_tables=tables, attached_table=table.blob,
+                                 as_series=False)
+        assert isinstance(opened, wire.VerifiedBatch) and opened.columns is not None
+        now = T0 + seq * 10_000
+        by_series.apply("s", node, [s for _, s in placed], now_ms=now)
+        if seq % 17 == 9:
+            by_columns.apply("s", node, [s for _, s in placed], now_ms=now)  # a v1 batch
+        else:
+            by_columns.apply_columns("s", node, opened.columns, now_ms=now)
+        waited += bool(by_columns._waiting)
+        if seq % read_every == 0:
+            assert state(by_columns) == state(by_series), f"after batch {seq}"
+        if seq % 13 == 0:
+            got, want = by_columns.begin_save(seq, 1), by_series.begin_save(seq, 1)
+            assert sorted(map(repr, map(_row, got[0]))) == sorted(map(repr, map(_row, want[0])))
+            assert got[1:] == want[1:]
+    assert state(by_columns) == state(by_series)
+    assert waited > (60 if ttl_s > 60 else 20)  # most batches took the array path
+    assert ttl_s > 60 or sum(n for *_, n in by_columns.series_accounting()) > 0
+    families = {m.name: sorted((s.labels["node"], s.value, s.timestamp) for s in m.samples)
+                for m in by_columns.fleet_families(T0 + 10**7)}
+    assert families == {m.name: sorted((s.labels["node"], s.value, s.timestamp) for s in m.samples)
+                        for m in by_series.fleet_families(T0 + 10**7)}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from nacl.public import PrivateKey
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -428,6 +429,49 @@ async def get_chain_head(request: web.Request) -> web.Response:
     return web.json_response({"site": site, "node": node, "next_seq": head[0], "head_hash": head[1].hex()})
 
 
+MALFORMED_HTTP_LOG_EVERY_S = 60.0
+
+
+class MalformedHttpLog(logging.Filter):
+    """aiohttp answers a request it cannot parse (two Content-Lengths, a bad chunk size)
+    with 400 and logs it as an error with a traceback: any client that reaches the port
+    could flood the journal with them. Such records become one warning per interval that
+    says how many there were and shows the latest; every other record passes unchanged."""
+
+    def __init__(self, every_s: float = MALFORMED_HTTP_LOG_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self.clock = clock
+        self.count = 0
+        self.next_at = -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        self.count += 1
+        now = self.clock()
+        if now < self.next_at:
+            return False
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        reason = exc.message if isinstance(exc.message, str) else str(exc)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = "refused %d request(s) that were not valid HTTP since the last such line; the latest from %s: %s"
+        record.args = (self.count, remote, reason.splitlines()[0] if reason else type(exc).__name__)
+        record.exc_info = record.exc_text = None
+        self.count = 0
+        self.next_at = now + self.every_s
+        return True
+
+
+def quiet_malformed_http() -> None:
+    """Install MalformedHttpLog on aiohttp's server logger (once per process)."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedHttpLog) for f in server_log.filters):
+        server_log.addFilter(MalformedHttpLog())
+
+
 def create_app(config: CollectorConfig) -> web.Application:
     """The collector as an aiohttp app; the ledger opens on startup and closes on cleanup.
 
@@ -461,5 +505,7 @@ def create_app(config: CollectorConfig) -> web.Application:
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/v1/nodes", get_nodes)
-    app.router.add_get("/v1/nodes/{site}/{node}/chain", get_chain_head)
+    # Any name enroll takes: aiohttp's default pattern refuses braces, and a slash arrives
+    # percent-encoded (%2F) in one segment, which the router matches before decoding.
+    app.router.add_get("/v1/nodes/{site:[^/]+}/{node:[^/]+}/chain", get_chain_head)
     return app

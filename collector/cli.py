@@ -22,7 +22,7 @@ from aiohttp import web
 import wire
 from collector import audit, bundles, keyring, ledger, provenance, serve_link, trust
 from collector import receipts as receipts_mod
-from collector.app import COMMITTER, IMPORT_TOKEN, LEDGER, METRICS, create_app
+from collector.app import COMMITTER, IMPORT_TOKEN, LEDGER, METRICS, create_app, quiet_malformed_http
 from collector.config import CollectorConfig, load_config
 from collector.ingest import open_limits
 from wire import bundle
@@ -191,6 +191,7 @@ async def _serve_locked(config: CollectorConfig, notifier: Notifier, starting: _
         print(f"waystation-collector: {exc}", file=sys.stderr)
         return EXIT_FAILED
     access_log = logging.getLogger("aiohttp.access") if config.log_level == "debug" else None
+    quiet_malformed_http()
     runner = web.AppRunner(app, handle_signals=False, access_log=access_log)
     starting.now(f"starting: replaying the ledger {config.ledger_path}")
     try:

@@ -161,3 +161,83 @@ def test_series_ttl_from_the_config_expires_series_over_http(tmp_path: Path) -> 
     # Sent at 0 s; the node's newest sample at 0, 60, 120, 180, 240 s: past the TTL from 180 s.
     assert [('gone{node="n1",site="s1"} 7.0' in page) for page in pages] == [True, True, True, False, False]
     assert 'waystation_exposition_series_expired_total{node="n1",site="s1"} 1.0' in pages[-1]
+
+
+def test_the_chain_head_answers_for_every_name_enroll_takes(tmp_path: Path) -> None:
+    """A node that lost its state asks GET /v1/nodes/{site}/{node}/chain with both names
+    percent-encoded (agent/uplink.py): every name enroll accepts (braces, slashes, spaces,
+    a literal percent sign, non-ASCII) must reach the handler and get the API's JSON."""
+    from urllib.parse import quote
+
+    config = CollectorConfig(data_dir=str(tmp_path))
+    names = ["a{b}", "a/b", "x y", "ü-1", "%41", "{}"]
+    key = SigningKey.generate()
+    conn = ledger.connect(config.ledger_path)
+    keys = {}
+    for name in names:
+        keys[name] = SigningKey.generate()
+        trust.enroll(conn, "s1", name, bytes(keys[name].verify_key))
+    conn.close()
+    del key
+
+    async def run() -> None:
+        async with TestClient(TestServer(create_app(config))) as client:
+            for name in names:
+                for frame in chain(keys[name], 2, node=name):
+                    assert (await client.post("/v1/batches", data=frame)).status == 200
+                reply = await client.get(f"/v1/nodes/{quote('s1', safe='')}/{quote(name, safe='')}/chain")
+                assert reply.status == 200, name
+                assert (await reply.json())["node"] == name
+                assert (await reply.json())["next_seq"] == 3
+            unknown = await client.get(f"/v1/nodes/s1/{quote('no{such}/node', safe='')}/chain")
+            assert unknown.status == 404 and (await unknown.json())["result"] == "unknown_node"
+
+    asyncio.run(run())
+
+
+def test_requests_that_are_not_http_cost_one_log_line_per_interval(tmp_path: Path, caplog: object) -> None:
+    """Lies at the HTTP level (two Content-Lengths, a negative one, a bad chunk size) are
+    refused 400 by aiohttp, which would log each as an error with a traceback: a client
+    could flood the journal. One warning per interval says how many; other errors keep
+    their traceback."""
+    import logging
+
+    import pytest
+
+    from collector.app import MalformedHttpLog, quiet_malformed_http
+
+    assert isinstance(caplog, pytest.LogCaptureFixture)
+    config = CollectorConfig(data_dir=str(tmp_path))
+    quiet_malformed_http()
+    quiet_malformed_http()  # once per process, however often serve sets up
+    assert sum(isinstance(f, MalformedHttpLog) for f in logging.getLogger("aiohttp.server").filters) == 1
+    lies = [
+        b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+        b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    ]
+
+    async def run() -> None:
+        async with TestClient(TestServer(create_app(config))) as client:
+            port = client.port
+            assert port is not None
+            for i in range(30):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(lies[i % len(lies)])
+                await writer.drain()
+                status = await asyncio.wait_for(reader.readline(), 5)
+                assert status.split()[1:2] == [b"400"], status
+                writer.close()
+            assert (await client.get("/healthz")).status == 200
+
+    caplog.set_level(logging.DEBUG, logger="aiohttp.server")
+    asyncio.run(run())
+    server = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [r.exc_info for r in server] == [None]
+    assert server[0].levelname == "WARNING"
+    assert "refused 1 request(s) that were not valid HTTP" in server[0].getMessage()
+
+    quiet = MalformedHttpLog(every_s=60.0, clock=lambda: 0.0)
+    other = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+                              ("127.0.0.1",), (ValueError, ValueError("a bug"), None))
+    assert quiet.filter(other) and other.exc_info is not None and other.levelname == "ERROR"

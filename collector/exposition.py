@@ -361,17 +361,30 @@ class FleetState:
         for latest in waiting:
             self._flush_node(latest)
 
-    def _flush_node(self, latest: _NodeLatest) -> None:
+    def flush_some(self, budget: int) -> bool:
+        """Waiting points of whole nodes into their entries, until about `budget` were
+        taken; True while some still wait. For a caller on the event loop that must not
+        hold it for the whole fleet at once: the periodic save runs this in steps before
+        `begin_save`, whose own flush then finds only what arrived meanwhile."""
+        taken = 0
+        while self._waiting and taken < budget:
+            taken += self._flush_node(self._waiting.pop())
+        return bool(self._waiting)
+
+    def _flush_node(self, latest: _NodeLatest) -> int:
+        """The node's waiting points into its entries; returns how many there were."""
         if not latest.waiting:
-            return
+            return 0
         latest.waiting = False
         queue = self._epochs[-1][1]
+        taken = 0
         for slots in latest.by_table.values():
             if not slots.waiting:
                 continue
             slots.waiting = False
             pending_ts = slots.pending_ts
             at = np.flatnonzero(pending_ts != _NONE_MS)
+            taken += at.size
             entries, mtypes = slots.entries, slots.mtypes
             for i, ts, value in zip(at.tolist(), pending_ts[at].tolist(), slots.pending_values[at].tolist(),
                                     strict=True):
@@ -387,6 +400,7 @@ class FleetState:
                         queue.add(entry)
                         entry.queue = queue
             pending_ts[at] = _NONE_MS
+        return taken
 
     def snapshot(self) -> Iterator[Row]:
         """Every exposed series as a saved row."""

@@ -4,13 +4,19 @@ counts, same expiry and save queues, through series joining, backfill and tables
 
 from __future__ import annotations
 
+import asyncio
 import random
+from pathlib import Path
+from typing import Any
 
 import pytest
 from nacl.signing import SigningKey
 
 import wire
+from collector import app as app_mod
+from collector.app import save_latest_state
 from collector.exposition import FleetState, _row, reported_backlog, reported_backlog_columns
+from collector.ledger import Ledger
 
 T0 = 1_700_000_000_000
 KEY = SigningKey(bytes(range(32)))
@@ -158,3 +164,56 @@ def test_a_settled_table_is_taken_without_a_step_per_series_and_reads_the_same(
                 for m in by_columns.fleet_families(T0 + 10**7)}
     assert families == {m.name: sorted((s.labels["node"], s.value, s.timestamp) for s in m.samples)
                         for m in by_series.fleet_families(T0 + 10**7)}
+
+
+def test_the_periodic_save_takes_waiting_points_in_steps_the_event_loop_runs_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Points waiting in settled tables go into their entries before the save's cut, but a
+    step at a time (app.FLUSH_STEP): in one go that is a step per series of the whole fleet
+    with every ack waiting. Between steps other handlers run; the save still writes what
+    applying each batch at once would make."""
+    monkeypatch.setattr(app_mod, "FLUSH_STEP", 250)
+    ledger = Ledger(tmp_path / "ledger.db")
+    by_columns, by_series = FleetState(1000), FleetState(1000)
+    tables = wire.MemoryTables()
+    for n in range(30):
+        builder = wire.TableBuilder(1)
+        for seq in (1, 2):
+            series = [wire.Series(f"m_{i}", (("job", "x"),), wire.MetricType.GAUGE, (T0 + seq * 1000,),
+                                  (float(n * seq + i),)) for i in range(100)]
+            table, placed = builder.place(series)
+            frame = wire.sign_batch(wire.prepare_columns(table, placed, 1),
+                                    wire.BatchContext(KEY, "s", f"n{n}", seq, wire.ZERO_HASH, T0, 0))
+            opened = wire.open_batch(frame, lambda _k: Enrolled(), series_tables=tables, attached_table=table.blob,
+                                     as_series=False)
+            assert isinstance(opened, wire.VerifiedBatch) and opened.columns is not None
+            by_columns.apply_columns("s", f"n{n}", opened.columns, now_ms=T0 + 10_000)
+            by_series.apply("s", f"n{n}", series, now_ms=T0 + 10_000)
+    assert len(by_columns._waiting) == 30  # every node's second batch waits
+
+    waiting_seen: list[int] = []
+
+    async def run() -> int:
+        async def other_handlers() -> None:
+            while True:
+                waiting_seen.append(len(by_columns._waiting))
+                await asyncio.sleep(0)
+
+        ticker = asyncio.ensure_future(other_handlers())
+        await asyncio.sleep(0)
+
+        async def call(fn: Any, *args: Any) -> Any:
+            return fn(*args)
+
+        try:
+            return await save_latest_state(ledger, by_columns, call, 1)
+        finally:
+            ticker.cancel()
+
+    asyncio.run(run())
+    steps = sorted({w for w in waiting_seen if 0 < w < 30})
+    assert len(steps) >= 8, waiting_seen  # 3,000 points in steps of 250: the loop ran between
+    assert not by_columns._waiting
+    assert state(by_columns) == state(by_series)
+    ledger.close()

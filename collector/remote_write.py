@@ -49,9 +49,11 @@ from dataclasses import asdict, dataclass, field
 from email.utils import parsedate_to_datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import numpy as np
+import numpy.typing as npt
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -64,6 +66,9 @@ from collector.exposition import RESERVED_PREFIXES
 from collector.ledger import IntervalSet
 from collector.tables import LedgerTables
 
+if TYPE_CHECKING:
+    from wire.columns_np import Columns
+
 log = logging.getLogger(__name__)
 
 USER_AGENT = "waystation-collector/0.1"
@@ -74,6 +79,10 @@ BACKOFF_MAX_S = 30.0
 RETRY_AFTER_MAX_S = 300.0
 ENCODED_CACHE_BATCHES = 256
 LABEL_CACHE_MAX = 1_000_000
+# Wire v2 tables' encoded labels (Encoder.labels_of): in tables, and in bytes (about what a
+# million series of v1's LABEL_CACHE_MAX cost).
+LABEL_TABLES_MAX = 4096
+LABEL_TABLE_BYTES_MAX = 256 << 20
 ROWS_PER_PICK = 256
 
 # Bodies of 5xx answers that name a sample the receiver will never take (Prometheus < 2.50
@@ -300,11 +309,52 @@ class Encoded:
     reserved: int = 0  # samples under the collector's own names: never forwarded, counted
 
 
+def merged_labels(site: str, node: str, name: str, labels: tuple[tuple[str, str], ...]) -> bytes:
+    """A series' labels as forwarded: its own but site and node, then __name__, and site and
+    node from the verified header (which win over any the batch carries), sorted by name as
+    remote write requires; encoded."""
+    merged = {k: v for k, v in labels if k not in ("site", "node")}
+    merged["__name__"] = name
+    merged["site"] = site
+    merged["node"] = node
+    return proto.encode_labels(sorted(merged.items()))
+
+
+@dataclass(frozen=True, eq=False)
+class TableLabels:
+    """One series table (wire v2) as forwarded for one node, by table index: each series'
+    name, whether the name is the collector's own (never forwarded), and its labels as
+    `merged_labels` encodes them, `blob[starts[i]:ends[i]]` (empty for reserved names)."""
+
+    names: list[str]
+    reserved: npt.NDArray[np.bool_]
+    blob: bytes
+    starts: npt.NDArray[np.int64]
+    ends: npt.NDArray[np.int64]
+
+    @classmethod
+    def build(cls, table: wire.SeriesTable, site: str, node: str) -> TableLabels:
+        reserved = [name.startswith(RESERVED_PREFIXES) for name in table.names]
+        encoded = [b"" if r else merged_labels(site, node, name, labels)
+                   for name, labels, r in zip(table.names, table.labels, reserved, strict=True)]
+        bounds = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=bounds[1:])
+        return cls(table.names, np.array(reserved, dtype=np.bool_), b"".join(encoded), bounds[:-1], bounds[1:])
+
+    @property
+    def nbytes(self) -> int:
+        """About what holding it costs: the labels, the arrays and the name list's pointers."""
+        return len(self.blob) + 25 * len(self.names)
+
+
 class Encoder:
     """Opens stored batches through wire.open_batch and encodes them; shared by all targets.
 
-    Labels are the batch's own plus site and node from the verified header (which win over
-    any the batch carries), sorted by name as remote write requires."""
+    Labels are `merged_labels`, encoded once per series and node and reused: for wire v1
+    per (site, node, name, labels), for a v2 table once per (table, site, node) for all its
+    series. A v2 batch is encoded from its columns with array operations
+    (`proto.encode_timeseries_columns`): no Python step per series but the cut into its
+    field and the (name, field, samples) tuple that requests_for takes."""
 
     def __init__(
         self, conn: sqlite3.Connection, limits: wire.OpenLimits, sealing_keys: wire.SealingKeys | None = None
@@ -316,6 +366,8 @@ class Encoder:
         self.tables = wire.SeriesTables()
         self.series_tables = LedgerTables(conn, limits, sealing_keys)  # v2 batches' tables, from the ledger
         self.labels: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], bytes] = {}
+        self.table_labels: OrderedDict[tuple[bytes, str, str], TableLabels] = OrderedDict()
+        self.table_label_bytes = 0  # TableLabels.nbytes of every entry in table_labels
         self.cache: OrderedDict[int, Encoded] = OrderedDict()
 
     def encoded(self, rowid: int) -> Encoded:
@@ -335,30 +387,71 @@ class Encoder:
 
     def _encode(self, rowid: int, frame: bytes) -> Encoded:
         opened = wire.open_batch(frame, self.keys, self.limits, self.tables, sealing_keys=self.sealing_keys,
-                                 series_tables=self.series_tables)
+                                 series_tables=self.series_tables, as_series=False)
         if isinstance(opened, wire.Refusal):
             return Encoded(rowid, [], f"{opened.result}: {opened.detail}")
         h = opened.header
-        site, node = h.site, h.node
+        if opened.columns is not None and opened.table is not None:
+            return self.encode_columns(rowid, h.site, h.node, opened.table, opened.columns)
+        return self.encode_series(rowid, h.site, h.node, opened.series)
+
+    def encode_series(self, rowid: int, site: str, node: str, series: list[wire.Series]) -> Encoded:
+        """A batch given as wire.Series (v1), one series at a time."""
         labels_cache = self.labels
         if len(labels_cache) > LABEL_CACHE_MAX:
             labels_cache.clear()
         out: list[tuple[str, bytes, int]] = []
         reserved = 0
-        for s in opened.series:
+        for s in series:
             if s.name.startswith(RESERVED_PREFIXES):  # a node must not speak for the collector
                 reserved += len(s.values)
                 continue
             key = (site, node, s.name, s.labels)
             encoded_labels = labels_cache.get(key)
             if encoded_labels is None:
-                merged = {k: v for k, v in s.labels if k not in ("site", "node")}
-                merged["__name__"] = s.name
-                merged["site"] = site
-                merged["node"] = node
-                encoded_labels = labels_cache[key] = proto.encode_labels(sorted(merged.items()))
+                encoded_labels = labels_cache[key] = merged_labels(site, node, s.name, s.labels)
             out.append((s.name, proto.encode_timeseries(encoded_labels, s.timestamps_ms, s.values), len(s.values)))
         return Encoded(rowid, out, reserved=reserved)
+
+    def encode_columns(self, rowid: int, site: str, node: str, table: wire.SeriesTable, columns: Columns) -> Encoded:
+        """A v2 batch from its columns: the same fields, byte for byte, as `encode_series`
+        gives for the same series, made by array operations."""
+        labels = self.labels_of(table, site, node)
+        index, starts = columns.index, columns.starts
+        timestamps, values = columns.timestamps_ms, columns.values
+        counts = np.diff(starts)
+        is_reserved = labels.reserved[index]
+        reserved = 0
+        if is_reserved.any():  # a node must not speak for the collector
+            reserved = int(counts[is_reserved].sum())
+            kept = ~is_reserved
+            points_kept = np.repeat(kept, counts)
+            timestamps, values = timestamps[points_kept], values[points_kept]
+            index, counts = index[kept], counts[kept]
+            starts = np.zeros(index.size + 1, dtype=np.int64)
+            np.cumsum(counts, out=starts[1:])
+        fields = proto.encode_timeseries_columns(labels.blob, labels.starts[index], labels.ends[index], starts,
+                                                 timestamps, values)
+        # Indices rise without repeats, so a batch of as many series as its table has them all.
+        names = labels.names if index.size == len(labels.names) else [labels.names[i] for i in index.tolist()]
+        counts_list: list[int] = counts.tolist()
+        return Encoded(rowid, list(zip(names, fields, counts_list, strict=True)), reserved=reserved)
+
+    def labels_of(self, table: wire.SeriesTable, site: str, node: str) -> TableLabels:
+        """The table's labels as forwarded for this node: cached, the least recently used
+        going first beyond LABEL_TABLES_MAX tables or LABEL_TABLE_BYTES_MAX bytes."""
+        key = (table.id, site, node)
+        cache = self.table_labels
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+            return hit
+        built = cache[key] = TableLabels.build(table, site, node)
+        self.table_label_bytes += built.nbytes
+        # The entry just added stays, whatever its size: its batch is being encoded.
+        while len(cache) > 1 and (len(cache) > LABEL_TABLES_MAX or self.table_label_bytes > LABEL_TABLE_BYTES_MAX):
+            self.table_label_bytes -= cache.popitem(last=False)[1].nbytes
+        return built
 
 
 # ---------------------------------------------------------------- the HTTP side

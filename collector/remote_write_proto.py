@@ -13,6 +13,10 @@ a protobuf message object per sample is out of the question. Instead:
   segment path) or, for long uniform batches, with eight strided slice
   assignments (the column path). Batches mixing +0.0 with other values, which
   proto3 encodes with differently shaped samples, take a per-sample loop;
+* a whole decoded batch of columns (wire v2: every series' points back to back
+  in one timestamp and one value array) becomes its `timeseries` fields at once
+  (`encode_timeseries_columns`), with array operations and no Python step per
+  series or per sample but the final cut into one bytes object per series;
 * a request body is the plain concatenation of such fields
   (`encode_write_request`), then raw-snappy compressed (`compress`).
 
@@ -35,6 +39,8 @@ from types import MappingProxyType
 from typing import Final, TypeVar
 
 import cramjam
+import numpy as np
+import numpy.typing as npt
 
 from collector.prompb import remote_write_pb2
 
@@ -52,6 +58,11 @@ REMOTE_WRITE_HEADERS: Final[Mapping[str, str]] = MappingProxyType(
 # A guard against a forged snappy length preamble making decompress allocate
 # gigabytes; real requests are a few MiB (receivers cap them around 32 MiB).
 DEFAULT_MAX_DECOMPRESSED: Final = 64 << 20
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+_U64_ARRAY = npt.NDArray[np.uint64]
+_U8_ARRAY = npt.NDArray[np.uint8]
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -315,6 +326,194 @@ def encode_timeseries(labels_bytes: bytes, timestamps_ms: Sequence[int], values:
     except struct.error as exc:
         raise ValueError(f"timestamps must be int64 milliseconds and values floats: {exc}") from None
     return b"".join((_TAG_TIMESERIES, _uvarint(len(labels_bytes) + len(samples)), labels_bytes, samples))
+
+
+# A uvarint of n takes k + 1 bytes from n >= 2**(7k) on: the thresholds for k = 1..9.
+_UVARINT_STEPS: Final = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
+_VALUE_BYTES: Final = np.arange(8, dtype=np.int64)
+_PARTS: Final = np.array([0, 1, 2], dtype=np.uint8)  # a field's head, labels, samples
+_PICKED: Final = np.array([False, True])  # a gap, then a slice
+
+
+def _uvarint_lens(n: _U64_ARRAY) -> I64:
+    lens: I64 = np.searchsorted(_UVARINT_STEPS, n, side="right").astype(np.int64) + 1
+    return lens
+
+
+def _uvarint_group(n: _U64_ARRAY, k: int, more: bool | npt.NDArray[np.bool_]) -> _U8_ARRAY:
+    """Byte k of each n's uvarint: its 7-bit group k, with the continuation bit where `more`."""
+    group: _U8_ARRAY = ((n >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
+    if more is True:
+        group |= np.uint8(0x80)
+    elif more is not False:
+        group[more] |= np.uint8(0x80)
+    return group
+
+
+def _put_uvarints(out: _U8_ARRAY, at: I64, n: _U64_ARRAY, lens: I64) -> None:
+    """Write each n[i] as a uvarint of lens[i] bytes at out[at[i]:]: all first bytes, then all
+    second bytes, and so on."""
+    if not n.size:
+        return
+    longest = int(lens.max())
+    uniform = int(lens.min()) == longest
+    for k in range(longest):
+        if uniform:
+            out[at + k] = _uvarint_group(n, k, k < longest - 1)
+        else:
+            live = lens > k
+            out[at[live] + k] = _uvarint_group(n[live], k, lens[live] > k + 1)
+
+
+def _uvarint_rows(rows: _U8_ARRAY, n: _U64_ARRAY) -> None:
+    """Each n[i] as a uvarint filling row i of `rows` (as many columns as every n's uvarint has bytes)."""
+    width = rows.shape[1]
+    for k in range(width):
+        rows[:, k] = _uvarint_group(n, k, k < width - 1)
+
+
+def _samples(stamps: _U64_ARRAY, bits: _U64_ARRAY) -> tuple[_U8_ARRAY, I64]:
+    """Every Sample submessage (tag, length, body) back to back, and where each starts (plus the end).
+
+    proto3 leaves out a value whose bits are +0.0's and a timestamp of 0. When every sample
+    has the same layout (values sent, timestamps of one varint length: the usual batch) the
+    samples are the rows of one 2-D array, written a column at a time."""
+    points = stamps.size
+    with_value = bits != 0
+    with_stamp = stamps != 0
+    stamp_lens = _uvarint_lens(stamps)
+    if points and with_value.all() and with_stamp.all() and int(stamp_lens.min()) == int(stamp_lens.max()):
+        width = 12 + int(stamp_lens[0])  # tag, length, 0x09 + 8 bytes, 0x10 + varint
+        rows = np.empty((points, width), dtype=np.uint8)
+        rows[:, 0] = 0x12
+        rows[:, 1] = width - 2
+        rows[:, 2] = 0x09
+        rows[:, 3:11] = bits.astype("<u8", copy=False).view(np.uint8).reshape(points, 8)
+        rows[:, 11] = 0x10
+        _uvarint_rows(rows[:, 12:], stamps)
+        return rows.reshape(-1), np.arange(points + 1, dtype=np.int64) * width
+    stamp_lens = np.where(with_stamp, stamp_lens, 0)
+    bodies = 9 * with_value + (stamp_lens + with_stamp)  # at most 9 + 11: its length takes one byte
+    bounds = np.zeros(points + 1, dtype=np.int64)
+    np.cumsum(bodies + 2, out=bounds[1:])
+    out = np.empty(int(bounds[-1]), dtype=np.uint8)
+    at = bounds[:-1]
+    out[at] = 0x12
+    out[at + 1] = bodies.astype(np.uint8)
+    value_at = at[with_value] + 2
+    out[value_at] = 0x09
+    out[(value_at + 1)[:, None] + _VALUE_BYTES] = (
+        bits[with_value].astype("<u8", copy=False).view(np.uint8).reshape(-1, 8))
+    stamp_at = at[with_stamp] + 2 + 9 * with_value[with_stamp]
+    out[stamp_at] = 0x10
+    _put_uvarints(out, stamp_at + 1, stamps[with_stamp], stamp_lens[with_stamp])
+    return out, bounds
+
+
+def _heads(inner: I64) -> tuple[_U8_ARRAY, I64]:
+    """Each field's head back to back (the WriteRequest.timeseries tag and the uvarint of its
+    length), and each head's length."""
+    n = inner.astype(np.uint64)
+    lens = _uvarint_lens(n)
+    if int(lens.min()) == int(lens.max()):
+        rows = np.empty((n.size, 1 + int(lens[0])), dtype=np.uint8)
+        rows[:, 0] = 0x0A
+        _uvarint_rows(rows[:, 1:], n)
+        return rows.reshape(-1), lens + 1
+    bounds = np.zeros(n.size + 1, dtype=np.int64)
+    np.cumsum(1 + lens, out=bounds[1:])
+    out = np.empty(int(bounds[-1]), dtype=np.uint8)
+    out[bounds[:-1]] = 0x0A
+    _put_uvarints(out, bounds[:-1] + 1, n, lens)
+    return out, lens + 1
+
+
+def _gather(blob: _U8_ARRAY, starts: I64, ends: I64) -> _U8_ARRAY:
+    """blob[starts[0]:ends[0]], blob[starts[1]:ends[1]], ... back to back (at least one slice)."""
+    lens = ends - starts
+    if np.array_equal(starts[1:], ends[:-1]):  # one run: the usual batch
+        return blob[int(starts[0]):int(ends[-1])]
+    gaps = starts - np.concatenate((np.zeros(1, dtype=np.int64), ends[:-1]))
+    if int(gaps.min()) >= 0:  # in order, not overlapping: one mask over the blob picks them
+        spans = np.empty(2 * starts.size, dtype=np.int64)
+        spans[0::2], spans[1::2] = gaps, lens
+        picked = np.broadcast_to(_PICKED, (starts.size, 2)).reshape(-1).repeat(spans)
+        in_order: _U8_ARRAY = blob[:int(ends[-1])][picked]
+        return in_order
+    total = int(lens.sum())
+    within = np.arange(total, dtype=np.int64)
+    any_order: _U8_ARRAY = blob[within + np.repeat(starts - (np.cumsum(lens) - lens), lens)]
+    return any_order
+
+
+def encode_timeseries_columns(
+    labels: bytes, label_starts: I64, label_ends: I64, starts: I64, timestamps_ms: I64, values: F64
+) -> list[bytes]:
+    """Each series' complete WriteRequest `timeseries` field, for a batch held as columns.
+
+    Series i's labels are `labels[label_starts[i]:label_ends[i]]` (what
+    `encode_labels` gave for it; any slices of one bytes object, in any order,
+    though slices in rising order are cheapest); its points are
+    `timestamps_ms[starts[i]:starts[i + 1]]` and the `values` there (int64 ms
+    and float64; `starts` has one more entry than there are series, the last
+    being the number of points).
+
+    Contract: element i is byte for byte `encode_timeseries(labels_i, ts_i,
+    values_i)`, hence what protobuf's serializer writes. The proto3 rules
+    apply per sample: the value (tag 0x09 and 8 little-endian bytes) is left
+    out when its bits are +0.0's, so -0.0 and every NaN payload are sent; the
+    timestamp (tag 0x10 and the uvarint of the int64 read as u64, so a
+    negative one takes 10 bytes) is left out when 0. Each sample is tag 0x12,
+    a one-byte length and its body; each field is tag 0x0A, the uvarint of
+    the labels' and samples' length, the labels, the samples. A series
+    without points gives a field of its labels alone.
+
+    Heads, labels and samples are each written back to back by array
+    operations (a column at a time where every sample has the same layout),
+    then interleaved into one buffer by masks; only the cut into one bytes
+    object per series is a step per series.
+    """
+    starts = np.asarray(starts, dtype=np.int64)
+    label_starts = np.asarray(label_starts, dtype=np.int64)
+    label_ends = np.asarray(label_ends, dtype=np.int64)
+    if timestamps_ms.dtype != np.int64 or values.dtype != np.float64:
+        raise ValueError(f"timestamps must be int64 and values float64, not {timestamps_ms.dtype}/{values.dtype}")
+    points = int(values.size)
+    m = int(starts.size) - 1
+    if m < 0 or timestamps_ms.size != points or label_starts.size != m or label_ends.size != m:
+        raise ValueError(f"{m + 1} starts, {label_starts.size}/{label_ends.size} label bounds, "
+                         f"{timestamps_ms.size} timestamps and {points} values do not describe one batch")
+    counts = np.diff(starts)
+    label_lens = label_ends - label_starts
+    if m and (int(starts[0]) != 0 or int(starts[-1]) != points or int(counts.min()) < 0
+              or int(label_lens.min()) < 0 or int(label_starts.min()) < 0 or int(label_ends.max()) > len(labels)):
+        raise ValueError("starts must rise from 0 to the number of points, and label bounds lie inside labels")
+    if not m:
+        return []
+
+    stamps = np.ascontiguousarray(timestamps_ms).view(np.uint64)  # two's complement, as protobuf sends int64
+    samples, sample_bounds = _samples(stamps, np.ascontiguousarray(values).view(np.uint64))
+    samples_lens = np.diff(sample_bounds[starts])
+    inner = label_lens + samples_lens
+    heads, head_lens = _heads(inner)
+    label_bytes = _gather(np.frombuffer(labels, dtype=np.uint8), label_starts, label_ends)
+
+    # Interleave: series i is its head, its labels, its samples.
+    spans = np.empty(3 * m, dtype=np.int64)
+    spans[0::3] = head_lens
+    spans[1::3] = label_lens
+    spans[2::3] = samples_lens
+    part = np.broadcast_to(_PARTS, (m, 3)).reshape(-1).repeat(spans)
+    out = np.empty(part.size, dtype=np.uint8)
+    out[part == 0] = heads
+    out[part == 1] = label_bytes
+    out[part == 2] = samples
+
+    buf = out.tobytes()
+    field_bounds = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(head_lens + inner, out=field_bounds[1:])
+    bounds = field_bounds.tolist()
+    return [buf[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def encode_write_request(timeseries: Iterable[bytes]) -> bytes:

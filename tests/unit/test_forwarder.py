@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import struct
+import tempfile
 import time
 from email.utils import formatdate
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 import wire
@@ -14,6 +18,7 @@ from collector import remote_write as rw
 from collector import trust
 from collector.ledger import IntervalSet, Ledger, Submission
 from tests.unit.test_ledger import NODE, SITE, Chain
+from tests.unit.test_wire_v2 import series_lists
 
 
 @pytest.mark.parametrize(
@@ -263,3 +268,131 @@ def test_the_collector_s_own_names_are_never_forwarded_for_a_node(ledger: Ledger
     # site and node come from the verified header, whatever the batch said.
     assert dict(labels) == {"__name__": "node_load1", "site": SITE, "node": NODE}
     assert points == [(1000, 0.5), (2000, 1.5)]
+
+
+# ---------------------------------------------------------------- wire v2: encoded from columns
+
+
+def _commit_v2(ledger: Ledger, batches: list[list[wire.Series]]) -> tuple[list[int], list[list[wire.Series]]]:
+    """Sign each batch as an agent does in wire v2 (its table sent with it) and commit it, as
+    ingest does: the batches' row ids, and their series in the order the batches hold them
+    (by table index)."""
+    key = SigningKey.generate()
+    record = trust.enroll(ledger.conn, SITE, NODE, bytes(key.verify_key))
+    chain = Chain(key)
+    builder = wire.TableBuilder(zstd_level=1)
+    tables = wire.MemoryTables()
+    in_order = []
+    for seq, series in enumerate(batches, start=1):
+        table, placed = builder.place(series)
+        in_order.append([s for _, s in placed])
+        chain.frames[seq] = wire.sign_batch(wire.prepare_columns(table, placed, 1, T0), chain._ctx(seq))
+        opened = wire.open_batch(chain.frames[seq], lambda k: trust.lookup(ledger.conn, k), wire.OpenLimits(),
+                                 series_tables=tables, attached_table=table.blob)
+        assert isinstance(opened, wire.VerifiedBatch), opened
+        (outcome,) = ledger.commit([Submission(opened.frame, record, time.time(), table=opened.table)])
+        assert outcome.result == "accepted", outcome
+    return [r[0] for r in ledger.conn.execute("SELECT rowid FROM batches ORDER BY seq")], in_order
+
+
+def _by_series_path(ledger: Ledger, rowid: int) -> rw.Encoded:
+    """The batch as the forwarder encoded every batch before wire v2 had its columns path:
+    opened to wire.Series, then one encode_timeseries per series."""
+    (frame,) = ledger.conn.execute("SELECT frame FROM batches WHERE rowid = ?", (rowid,)).fetchone()
+    encoder = rw.Encoder(ledger.conn, wire.OpenLimits())
+    opened = wire.open_batch(bytes(frame), encoder.keys, encoder.limits, series_tables=encoder.series_tables)
+    assert isinstance(opened, wire.VerifiedBatch) and opened.columns is not None and opened.series
+    return encoder.encode_series(rowid, opened.header.site, opened.header.node, opened.series)
+
+
+def _bodies(encoded: list[rw.Encoded], budget: int) -> list[bytes]:
+    return [rw.proto.encode_write_request([s for _, s, _ in q.series])
+            for q in rw.requests_for(encoded, lambda name: True, budget)]
+
+
+def _f64_bits(value: float) -> int:
+    return int(struct.unpack("<Q", struct.pack("<d", value))[0])
+
+
+T0 = 1_700_000_000_000
+SPECIAL = wire.Series("node_special", (("site", "elsewhere"), ("node", "x"), ("zone", "a")), wire.MetricType.GAUGE,
+                      (T0, T0 + 1, T0 + 2, T0 + 3, T0 + 4),
+                      (0.0, -0.0, float("inf"), struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000002))[0], 1.5))
+RESERVED = wire.Series("waystation_remote_write_lag_seconds", (("target", "vm"),), wire.MetricType.GAUGE,
+                       (T0, T0 + 1), (0.0, 1.0))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(series_lists(), min_size=1, max_size=3), st.integers(1, 40))
+def test_a_v2_batch_gives_the_very_requests_the_series_path_gave(batches: list[list[wire.Series]], budget: int) -> None:
+    batches = [[*b[:2], SPECIAL, *b[2:], RESERVED] for b in batches]
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger = Ledger(Path(tmp) / "ledger.db")
+        try:
+            rowids, batches = _commit_v2(ledger, batches)
+            encoder = rw.Encoder(ledger.conn, wire.OpenLimits())
+            encoded = [encoder.encoded(r) for r in rowids]
+            old = [_by_series_path(ledger, r) for r in rowids]
+            assert encoded == old  # names, field bytes, samples, reserved: all of them, byte for byte
+            assert _bodies(encoded, budget) == _bodies(old, budget)
+            for enc, series in zip(encoded, batches, strict=True):
+                assert enc.reserved == len(RESERVED.values) and not enc.problem
+                decoded = rw.proto.decode_write_request(rw.proto.encode_write_request([f for _, f, _ in enc.series]))
+                sent = [s for s in series if s is not RESERVED]
+                assert [n for n, _, _ in enc.series] == [s.name for s in sent]
+                for (labels, points), s in zip(decoded, sent, strict=True):
+                    want = {k: v for k, v in s.labels if k not in ("site", "node")}
+                    assert dict(labels) == {**want, "__name__": s.name, "site": SITE, "node": NODE}
+                    assert [t for t, _ in points] == list(s.timestamps_ms)
+                    assert [_f64_bits(v) for _, v in points] == [_f64_bits(v) for v in s.values]
+        finally:
+            ledger.close()
+
+
+def test_v2_label_caches_stay_bounded_and_right(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each batch brings a new table (a fresh builder per batch): one cache entry each.
+    builder_per_batch = [[wire.Series(f"m{i}_{j}", (("i", str(j)),), wire.MetricType.GAUGE, (T0 + i,), (float(j),))
+                          for j in range(20)] for i in range(6)]
+    key = SigningKey.generate()
+    record = trust.enroll(ledger.conn, SITE, NODE, bytes(key.verify_key))
+    chain = Chain(key)
+    for seq, series in enumerate(builder_per_batch, start=1):
+        table, placed = wire.TableBuilder(zstd_level=1).place(series)
+        chain.frames[seq] = wire.sign_batch(wire.prepare_columns(table, placed, 1, T0), chain._ctx(seq))
+        opened = wire.open_batch(chain.frames[seq], lambda k: trust.lookup(ledger.conn, k), wire.OpenLimits(),
+                                 attached_table=table.blob, series_tables=wire.MemoryTables())
+        assert isinstance(opened, wire.VerifiedBatch)
+        ledger.commit([Submission(opened.frame, record, time.time(), table=opened.table)])
+    rowids = [r[0] for r in ledger.conn.execute("SELECT rowid FROM batches ORDER BY seq")]
+    encoder = rw.Encoder(ledger.conn, wire.OpenLimits())
+    one_table = encoder.labels_of(encoder.series_tables.get(SITE, NODE, wire.table_id(
+        ledger.conn.execute("SELECT blob FROM series_tables LIMIT 1").fetchone()[0])) or pytest.fail(), SITE, NODE)
+    monkeypatch.setattr(rw, "LABEL_TABLES_MAX", 3)
+    monkeypatch.setattr(rw, "LABEL_TABLE_BYTES_MAX", 2 * one_table.nbytes + 1)
+    for _ in range(2):
+        for r in rowids:
+            encoder.cache.clear()
+            assert encoder.encoded(r) == _by_series_path(ledger, r)
+            assert len(encoder.table_labels) <= 2
+            assert encoder.table_label_bytes == sum(t.nbytes for t in encoder.table_labels.values())
+    monkeypatch.setattr(rw, "LABEL_TABLE_BYTES_MAX", 1)  # the entry being used stays, whatever its size
+    encoder.cache.clear()
+    assert encoder.encoded(rowids[0]) == _by_series_path(ledger, rowids[0])
+    assert len(encoder.table_labels) == 1
+
+
+def test_a_v1_batch_still_takes_the_series_path(ledger: Ledger) -> None:
+    _fill(ledger, 1)
+    encoder = rw.Encoder(ledger.conn, wire.OpenLimits())
+    enc = encoder.encoded(1)
+    assert [name for name, _, _ in enc.series] == ["node_load1", "waystation_agent_spool_pending_batches"]
+    assert not encoder.table_labels and len(encoder.labels) == 2
+
+
+def test_a_v2_batch_of_no_series_or_only_reserved_ones_sends_nothing(ledger: Ledger) -> None:
+    rowids, _ = _commit_v2(ledger, [[RESERVED], [], [RESERVED, SPECIAL]])
+    encoder = rw.Encoder(ledger.conn, wire.OpenLimits())
+    assert [(e.series, e.reserved, e.problem) for e in map(encoder.encoded, rowids[:2])] == [([], 2, ""), ([], 0, "")]
+    last = encoder.encoded(rowids[2])
+    assert [name for name, _, n in last.series] == ["node_special"] and last.reserved == 2
+    assert last == _by_series_path(ledger, rowids[2])

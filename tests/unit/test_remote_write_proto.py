@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import cramjam
+import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.internal import api_implementation
@@ -191,6 +192,144 @@ def test_sample_fields_are_not_packed_and_field_order_is_by_number() -> None:
 def test_many_series_keep_their_order() -> None:
     series = [([("__name__", f"m{i:03d}"), ("i", str(i))], [NOW_MS + i] * 3, [float(i)] * 3) for i in range(50)]
     _assert_round_trip(series)
+
+
+# --- whole batches from columns (wire v2) ------------------------------------
+
+Batch = list[tuple[bytes, list[int], list[float]]]  # (encoded labels, timestamps, values) per series
+
+
+@st.composite
+def column_batches(draw: st.DrawFn) -> Batch:
+    """Series of a batch as the forwarder meets them: often sharing one timestamp column
+    (a scrape), sometimes anything, values of every bit pattern; 1 point and many; empty."""
+    shared = draw(st.lists(st.one_of(boundary_ts, any_int64), min_size=1, max_size=70)) if draw(st.booleans()) else None
+    out: Batch = []
+    for _ in range(draw(st.integers(0, 8))):
+        labels = rw.encode_labels(draw(labels_st))
+        if shared is not None and draw(st.booleans()):
+            timestamps = shared
+        else:
+            n = draw(st.sampled_from([0, 1, 1, 2, 60]) | st.integers(0, 80))
+            start = draw(st.integers(-(2**63), 2**63 - 1 - 1000 * n))
+            step = draw(st.sampled_from([0, 1, 1000]))
+            # mixed varint lengths within a series, or all one length
+            timestamps = draw(st.lists(st.one_of(boundary_ts, any_int64), min_size=n, max_size=n)
+                              | st.just([start + i * step for i in range(n)]))
+        kind = draw(st.sampled_from(["any", "all sent", "zeros"]))
+        if kind == "zeros":
+            values = [draw(st.sampled_from([0.0, -0.0])) for _ in timestamps]
+        else:
+            values = draw(st.lists(values_el, min_size=len(timestamps), max_size=len(timestamps)))
+            if kind == "all sent":
+                values = [v if _bits(v) else 2.5 for v in values]
+        out.append((labels, list(timestamps), values))
+    return out
+
+
+def _columns_args(batch: Batch, layout: str, rng: Any) -> tuple[bytes, Any, Any, Any, Any, Any]:
+    """The batch as encode_timeseries_columns takes it, its labels laid out in one bytes
+    object: back to back in series order, in order with junk between, or in any order."""
+    order = list(range(len(batch)))
+    if layout == "any order":
+        rng.shuffle(order)
+    blob = b""
+    label_starts = [0] * len(batch)
+    label_ends = [0] * len(batch)
+    for i in order:
+        if layout != "back to back":
+            blob += b"\xff" * rng.randint(0, 3)
+        label_starts[i] = len(blob)
+        blob += batch[i][0]
+        label_ends[i] = len(blob)
+    starts = np.zeros(len(batch) + 1, dtype=np.int64)
+    np.cumsum([len(ts) for _, ts, _ in batch], out=starts[1:])
+    timestamps = np.array([t for _, ts, _ in batch for t in ts], dtype=np.int64)
+    values = np.array([_bits(v) for _, _, vs in batch for v in vs], dtype=np.uint64).view(np.float64)
+    bounds = np.array(label_starts, dtype=np.int64), np.array(label_ends, dtype=np.int64)
+    return blob, *bounds, starts, timestamps, values
+
+
+@settings(max_examples=200, deadline=None)
+@given(column_batches(), st.sampled_from(["back to back", "in order", "any order"]), st.randoms(use_true_random=False))
+def test_columns_give_each_series_the_very_bytes_of_encode_timeseries(batch: Batch, layout: str, rng: Any) -> None:
+    got = rw.encode_timeseries_columns(*_columns_args(batch, layout, rng))
+    assert len(got) == len(batch)
+    for field, (labels, timestamps, values) in zip(got, batch, strict=True):
+        assert field == rw.encode_timeseries(labels, timestamps, values)
+
+
+def test_columns_special_values_and_timestamps_exact_bytes() -> None:
+    labels = rw.encode_labels([("__name__", "up")])
+    timestamps = [0, 1, -1, 127, 128, 2**63 - 1, -(2**63), NOW_MS]
+    values = [0.0, -0.0, math.inf, _float(STALE_NAN_BITS), _float(0xFFF8000000000001), 5e-324, 0.0, 1.5]
+    batch: Batch = [(labels, timestamps, values), (labels, [], []), (b"", [NOW_MS], [0.0])]
+    got = rw.encode_timeseries_columns(*_columns_args(batch, "back to back", None))
+    assert got == [rw.encode_timeseries(*series) for series in batch]
+    # Written out by hand: +0.0 at timestamp 0 is an empty Sample, -0.0 is sent, a negative
+    # timestamp takes 10 bytes.
+    samples = b"".join(_sample_by_hand(t, v) for t, v in zip(timestamps, values, strict=True))
+    assert _sample_by_hand(0, 0.0) == b"\x12\x00"
+    assert _sample_by_hand(1, -0.0) == b"\x12\x0b\x09" + struct.pack("<d", -0.0) + b"\x10\x01"
+    assert _sample_by_hand(-1, 1.0)[-11:] == b"\x10" + b"\xff" * 9 + b"\x01"
+    assert got[0] == b"\x0a" + _uvarint_by_hand(len(labels) + len(samples)) + labels + samples
+    assert got[1] == b"\x0a" + bytes([len(labels)]) + labels
+    assert got[2] == b"\x0a\x09\x12\x07\x10" + _uvarint_by_hand(NOW_MS)
+
+
+def _uvarint_by_hand(n: int) -> bytes:
+    out = b""
+    while n > 0x7F:
+        out += bytes([(n & 0x7F) | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
+def _sample_by_hand(timestamp: int, value: float) -> bytes:
+    body = b""
+    if _bits(value):
+        body += b"\x09" + struct.pack("<d", value)
+    if timestamp:
+        body += b"\x10" + _uvarint_by_hand(timestamp & (2**64 - 1))
+    return b"\x12" + bytes([len(body)]) + body
+
+
+def test_columns_take_strided_views_and_long_fields() -> None:
+    labels = rw.encode_labels([("__name__", "x" * 300), ("job", "y" * 20_000)])  # a 3-byte field length
+    timestamps = np.arange(NOW_MS, NOW_MS + 2 * 200 * 15_000, 15_000, dtype=np.int64)[::2]
+    values = np.linspace(-1.0, 1.0, 400)[::2]
+    starts = np.array([0, 100, 200], dtype=np.int64)
+    n = len(labels)
+    got = rw.encode_timeseries_columns(labels * 2, np.array([0, n]), np.array([n, 2 * n]), starts, timestamps, values)
+    assert got == [rw.encode_timeseries(labels, timestamps[a:b].tolist(), values[a:b].tolist())
+                   for a, b in ((0, 100), (100, 200))]
+
+
+@pytest.mark.parametrize(
+    ("label_bounds", "starts", "timestamps", "values"),
+    [
+        (([0], [2]), [0, 1], np.array([1.0]), np.array([1.0])),  # float timestamps
+        (([0], [2]), [0, 1], np.array([1]), np.array([1], dtype=np.int64)),  # int values
+        (([0], [2]), [0, 2], np.array([1]), np.array([1.0])),  # more points named than given
+        (([0], [2]), [1, 1], np.array([1]), np.array([1.0])),  # not from 0
+        (([0], [9]), [0, 1], np.array([1]), np.array([1.0])),  # labels past the bytes
+        (([1], [0]), [0, 1], np.array([1]), np.array([1.0])),  # labels ending before they start
+        (([0, 0], [2, 2]), [0, 1], np.array([1]), np.array([1.0])),  # label bounds for two series, one series
+        (([], []), [], np.array([], dtype=np.int64), np.array([])),  # no starts at all
+    ],
+)
+def test_columns_refuse_what_does_not_describe_one_batch(
+    label_bounds: tuple[list[int], list[int]], starts: list[int], timestamps: Any, values: Any
+) -> None:
+    with pytest.raises(ValueError):
+        rw.encode_timeseries_columns(b"ab", np.array(label_bounds[0], dtype=np.int64),
+                                     np.array(label_bounds[1], dtype=np.int64), np.array(starts, dtype=np.int64),
+                                     timestamps, values)
+
+
+def test_columns_of_no_series_give_nothing() -> None:
+    empty = np.zeros(0, dtype=np.int64)
+    assert rw.encode_timeseries_columns(b"", empty, empty, np.zeros(1, dtype=np.int64), empty, np.zeros(0)) == []
 
 
 @pytest.fixture

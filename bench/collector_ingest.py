@@ -221,6 +221,12 @@ def ingest_run(nodes: list[tuple[str, list[bytes]]], senders: int, total_samples
                 forwarder = kids[0] if kids else None
                 time.sleep(0.1)
             assert forwarder is not None, "the forwarder child did not start"
+            # Its start-up (imports, TLS context) is not forwarding: the baseline is read once
+            # its CPU stops rising (at most 30 s).
+            settled, last = time.monotonic() + 30, -1.0
+            while time.monotonic() < settled and _cpu(forwarder) != last:
+                last = _cpu(forwarder)
+                time.sleep(0.5)
         # Each sender takes whole nodes so every node's batches arrive in chain order.
         per_sender: list[list[bytes]] = [[] for _ in range(senders)]
         for i, (_, frames) in enumerate(nodes):

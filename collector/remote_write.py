@@ -958,8 +958,13 @@ class ForwardingMetrics(Collector):
                 retries.add_metric([t, reason], n)
             if row is not None and row[4] is not None:
                 success.add_metric([t], row[4])
-            pending.add_metric([t], row[5] if row else 0)
-            oldest = row[6] if row else None
+            if row is not None:
+                backlog, oldest = row[5], row[6]
+            else:
+                # No forwarder has saved this target's state yet (a target just added, a
+                # forwarder that never lived through its first save): it has nothing.
+                backlog, oldest = pending_stats(self.conn, IntervalSet())
+            pending.add_metric([t], backlog)
             lag.add_metric([t], max(0.0, now - oldest / 1000) if oldest is not None else 0.0)
             g = gone.get(t)
             expired_b.add_metric([t], g[1] if g else 0)

@@ -61,10 +61,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="replace the current pair (batches sealed to it can never be opened again)")
     how.add_argument("--rotate", action="store_true",
                      help="keep the current pair for decryption (collector-keys/) and make a new one")
-    p = command("enroll", "Accept a node's public key (as `waystation-agent keygen` prints it).")
-    p.add_argument("--site", required=True)
-    p.add_argument("--node", required=True)
-    p.add_argument("--key", required=True, help="base64 Ed25519 public key (32 bytes)")
+    p = command("enroll", "Accept a node's public key (as `waystation-agent keygen` prints it), or many.")
+    p.add_argument("--site")
+    p.add_argument("--node")
+    p.add_argument("--key", help="base64 Ed25519 public key (32 bytes)")
+    p.add_argument("--from", dest="from_file", type=Path, metavar="FILE",
+                   help="enroll every node in FILE at once (one transaction): a line per node, "
+                        "`SITE NODE KEY` or the command `waystation-agent keygen` printed; '-' reads stdin")
     p = command("revoke", "Revoke every key of a node; its batches are refused from now on.")
     p.add_argument("--node", required=True)
     p.add_argument("--site", help="needed when the node name exists in several sites")
@@ -483,6 +486,39 @@ def _provenance(config: CollectorConfig, args: argparse.Namespace) -> int:
     return EXIT_OK if search.found else EXIT_FAILED
 
 
+def _enroll(config: CollectorConfig, args: argparse.Namespace) -> int:
+    one = (args.site, args.node, args.key)
+    if (args.from_file is None) == (None in one) or (args.from_file is not None and any(one)):
+        print("waystation-collector enroll: give --site, --node and --key, or --from FILE", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.from_file is not None:
+            text = sys.stdin.read() if str(args.from_file) == "-" else args.from_file.read_text()
+            entries = [(site, node, key) for _, site, node, key in trust.parse_enrollments(text)]
+            if not entries:
+                print(f"waystation-collector enroll: {args.from_file} names no node", file=sys.stderr)
+                return EXIT_USAGE
+        else:
+            entries = [(args.site, args.node, parse_public_key(args.key))]
+    except (ValueError, trust.TrustError, OSError) as exc:
+        print(f"waystation-collector enroll: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    conn = _open_ledger(config, create=True)
+    try:
+        records = trust.enroll_many(conn, entries)
+    except trust.TrustError as exc:
+        print(f"waystation-collector enroll: {exc}" + (" (nothing was enrolled)" if len(entries) > 1 else ""),
+              file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        conn.close()
+    if args.from_file is None:
+        print(f"enrolled key {records[0].key_id.hex()} for {records[0].site}/{records[0].node}")
+    else:
+        print(f"enrolled {len(records)} node keys from {args.from_file}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -518,21 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _keygen(config, args)
 
     if args.command == "enroll":
-        try:
-            public_key = parse_public_key(args.key)
-        except ValueError as exc:
-            print(f"waystation-collector enroll: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        conn = _open_ledger(config, create=True)
-        try:
-            record = trust.enroll(conn, args.site, args.node, public_key)
-        except trust.TrustError as exc:
-            print(f"waystation-collector enroll: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        finally:
-            conn.close()
-        print(f"enrolled key {record.key_id.hex()} for {record.site}/{record.node}")
-        return EXIT_OK
+        return _enroll(config, args)
 
     try:
         conn = _open_ledger(config, create=False)

@@ -7,12 +7,15 @@ the key up per request (one primary-key read on its own WAL connection).
 
 from __future__ import annotations
 
+import shlex
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import wire
+from wire.keys import parse_public_key
 
 KeyState = Literal["enrolled", "revoked", "retired"]
 
@@ -140,40 +143,110 @@ def enroll(
     conn: sqlite3.Connection, site: str, node: str, public_key: bytes, now: float | None = None
 ) -> KeyRecord:
     """Enroll public_key for site/node (its own transaction); re-enrolling re-enables the key."""
-    _check_name("site", site)
-    _check_name("node", node)
-    if len(public_key) != 32:
-        raise TrustError(f"public key must be 32 bytes, got {len(public_key)}")
+    return enroll_many(conn, [(site, node, public_key)], now)[0]
+
+
+def enroll_many(
+    conn: sqlite3.Connection, entries: Sequence[tuple[str, str, bytes]], now: float | None = None
+) -> list[KeyRecord]:
+    """Enroll every (site, node, public key) in one transaction: all of them or, on the
+    first TrustError (naming the entry by its position), none."""
+    for site, node, public_key in entries:
+        _check_name("site", site)
+        _check_name("node", node)
+        if len(public_key) != 32:
+            raise TrustError(f"public key must be 32 bytes, got {len(public_key)}")
     now = time.time() if now is None else now
-    kid = wire.key_id(public_key)
     conn.execute("BEGIN IMMEDIATE")
     try:
-        existing = lookup(conn, kid)
-        if existing is not None and (existing.site, existing.node) != (site, node):
-            raise TrustError(
-                f"key {kid.hex()} is already enrolled for {existing.site}/{existing.node}; "
-                "each node needs its own key"
-            )
-        if existing is None:
-            conn.execute(
-                "INSERT INTO keys (key_id, site, node, public_key, state, valid_from_seq, "
-                "valid_through_seq, enrolled_at, changed_at) "
-                "VALUES (?, ?, ?, ?, 'enrolled', 1, NULL, ?, ?)",
-                (kid, site, node, public_key, now, now),
-            )
-        else:
-            conn.execute(
-                "UPDATE keys SET state = 'enrolled', valid_from_seq = 1, valid_through_seq = NULL, "
-                "changed_at = ? WHERE key_id = ?",
-                (now, kid),
-            )
+        for position, (site, node, public_key) in enumerate(entries, 1):
+            kid = wire.key_id(public_key)
+            existing = lookup(conn, kid)
+            if existing is not None and (existing.site, existing.node) != (site, node):
+                where = f" (entry {position})" if len(entries) > 1 else ""
+                raise TrustError(
+                    f"key {kid.hex()} is already enrolled for {existing.site}/{existing.node}{where}; "
+                    "each node needs its own key"
+                )
+            if existing is None:
+                conn.execute(
+                    "INSERT INTO keys (key_id, site, node, public_key, state, valid_from_seq, "
+                    "valid_through_seq, enrolled_at, changed_at) "
+                    "VALUES (?, ?, ?, ?, 'enrolled', 1, NULL, ?, ?)",
+                    (kid, site, node, public_key, now, now),
+                )
+            else:
+                conn.execute(
+                    "UPDATE keys SET state = 'enrolled', valid_from_seq = 1, valid_through_seq = NULL, "
+                    "changed_at = ? WHERE key_id = ?",
+                    (now, kid),
+                )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    record = lookup(conn, kid)
-    assert record is not None
-    return record
+    records = [lookup(conn, wire.key_id(public_key)) for _, _, public_key in entries]
+    assert all(r is not None for r in records)
+    return cast(list[KeyRecord], records)
+
+
+def parse_enrollments(text: str) -> list[tuple[int, str, str, bytes]]:
+    """(line number, site, node, public key) per line of an enrollment file: either
+    `SITE NODE KEY` or the command `waystation-agent keygen` prints
+    (`waystation-collector enroll --site S --node N --key K`, options in any order, shell
+    quoting allowed); blank lines and `#` comments are skipped. TrustError naming every
+    bad line (up to 20) when any line is bad."""
+    out: list[tuple[int, str, str, bytes]] = []
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as exc:
+            problems.append(f"line {number}: {exc}")
+            continue
+        if not words:
+            continue
+        try:
+            site, node, key_text = _enrollment_words(words)
+            out.append((number, site, node, parse_public_key(key_text)))
+            _check_name("site", site)
+            _check_name("node", node)
+        except (ValueError, TrustError) as exc:
+            problems.append(f"line {number}: {exc}")
+    if problems:
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        raise TrustError("; ".join(problems[:20]) + more)
+    return out
+
+
+def _enrollment_words(words: list[str]) -> tuple[str, str, str]:
+    if "enroll" not in words:
+        if len(words) != 3:
+            raise ValueError(f"expected SITE NODE KEY or an enroll command, got {len(words)} words")
+        return words[0], words[1], words[2]
+    found: dict[str, str] = {}
+    rest = words[words.index("enroll") + 1:]
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        name, eq, value = word.partition("=")
+        if name in ("--site", "--node", "--key"):
+            if not eq:
+                if i + 1 >= len(rest):
+                    raise ValueError(f"{name} without a value")
+                i += 1
+                value = rest[i]
+            found[name] = value
+        elif name.startswith("--"):
+            i += 1 if eq else 2  # another option (--config FILE, --data-dir=D): not ours
+            continue
+        else:
+            raise ValueError(f"unexpected word {word!r} in the enroll command")
+        i += 1
+    missing = [o for o in ("--site", "--node", "--key") if o not in found]
+    if missing:
+        raise ValueError(f"the enroll command lacks {', '.join(missing)}")
+    return found["--site"], found["--node"], found["--key"]
 
 
 def revoke(

@@ -207,10 +207,10 @@ def ingest_run(nodes: list[tuple[str, list[bytes]]], senders: int, total_samples
             config.write_text(f'[[remote_write]]\nname = "vm"\nurl = "http://127.0.0.1:{vm_port}/api/v1/write"\n'
                               f"samples_per_request = {SAMPLES_PER_REQUEST}\n")
             cmd += ["--config", str(config)]
-        for i, (pub, _) in enumerate(nodes):
-            subprocess.run([sys.executable, "-m", "collector", "enroll", "--data-dir",
-                            str(work / "c"), "--site", "bench", "--node", f"node-{i}", "--key", pub],
-                           env=ENV, check=True, capture_output=True)
+        fleet = work / "fleet.txt"
+        fleet.write_text("".join(f"bench node-{i} {pub}\n" for i, (pub, _) in enumerate(nodes)))
+        subprocess.run([sys.executable, "-m", "collector", "enroll", "--data-dir", str(work / "c"), "--from",
+                        str(fleet)], env=ENV, check=True, capture_output=True)
         proc = stack.enter_context(process(cmd, work / "collector.log"))
         wait_http(f"http://127.0.0.1:{port}/healthz")
         forwarder = None

@@ -54,7 +54,11 @@ def load(path: Path) -> SigningKey:
 
 def enroll_command(site: str, node: str, key: SigningKey) -> str:
     pub = bytes(key.verify_key)
-    return f"waystation-collector enroll --site {site} --node {node} --key {public_key_text(pub)}"
+    import shlex  # keygen's alone: the daemon does not load it
+
+    # Quoted for the shell (and for `enroll --from`): a name with a space, quote or # stays whole.
+    site_arg, node_arg = shlex.quote(site), shlex.quote(node)
+    return f"waystation-collector enroll --site {site_arg} --node {node_arg} --key {public_key_text(pub)}"
 
 
 def describe(key: SigningKey) -> str:

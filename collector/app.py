@@ -311,6 +311,7 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         keys.close()
         reader.close()
         ledger.close()
+        gc.unfreeze()  # a process that runs another app after this one collects this one's
 
 
 async def post_batch(request: web.Request) -> web.Response:
@@ -463,8 +464,8 @@ class MalformedHttpLog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
-            return True
+        if not isinstance(exc, HttpProcessingError) or record.levelno < logging.WARNING:
+            return True  # aiohttp logs some at debug on purpose (a first request not HTTP at all)
         self.count += 1
         now = self.clock()
         if now < self.next_at:

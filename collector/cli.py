@@ -488,24 +488,28 @@ def _provenance(config: CollectorConfig, args: argparse.Namespace) -> int:
 
 def _enroll(config: CollectorConfig, args: argparse.Namespace) -> int:
     one = (args.site, args.node, args.key)
-    if (args.from_file is None) == (None in one) or (args.from_file is not None and any(one)):
+    given = [v is not None for v in one]
+    if (args.from_file is None and not all(given)) or (args.from_file is not None and any(given)):
         print("waystation-collector enroll: give --site, --node and --key, or --from FILE", file=sys.stderr)
         return EXIT_USAGE
     try:
         if args.from_file is not None:
             text = sys.stdin.read() if str(args.from_file) == "-" else args.from_file.read_text()
-            entries = [(site, node, key) for _, site, node, key in trust.parse_enrollments(text)]
+            parsed = trust.parse_enrollments(text)
+            entries = [(site, node, key) for _, site, node, key in parsed]
+            where = [f"line {number}" for number, *_ in parsed]
             if not entries:
                 print(f"waystation-collector enroll: {args.from_file} names no node", file=sys.stderr)
                 return EXIT_USAGE
         else:
             entries = [(args.site, args.node, parse_public_key(args.key))]
+            where = []
     except (ValueError, trust.TrustError, OSError) as exc:
         print(f"waystation-collector enroll: {exc}", file=sys.stderr)
         return EXIT_USAGE
     conn = _open_ledger(config, create=True)
     try:
-        records = trust.enroll_many(conn, entries)
+        records = trust.enroll_many(conn, entries, where=where)
     except trust.TrustError as exc:
         print(f"waystation-collector enroll: {exc}" + (" (nothing was enrolled)" if len(entries) > 1 else ""),
               file=sys.stderr)

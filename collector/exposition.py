@@ -142,7 +142,7 @@ class _TableSlots:
     first (the exposition, a save, a snapshot, expiry, a v1 batch of the node), so what a
     reader sees is what applying each batch at once would have made of it."""
 
-    __slots__ = ("entries", "resolved", "pending_ts", "pending_values", "mtypes", "waiting")
+    __slots__ = ("entries", "resolved", "pending_ts", "pending_values", "mtypes", "waiting", "shared")
 
     def __init__(self, size: int, mtypes: Sequence[wire.MetricType]) -> None:
         self.entries: list[_Entry | None] = [None] * size
@@ -151,6 +151,10 @@ class _TableSlots:
         self.pending_values = np.zeros(size, dtype=np.float64)
         self.mtypes = mtypes
         self.waiting = False
+        # Two indices resolved to one entry (an identity twice in the table, or labels that
+        # differ only in order or in site/node): at one time the first point to arrive must
+        # stay, which a flush by index cannot know, so such a table always takes the slow path.
+        self.shared = False
 
 
 @dataclass(eq=False)  # hashed by identity: FleetState._waiting holds them
@@ -300,7 +304,7 @@ class FleetState:
         inside = ts_last[ts_last < horizon]
         if inside.size and int(inside.max()) > newest:
             newest = int(inside.max())
-        if slots.resolved[index].all():
+        if not slots.shared and slots.resolved[index].all():
             if latest.waiting and not slots.waiting:
                 self._flush_node(latest)  # another table's points first, in arrival order
             pending_ts = slots.pending_ts
@@ -343,6 +347,9 @@ class FleetState:
                 resolved[i] = True
             if ts > entry.ts_ms:
                 _take(entry, ts, value, mtypes[i], queue)
+        if not slots.shared:
+            held = [e for e in entries if e is not None]
+            slots.shared = len({id(e) for e in held}) != len(held)
 
     def _arrival(self, latest: _NodeLatest, top: int, newest: int, now: int, arrived: bool) -> None:
         """After a batch (or saved rows) of a node whose newest point is `top`: its arrival
@@ -423,7 +430,9 @@ class FleetState:
         older (series not sent for `keep` epochs: SMART, silent nodes) and what is overdue
         is written, so a save costs the slow series and the expired keys, not the fleet.
         """
-        self._flush()  # points waiting now came from batches before `position`
+        # Waiting points go into the epoch cut here: they came from batches before `position`
+        # or applied while the save flushed in steps (earlier than their batch: written no later).
+        self._flush()
         self._epochs.append((position, set()))
         due = list(self._overdue)
         self._overdue = set()

@@ -147,10 +147,11 @@ def enroll(
 
 
 def enroll_many(
-    conn: sqlite3.Connection, entries: Sequence[tuple[str, str, bytes]], now: float | None = None
+    conn: sqlite3.Connection, entries: Sequence[tuple[str, str, bytes]], now: float | None = None,
+    where: Sequence[str] = (),
 ) -> list[KeyRecord]:
     """Enroll every (site, node, public key) in one transaction: all of them or, on the
-    first TrustError (naming the entry by its position), none."""
+    first TrustError (naming the entry by `where`, e.g. its line, else its position), none."""
     for site, node, public_key in entries:
         _check_name("site", site)
         _check_name("node", node)
@@ -163,9 +164,10 @@ def enroll_many(
             kid = wire.key_id(public_key)
             existing = lookup(conn, kid)
             if existing is not None and (existing.site, existing.node) != (site, node):
-                where = f" (entry {position})" if len(entries) > 1 else ""
+                named = where[position - 1] if position <= len(where) else f"entry {position}"
+                which = f" ({named})" if len(entries) > 1 else ""
                 raise TrustError(
-                    f"key {kid.hex()} is already enrolled for {existing.site}/{existing.node}{where}; "
+                    f"key {kid.hex()} is already enrolled for {existing.site}/{existing.node}{which}; "
                     "each node needs its own key"
                 )
             if existing is None:
@@ -220,6 +222,8 @@ def parse_enrollments(text: str) -> list[tuple[int, str, str, bytes]]:
 
 
 def _enrollment_words(words: list[str]) -> tuple[str, str, str]:
+    if len(words) == 3 and not any(w.startswith("--") for w in words):
+        return words[0], words[1], words[2]  # SITE NODE KEY (a site or node may be named enroll)
     if "enroll" not in words:
         if len(words) != 3:
             raise ValueError(f"expected SITE NODE KEY or an enroll command, got {len(words)} words")
@@ -238,7 +242,8 @@ def _enrollment_words(words: list[str]) -> tuple[str, str, str]:
                 value = rest[i]
             found[name] = value
         elif name.startswith("--"):
-            i += 1 if eq else 2  # another option (--config FILE, --data-dir=D): not ours
+            # Another option (--config FILE, --data-dir=D): not ours; its value, if any.
+            i += 1 if eq or i + 1 >= len(rest) or rest[i + 1].startswith("--") else 2
             continue
         else:
             raise ValueError(f"unexpected word {word!r} in the enroll command")

@@ -42,15 +42,22 @@ def test_a_fleet_file_enrolls_every_node_at_once(tmp_path: Path, capsys: pytest.
     odd = SigningKey.generate()
     lines.append(f"waystation-collector enroll --site s --node {shlex.quote('rack 4 {gpu}')} --key {key_text(odd)}")
     keys[("s", "rack 4 {gpu}")] = odd
+    for site, node in (("s", "it's #2"), ("enroll", "enroll")):  # keygen quotes; a name may be 'enroll'
+        keys[(site, node)] = SigningKey.generate()
+        lines.append(enroll_command(site, node, keys[(site, node)]))
+    keys[("s2", "enroll")] = SigningKey.generate()
+    lines.append(f"s2 enroll {key_text(keys[('s2', 'enroll')])}")
+    lines.append(f"waystation-collector --verbose enroll --debug --site s3 --node n --key "
+                 f"{key_text(keys.setdefault(('s3', 'n'), SigningKey.generate()))}")
     fleet = tmp_path / "fleet.txt"
     fleet.write_text("\n".join(lines) + "\n")
     data = tmp_path / "c"
     assert main(["enroll", "--data-dir", str(data), "--from", str(fleet)]) == EXIT_OK
-    assert f"enrolled 1501 node keys from {fleet}" in capsys.readouterr().out
+    assert f"enrolled {len(keys)} node keys from {fleet}" in capsys.readouterr().out
     assert enrolled(data) == {k: bytes(v.verify_key) for k, v in keys.items()}
     # Again: re-enrolling the same keys changes nothing and is not an error.
     assert main(["enroll", "--data-dir", str(data), "--from", str(fleet)]) == EXIT_OK
-    assert len(enrolled(data)) == 1501
+    assert len(enrolled(data)) == len(keys)
 
 
 def test_a_bad_file_names_every_bad_line_and_enrolls_nothing(
@@ -77,16 +84,17 @@ def test_a_key_already_enrolled_for_another_node_enrolls_none_of_the_file(
     taken = SigningKey.generate()
     assert main(["enroll", "--data-dir", str(data), "--site", "s", "--node", "old", "--key", key_text(taken)]) == 0
     fleet = tmp_path / "fleet.txt"
-    fleet.write_text(f"s a {key_text(SigningKey.generate())}\ns b {key_text(taken)}\n")
+    fleet.write_text(f"# two nodes\n\ns a {key_text(SigningKey.generate())}\ns b {key_text(taken)}\n")
     capsys.readouterr()
     assert main(["enroll", "--data-dir", str(data), "--from", str(fleet)]) == EXIT_FAILED
     err = capsys.readouterr().err
-    assert "already enrolled for s/old (entry 2)" in err and "nothing was enrolled" in err
+    assert "already enrolled for s/old (line 4)" in err and "nothing was enrolled" in err
     assert enrolled(data) == {("s", "old"): bytes(taken.verify_key)}
 
 
 @pytest.mark.parametrize("argv", [
     ["--from", "f.txt", "--site", "s"],
+    ["--from", "f.txt", "--site", ""],
     ["--site", "s", "--node", "n"],
     [],
 ])

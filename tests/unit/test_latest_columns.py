@@ -217,3 +217,30 @@ def test_the_periodic_save_takes_waiting_points_in_steps_the_event_loop_runs_bet
     assert not by_columns._waiting
     assert state(by_columns) == state(by_series)
     ledger.close()
+
+
+def test_a_table_with_one_series_under_two_indices_keeps_the_first_point_to_arrive() -> None:
+    """Labels that differ only in order are two table indices but one series of the latest
+    state: at one timestamp the first point to arrive stays, as apply keeps it, whichever
+    index carried it (a flush by index order would take the other)."""
+    by_series, by_columns = FleetState(1000), FleetState(1000)
+    builder = wire.TableBuilder(1)
+    tables = wire.MemoryTables()
+    first = (("a", "1"), ("b", "2"))
+    again = (("b", "2"), ("a", "1"))
+    steps = [((first, 1.0), (again, 1.5)), ((again, 2.0),), ((first, 3.0),), ((again, 4.0), (first, 5.0))]
+    for seq, step in enumerate(steps, 1):
+        ts = T0 + (seq // 2) * 1000  # batches 2 and 3 share a timestamp
+        series = [wire.Series("m", labels, wire.MetricType.GAUGE, (ts,), (value,)) for labels, value in step]
+        series.append(wire.Series("other", (), wire.MetricType.GAUGE, (ts,), (float(seq),)))
+        table, placed = builder.place(series)
+        frame = wire.sign_batch(wire.prepare_columns(table, placed, 1),
+                                wire.BatchContext(KEY, "s", "n", seq, wire.ZERO_HASH, T0, 0))
+        opened = wire.open_batch(frame, lambda _k: Enrolled(), series_tables=tables, attached_table=table.blob,
+                                 as_series=False)
+        assert isinstance(opened, wire.VerifiedBatch) and opened.columns is not None
+        by_series.apply("s", "n", [s for _, s in placed], now_ms=T0 + 10_000)
+        by_columns.apply_columns("s", "n", opened.columns, now_ms=T0 + 10_000)
+        if seq == 3:
+            assert state(by_columns) == state(by_series)
+    assert state(by_columns) == state(by_series)

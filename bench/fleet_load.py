@@ -75,7 +75,7 @@ from nacl.signing import SigningKey  # noqa: E402
 
 import wire  # noqa: E402
 from bench.common import ENV, free_port, process, wait_http  # noqa: E402
-from collector import ledger, trust  # noqa: E402
+from collector import ledger  # noqa: E402
 from collector.config import LEDGER_FILE, LimitsConfig  # noqa: E402
 from wire.keys import public_key_text  # noqa: E402
 
@@ -225,33 +225,17 @@ def sign_node(i: int, nodes: int, period: float, profile: Profile, seed: int, t0
     return NodePlan(i, period * i / nodes, profile.table, frames)
 
 
-def enroll_fleet(ledger_path: Path, nodes: int, seed: int) -> float:
-    """Enroll every node's key; returns the seconds it took.
-
-    Through collector.trust.enroll, the function `waystation-collector enroll` calls, on one
-    connection: the CLI costs an interpreter start per node (printed beside it). The keys
-    live in the ledger database, which is SQLite, not a file format of its own, so nothing
-    here writes it but the collector's code. synchronous=NORMAL for this connection only:
-    the collector is not running yet, and closing the connection checkpoints the WAL."""
+def enroll_fleet(data_dir: Path, nodes: int, seed: int) -> float:
+    """Enroll every node's key as an operator does, with one `waystation-collector enroll
+    --from FILE` (one transaction); returns the seconds it took, the interpreter's start
+    included."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fleet = data_dir.parent / f"fleet-{nodes}.txt"
+    fleet.write_text("".join(" ".join((*node_name(i), public_key_text(bytes(node_key(seed, i).verify_key)))) + "\n"
+                             for i in range(nodes)))
     t = time.monotonic()
-    conn = ledger.connect(ledger_path, create=True)
-    try:
-        conn.execute("PRAGMA synchronous=NORMAL")
-        for i in range(nodes):
-            site, node = node_name(i)
-            trust.enroll(conn, site, node, bytes(node_key(seed, i).verify_key))
-    finally:
-        conn.close()
-    return time.monotonic() - t
-
-
-def cli_enroll_seconds(workdir: Path, seed: int) -> float:
-    """One `waystation-collector enroll` process, timed, into a scratch data dir."""
-    t = time.monotonic()
-    subprocess.run([sys.executable, "-m", "collector", "enroll", "--data-dir", str(workdir / "cli-enroll"),
-                    "--site", "site-x", "--node", "node-x", "--key",
-                    public_key_text(bytes(node_key(seed, -1).verify_key))],
-                   env=ENV, check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "collector", "enroll", "--data-dir", str(data_dir), "--from", str(fleet)],
+                   env=ENV, check=True, capture_output=True, timeout=600)
     return time.monotonic() - t
 
 
@@ -527,7 +511,7 @@ def run_fleet(nodes: int, batches: int, period: float, profiles: list[Profile], 
     fig = RunFigures(nodes, profiles[0].payloads[0].series_count, period, batches, nodes * batches)
     data_dir = workdir / f"collector-{nodes}"
     ledger_path = data_dir / LEDGER_FILE
-    fig.enroll_s = enroll_fleet(ledger_path, nodes, seed)
+    fig.enroll_s = enroll_fleet(data_dir, nodes, seed)
     say(f"enrolled {nodes} node keys in {fig.enroll_s:.1f} s")
     port = free_port()
     ctx = multiprocessing.get_context("fork")  # the profiles reach the senders without pickling
@@ -745,9 +729,6 @@ def main() -> int:
         f"({profiles[0].payloads[-1].raw_len:,} B raw)")
     with tempfile.TemporaryDirectory(prefix="ws-fleet-") as tmp:
         workdir = Path(tmp)
-        cli_s = cli_enroll_seconds(workdir, args.seed)
-        say(f"`waystation-collector enroll` takes {cli_s:.2f} s a node: {cli_s * args.nodes / 60:.1f} min for "
-            f"{args.nodes} nodes one by one (the bench enrolls through the same function in one process)")
         if not args.step:
             fig = run_fleet(args.nodes, batches, args.period, profiles, args.seed, t0_ms, args.senders, args.procs,
                             workdir, say)

@@ -1340,10 +1340,11 @@ def run_suite(args: argparse.Namespace, say: Callable[[str], None] = print) -> d
     data.mkdir()
     nodes = args.senders * args.lanes
     say(f"work dir {work}; enrolling {nodes} nodes ...")
-    for i in range(nodes):
-        pub = agent_keys.public_key_text(bytes(node_key(args.seed, i).verify_key))
-        subprocess.run([sys.executable, "-m", "collector", "enroll", "--data-dir", str(data), "--site", SITE,
-                        "--node", node_name(i), "--key", pub], env=ENV, check=True, capture_output=True)
+    fleet = work / "fleet.txt"
+    keys = (agent_keys.public_key_text(bytes(node_key(args.seed, i).verify_key)) for i in range(nodes))
+    fleet.write_text("".join(f"{SITE} {node_name(i)} {key}\n" for i, key in enumerate(keys)))
+    subprocess.run([sys.executable, "-m", "collector", "enroll", "--data-dir", str(data), "--from", str(fleet)],
+                   env=ENV, check=True, capture_output=True)
     config = work / "collector.toml"
     config.write_text(f'[limits]\nbody_read_timeout = "{args.body_read_timeout:g}s"\n')
     port = free_port()

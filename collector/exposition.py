@@ -333,6 +333,7 @@ class FleetState:
         names, labels, mtypes = table.names, table.labels, table.mtypes
         entries, resolved = slots.entries, slots.resolved
         by_raw = latest.by_raw
+        resolved_now = False
         for i, ts, value in zip(index.tolist(), ts_last.tolist(), values_last.tolist(), strict=True):
             entry = entries[i]
             if entry is None:
@@ -345,9 +346,10 @@ class FleetState:
                         continue  # refused by a cap: asked again (and counted) next time, as apply does
                 entries[i] = entry
                 resolved[i] = True
+                resolved_now = True
             if ts > entry.ts_ms:
                 _take(entry, ts, value, mtypes[i], queue)
-        if not slots.shared:
+        if resolved_now and not slots.shared:  # only a newly resolved index can share an entry
             held = [e for e in entries if e is not None]
             slots.shared = len({id(e) for e in held}) != len(held)
 

@@ -1,29 +1,28 @@
-"""The fleet's latest state and the prometheus_client collector that exposes it.
+"""The fleet's latest state, its Prometheus text, and the collector of its accounting.
 
-Thread contract: `FleetState` is touched only on the event loop (ingest handlers
-apply accepted batches and ledger outcomes; the /metrics handler calls
-`FleetCollector.collect` through a per-app `CollectorRegistry`, which also records what
-each series last showed; the periodic state save takes the series due and renders them as
-rows there, a chunk at a time).
+Thread contract: `FleetState` is touched only on the event loop (ingest handlers apply
+accepted batches and ledger outcomes; the /metrics handler takes `FleetState.exposition`,
+which also records what each series last showed, and may render the `FleetText` it
+returns elsewhere; `FleetCollector.collect` runs through a per-app `CollectorRegistry`;
+the periodic state save takes the series due and renders them as rows there, a chunk at
+a time).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 
 import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 
 import wire
 from collector.ledger import NodeState
@@ -111,69 +110,111 @@ def reported_backlog_columns(columns: Columns) -> tuple[float | None, float | No
 _BACKLOG_INDICES: dict[bytes, tuple[tuple[int, ...], ...]] = {}
 
 
-class _Entry:
-    """One exposed series: identity, the newest point seen, what /metrics last showed of it,
-    and the save queue it waits in (None: its saved row, if any, is current)."""
-
-    __slots__ = ("name", "labels", "mtype", "ts_ms", "value", "shown_ms", "shown_value", "queue")
-
-    def __init__(self, name: str, labels: Labels, mtype: wire.MetricType) -> None:
-        self.name = name
-        self.labels = labels
-        self.mtype = mtype
-        self.ts_ms = -(1 << 63)
-        self.value = 0.0
-        self.shown_ms = -(1 << 63)
-        self.shown_value = 0.0
-        self.queue: set[_Entry] | None = None
-
-
-# No point waiting in a table's pending columns.
+# A series' save state (`_NodeLatest.dirty`): its saved row, if any, is current (_CLEAN);
+# the next save writes it whatever its epoch (_OVERDUE: after a failed save, or a start
+# that found no saved position); or the number of the save epoch it last changed in.
+_CLEAN = 0
+_OVERDUE = 1
+_FIRST_EPOCH = 2
+# No point taken yet, nothing shown yet.
 _NONE_MS = -(1 << 63)
+
+# The per-slot arrays of a node, with the value a fresh slot starts from.
+_COLUMNS: tuple[tuple[str, type, object], ...] = (
+    ("keys", object, None),
+    ("prefix", object, None),
+    ("family", np.int32, 0),
+    ("ts", np.int64, _NONE_MS),
+    ("value", np.float64, 0.0),
+    ("shown_ms", np.int64, _NONE_MS),
+    ("shown_value", np.float64, 0.0),
+    ("mtype", np.int8, 0),
+    ("dirty", np.int64, _CLEAN),
+    ("live", bool, False),
+)
+
+
+class _NodeLatest:
+    """One node's exposed series, one slot each in its arrays (freed slots are reused): the
+    identity key and the exposition text before the value, the newest point, what /metrics
+    last showed of it, and its save state. Arrays, not an object per series: a fleet holds
+    millions of series, and objects would cost ~1 KB each and a garbage collector that
+    walks them all."""
+
+    __slots__ = (
+        "site", "node", "ids", "by_raw", "size", "free", "by_table", "dropped_series", "expired_series",
+        "newest_ms", "arrival_ms", "swept_ms", *(name for name, _, _ in _COLUMNS),
+    )
+
+    def __init__(self, site: str, node: str) -> None:
+        self.site = site
+        self.node = node
+        # (name, labels sorted, without site and node) -> slot.
+        self.ids: dict[tuple[str, Labels], int] = {}
+        # (name, labels as sent) -> slot, for labels sent in another order or naming site or
+        # node: skips normalizing them again; bounded, only a cache.
+        self.by_raw: dict[tuple[str, Labels], int] = {}
+        self.size = 0  # slots ever used (live or free): the arrays' rows that mean anything
+        self.free: list[int] = []
+        # v2: per series table (by id) the slot of each table index, resolved once; dropped
+        # whenever slots are freed. At most TABLE_SLOTS tables per node.
+        self.by_table: dict[bytes, _TableSlots] = {}
+        self.dropped_series = 0
+        self.expired_series = 0
+        self.newest_ms = _NONE_MS  # the node's newest sample time, on its own clock
+        # The collector's clock when the node's newest data batch arrived (one carrying a point
+        # within HOLD_MS of the node's newest): moves only on arrivals, never backwards.
+        self.arrival_ms = _NONE_MS
+        self.swept_ms = _NONE_MS
+        self.keys: np.ndarray = np.empty(0, dtype=object)
+        self.prefix: np.ndarray = np.empty(0, dtype=object)
+        self.family = np.zeros(0, dtype=np.int32)
+        self.ts = np.zeros(0, dtype=np.int64)
+        self.value = np.zeros(0, dtype=np.float64)
+        self.shown_ms = np.zeros(0, dtype=np.int64)
+        self.shown_value = np.zeros(0, dtype=np.float64)
+        self.mtype = np.zeros(0, dtype=np.int8)
+        self.dirty = np.zeros(0, dtype=np.int64)
+        self.live = np.zeros(0, dtype=bool)
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    def slot(self) -> int:
+        """A slot for a new series, with every column at its fresh value."""
+        if self.free:
+            sid = self.free.pop()
+        else:
+            if self.size == self.ts.size:
+                capacity = max(16, 2 * self.size)
+                for name, dtype, _ in _COLUMNS:
+                    old = getattr(self, name)
+                    grown: np.ndarray = np.empty(capacity, dtype=dtype)
+                    grown[:old.size] = old
+                    setattr(self, name, grown)
+            sid = self.size
+            self.size += 1
+        for name, _, fresh in _COLUMNS:
+            getattr(self, name)[sid] = fresh
+        return sid
 
 
 class _TableSlots:
-    """One series table's index -> entry slots for a node, and the newest point per index
-    that batches naming the table brought and the entries do not hold yet.
+    """One series table's index -> slot map for a node (-1: not resolved yet, or refused by
+    a cap), and its types as an array. A batch whose indices all resolved is taken with
+    array operations only."""
 
-    A batch whose indices all resolve to entries is taken with array operations only: its
-    newest points go into `pending_ts`/`pending_values` where newer than what waits there.
-    The entries take them in `FleetState._flush`, which every reader of entries calls
-    first (the exposition, a save, a snapshot, expiry, a v1 batch of the node), so what a
-    reader sees is what applying each batch at once would have made of it."""
+    __slots__ = ("sid", "mtypes", "shared")
 
-    __slots__ = ("entries", "resolved", "pending_ts", "pending_values", "mtypes", "waiting", "shared")
-
-    def __init__(self, size: int, mtypes: Sequence[wire.MetricType]) -> None:
-        self.entries: list[_Entry | None] = [None] * size
-        self.resolved = np.zeros(size, dtype=bool)
-        self.pending_ts = np.full(size, _NONE_MS, dtype=np.int64)
-        self.pending_values = np.zeros(size, dtype=np.float64)
-        self.mtypes = mtypes
-        self.waiting = False
-        # Two indices resolved to one entry (an identity twice in the table, or labels that
-        # differ only in order or in site/node): at one time the first point to arrive must
-        # stay, which a flush by index cannot know, so such a table always takes the slow path.
+    def __init__(self, table: wire.SeriesTable) -> None:
+        self.sid = np.full(len(table), -1, dtype=np.int64)
+        self.mtypes = np.array([int(t) for t in table.mtypes], dtype=np.int8)
+        # Two indices resolved to one slot (an identity twice in the table, or labels that
+        # differ only in order or in site/node): at one time the first point in the batch
+        # must stay, which one array assignment cannot promise, so such a table's batches
+        # are taken point by point.
         self.shared = False
-
-
-@dataclass(eq=False)  # hashed by identity: FleetState._waiting holds them
-class _NodeLatest:
-    entries: dict[tuple[str, Labels], _Entry] = field(default_factory=dict)
-    # (name, labels as sent) -> entry: skips re-normalizing labels for series seen before.
-    by_raw: dict[tuple[str, Labels], _Entry] = field(default_factory=dict)
-    dropped_series: int = 0
-    expired_series: int = 0
-    newest_ms: int = -(1 << 63)  # the node's newest sample time, on its own clock
-    # The collector's clock when the node's newest data batch arrived (one carrying a point
-    # within HOLD_MS of the node's newest): moves only on arrivals, never backwards.
-    arrival_ms: int = -(1 << 63)
-    swept_ms: int = -(1 << 63)
-    # v2: per series table (by id) the entry of each table index, resolved once, and the
-    # points waiting for them; flushed and reset whenever entries expire. At most
-    # TABLE_SLOTS tables per node.
-    by_table: dict[bytes, _TableSlots] = field(default_factory=dict)
-    waiting: bool = False  # some table's pending points wait for _flush
 
 
 # A node's marks as saved: (site, node, newest_ms, arrival_ms).
@@ -183,6 +224,32 @@ NodeMark = tuple[str, str, int, int]
 # How often, in the node's sample time, a node's series are checked against the TTL:
 # at least this, and at least an eighth of the TTL.
 SWEEP_EVERY_MS = 60_000
+
+
+class SaveDue:
+    """The series a save writes: per node, the slots that were due when it began. Sliced in
+    chunks by the save; a slot freed meanwhile is skipped (its expired key is in the next
+    save's removals), one reused meanwhile writes its new series (changed, so due anyway)."""
+
+    def __init__(self, parts: list[tuple[_NodeLatest, np.ndarray]]) -> None:
+        self.parts = parts
+        self._bounds = np.cumsum([0] + [at.size for _, at in parts])
+
+    def __len__(self) -> int:
+        return int(self._bounds[-1])
+
+    def __getitem__(self, cut: slice) -> SaveDue:
+        start, stop, step = cut.indices(len(self))
+        if step != 1:
+            raise ValueError("SaveDue slices go in order")
+        parts = []
+        for (latest, at), low in zip(self.parts, self._bounds[:-1].tolist(), strict=True):
+            if low >= stop:
+                break
+            high = low + at.size
+            if high > start:
+                parts.append((latest, at[max(start - low, 0):min(stop, high) - low]))
+        return SaveDue(parts)
 
 
 class FleetState:
@@ -207,18 +274,16 @@ class FleetState:
         self._states: dict[tuple[str, str], NodeState] = {}
         # The highest collector clock seen (scrapes, arrivals, restored arrivals): exposed
         # timestamps are capped by it, so a clock stepped back does not step them back.
-        self.clock_ms = -(1 << 63)
-        # What the periodic save has still to write. Each entry changed since its row was
-        # last written waits in exactly one queue: the epoch it last changed in (epochs are
-        # cut by the saves; each remembers the batch position read when it began, and its
-        # changes all come from batches after that position), or `_overdue` (to be written
-        # by the next save whatever its epoch: after a failed save, or a start that found
-        # no saved position). The last epoch is the open one.
-        self._epochs: deque[tuple[int, set[_Entry]]] = deque([(0, set())])
-        self._overdue: set[_Entry] = set()
+        self.clock_ms = _NONE_MS
+        # The save epochs: each is cut by a save, remembers the batch position read when it
+        # began (its changes all come from batches after that position) and its number,
+        # which a series changed in it holds in `dirty`. The last one is open.
+        self._open = _FIRST_EPOCH
+        self._epochs: deque[tuple[int, int]] = deque([(0, _FIRST_EPOCH)])
         self._removed: set[RowKey] = set()
-        # Nodes whose tables hold points their entries have not taken yet (see _TableSlots).
-        self._waiting: set[_NodeLatest] = set()
+        # Family (series name) -> number, for grouping a scrape by family with array ops.
+        self._family_ids: dict[str, int] = {}
+        self._family_names: list[str] = []
 
     def update_node(self, state: NodeState) -> None:
         self._states[(state.site, state.node)] = state
@@ -231,7 +296,13 @@ class FleetState:
 
     def series_count(self, site: str, node: str) -> int:
         latest = self._latest.get((site, node))
-        return len(latest.entries) if latest else 0
+        return latest.count if latest else 0
+
+    def _node(self, site: str, node: str) -> _NodeLatest:
+        latest = self._latest.get((site, node))
+        if latest is None:
+            latest = self._latest[(site, node)] = _NodeLatest(site, node)
+        return latest
 
     def apply(
         self, site: str, node: str, series: Iterable[wire.Series], now_ms: int | None = None, arrived: bool = True
@@ -244,55 +315,59 @@ class FleetState:
         saved rows), a batch carrying a point within HOLD_MS of the node's newest moves the
         node's arrival time to `now_ms`.
         """
-        latest = self._latest.get((site, node))
-        if latest is None:
-            latest = self._latest[(site, node)] = _NodeLatest()
-        self._flush_node(latest)  # a table's waiting points are older than this batch
-        by_raw = latest.by_raw
-        queue = self._epochs[-1][1]
+        latest = self._node(site, node)
+        ids, by_raw = latest.ids, latest.by_raw
         newest = latest.newest_ms
         now = int(time.time() * 1000) if now_ms is None else now_ms
         horizon = now + self.series_ttl_ms
         floor = newest - self.series_ttl_ms
-        top = -(1 << 63)
+        top = _NONE_MS
+        sids: list[int] = []
+        stamps: list[int] = []
+        values: list[float] = []
+        mtypes: list[int] = []
         for s in series:
             ts = s.timestamps_ms[-1]
             if ts > top:
                 top = ts
             if newest < ts < horizon:
                 newest = ts
-            entry = by_raw.get((s.name, s.labels))
-            if entry is None:
-                if ts < floor:
-                    continue  # backfill of a series long gone: it would expire at once
-                entry = self._entry(latest, site, node, s)
-                if entry is None:
-                    continue
-            if ts > entry.ts_ms:
-                _take(entry, ts, s.values[-1], s.mtype, queue)
+            key = (s.name, s.labels)
+            sid = ids.get(key)
+            if sid is None:
+                sid = by_raw.get(key)
+                if sid is None:
+                    if ts < floor:
+                        continue  # backfill of a series long gone: it would expire at once
+                    sid = self._resolve(latest, s.name, s.labels, s.mtype)
+                    if sid < 0:
+                        continue
+            sids.append(sid)
+            stamps.append(ts)
+            values.append(s.values[-1])
+            mtypes.append(int(s.mtype))
+        if sids:
+            self._take(latest, np.array(sids, dtype=np.int64), np.array(stamps, dtype=np.int64),
+                       np.array(values, dtype=np.float64), np.array(mtypes, dtype=np.int8),
+                       len(set(sids)) == len(sids))
         self._arrival(latest, top, newest, now, arrived)
 
     def apply_columns(
         self, site: str, node: str, columns: Columns, now_ms: int | None = None, arrived: bool = True
     ) -> None:
         """`apply` for a v2 batch's columns, with the same rules and the same outcome. Each
-        table index resolves to its entry once per table; after that, a batch is taken with
-        array operations only: each series' newest point waits in the table's slots for
-        the entries' readers (see _TableSlots), so a batch costs no step per series."""
-        latest = self._latest.get((site, node))
-        if latest is None:
-            latest = self._latest[(site, node)] = _NodeLatest()
+        table index resolves to its slot once per table; after that, a batch is taken with
+        array operations only, no step per series."""
         if not columns.series_count:
             self.apply(site, node, (), now_ms, arrived)
             return
+        latest = self._node(site, node)
         table = columns.table
         slots = latest.by_table.get(table.id)
         if slots is None:
-            if len(latest.by_table) >= TABLE_SLOTS:
-                self._flush_node(latest)
-                while len(latest.by_table) >= TABLE_SLOTS:
-                    del latest.by_table[next(iter(latest.by_table))]
-            slots = latest.by_table[table.id] = _TableSlots(len(table), table.mtypes)
+            while len(latest.by_table) >= TABLE_SLOTS:
+                del latest.by_table[next(iter(latest.by_table))]
+            slots = latest.by_table[table.id] = _TableSlots(table)
         newest = latest.newest_ms
         now = int(time.time() * 1000) if now_ms is None else now_ms
         horizon = now + self.series_ttl_ms
@@ -304,54 +379,104 @@ class FleetState:
         inside = ts_last[ts_last < horizon]
         if inside.size and int(inside.max()) > newest:
             newest = int(inside.max())
-        if not slots.shared and slots.resolved[index].all():
-            if latest.waiting and not slots.waiting:
-                self._flush_node(latest)  # another table's points first, in arrival order
-            pending_ts = slots.pending_ts
-            # Strictly newer, as an entry takes a point: at one time the first value stays.
-            newer = ts_last > pending_ts[index]
-            at = index[newer]
-            pending_ts[at] = ts_last[newer]
-            slots.pending_values[at] = values_last[newer]
-            slots.waiting = True
-            if not latest.waiting:
-                latest.waiting = True
-                self._waiting.add(latest)
+        sids = slots.sid[index]
+        if slots.shared or int(sids.min()) < 0:
+            sids = self._resolve_table(latest, slots, table, index, sids, ts_last)
+            taken = sids >= 0
+            self._take(latest, sids[taken], ts_last[taken], values_last[taken], slots.mtypes[index[taken]],
+                       not slots.shared)
         else:
-            self._flush_node(latest)
-            self._take_columns(latest, site, node, slots, table, index, ts_last, values_last)
+            self._take(latest, sids, ts_last, values_last, slots.mtypes[index], True)
         self._arrival(latest, top, newest, now, arrived)
 
-    def _take_columns(
-        self, latest: _NodeLatest, site: str, node: str, slots: _TableSlots, table: wire.SeriesTable,
-        index: np.ndarray, ts_last: np.ndarray, values_last: np.ndarray,
-    ) -> None:
-        """A batch naming table indices not resolved yet, series by series as `apply` takes
-        them (the same floor for backfill, the same caps), resolving what it can."""
-        queue = self._epochs[-1][1]
+    def _resolve_table(
+        self, latest: _NodeLatest, slots: _TableSlots, table: wire.SeriesTable, index: np.ndarray,
+        sids: np.ndarray, ts_last: np.ndarray,
+    ) -> np.ndarray:
+        """The slots of a batch's indices, resolving those not resolved yet as `apply` does
+        (the same floor for backfill, the same caps); -1 where refused."""
         floor = latest.newest_ms - self.series_ttl_ms
         names, labels, mtypes = table.names, table.labels, table.mtypes
-        entries, resolved = slots.entries, slots.resolved
-        by_raw = latest.by_raw
+        ids, by_raw, sid_of = latest.ids, latest.by_raw, slots.sid
+        sids = sids.copy()
         resolved_now = False
-        for i, ts, value in zip(index.tolist(), ts_last.tolist(), values_last.tolist(), strict=True):
-            entry = entries[i]
-            if entry is None:
-                entry = by_raw.get((names[i], labels[i]))
-                if entry is None:
-                    if ts < floor:
+        for pos in np.flatnonzero(sids < 0).tolist():
+            i = int(index[pos])
+            key = (names[i], labels[i])
+            sid = ids.get(key)
+            if sid is None:
+                sid = by_raw.get(key)
+                if sid is None:
+                    if int(ts_last[pos]) < floor:
                         continue  # backfill of a series long gone: it would expire at once
-                    entry = self._entry(latest, site, node, wire.Series(names[i], labels[i], mtypes[i], (), ()))
-                    if entry is None:
+                    sid = self._resolve(latest, names[i], labels[i], mtypes[i])
+                    if sid < 0:
                         continue  # refused by a cap: asked again (and counted) next time, as apply does
-                entries[i] = entry
-                resolved[i] = True
-                resolved_now = True
-            if ts > entry.ts_ms:
-                _take(entry, ts, value, mtypes[i], queue)
-        if resolved_now and not slots.shared:  # only a newly resolved index can share an entry
-            held = [e for e in entries if e is not None]
-            slots.shared = len({id(e) for e in held}) != len(held)
+            sid_of[i] = sids[pos] = sid
+            resolved_now = True
+        if resolved_now and not slots.shared:  # only a newly resolved index can share a slot
+            held = sid_of[sid_of >= 0]
+            slots.shared = np.unique(held).size != held.size
+        return sids
+
+    def _take(self, latest: _NodeLatest, sids: np.ndarray, stamps: np.ndarray, values: np.ndarray,
+              mtypes: np.ndarray, unique: bool) -> None:
+        """Each point into its slot where newer than what it holds (at one time the first
+        value stays), and those slots into the open save epoch."""
+        ts = latest.ts
+        if unique:
+            newer = stamps > ts[sids]
+            at = sids[newer]
+            ts[at] = stamps[newer]
+            latest.value[at] = values[newer]
+            latest.mtype[at] = mtypes[newer]
+            latest.dirty[at] = self._open
+            return
+        for sid, stamp, value, mtype in zip(sids.tolist(), stamps.tolist(), values.tolist(), mtypes.tolist(),
+                                            strict=True):
+            if stamp > ts[sid]:
+                ts[sid] = stamp
+                latest.value[sid] = value
+                latest.mtype[sid] = mtype
+                latest.dirty[sid] = self._open
+
+    def _resolve(self, latest: _NodeLatest, name: str, raw: Labels, mtype: wire.MetricType) -> int:
+        """The slot of a series not found by its labels as sent: found by its identity, or a
+        new one; -1 where refused (a reserved name, a cap)."""
+        if name.startswith(RESERVED_PREFIXES):
+            latest.dropped_series += 1
+            return -1
+        labels = _identity_labels(raw)
+        key = (name, labels)
+        sid = None if labels is raw else latest.ids.get(key)
+        if sid is None:
+            if latest.count >= self.max_series_per_node:
+                latest.dropped_series += 1
+                return -1
+            if self.total_series >= self.max_series_total:
+                latest.dropped_series += 1
+                self.over_fleet_limit += 1
+                return -1
+            sid = latest.slot()
+            latest.ids[key] = sid
+            latest.keys[sid] = key
+            latest.prefix[sid] = _prefix(name, labels, latest.site, latest.node)
+            latest.family[sid] = self._family(name)
+            latest.mtype[sid] = int(mtype)
+            latest.live[sid] = True
+            self.total_series += 1
+        if labels is not raw:
+            if len(latest.by_raw) >= 2 * self.max_series_per_node:
+                latest.by_raw.clear()  # only a cache; bounded so odd label orders cannot grow it
+            latest.by_raw[(name, raw)] = sid
+        return sid
+
+    def _family(self, name: str) -> int:
+        fid = self._family_ids.get(name)
+        if fid is None:
+            fid = self._family_ids[name] = len(self._family_names)
+            self._family_names.append(name)
+        return fid
 
     def _arrival(self, latest: _NodeLatest, top: int, newest: int, now: int, arrived: bool) -> None:
         """After a batch (or saved rows) of a node whose newest point is `top`: its arrival
@@ -364,107 +489,53 @@ class FleetState:
         if newest - latest.swept_ms >= self.sweep_every_ms:
             self._expire(latest)
 
-    def _flush(self) -> None:
-        """Every node's waiting points into their entries (before entries are read)."""
-        waiting, self._waiting = self._waiting, set()
-        for latest in waiting:
-            self._flush_node(latest)
-
-    def flush_some(self, budget: int) -> bool:
-        """Waiting points of whole nodes into their entries, until about `budget` were
-        taken; True while some still wait. For a caller on the event loop that must not
-        hold it for the whole fleet at once: the periodic save runs this in steps before
-        `begin_save`, whose own flush then finds only what arrived meanwhile."""
-        taken = 0
-        while self._waiting and taken < budget:
-            taken += self._flush_node(self._waiting.pop())
-        return bool(self._waiting)
-
-    def _flush_node(self, latest: _NodeLatest) -> int:
-        """The node's waiting points into its entries; returns how many there were."""
-        if not latest.waiting:
-            return 0
-        latest.waiting = False
-        queue = self._epochs[-1][1]
-        taken = 0
-        for slots in latest.by_table.values():
-            if not slots.waiting:
-                continue
-            slots.waiting = False
-            pending_ts = slots.pending_ts
-            at = np.flatnonzero(pending_ts != _NONE_MS)
-            taken += at.size
-            entries, mtypes = slots.entries, slots.mtypes
-            for i, ts, value in zip(at.tolist(), pending_ts[at].tolist(), slots.pending_values[at].tolist(),
-                                    strict=True):
-                entry = entries[i]
-                if entry is not None and ts > entry.ts_ms:  # _take, inline: once per series
-                    entry.ts_ms = ts
-                    entry.value = value
-                    entry.mtype = mtypes[i]
-                    q = entry.queue
-                    if q is not queue:
-                        if q is not None:
-                            q.discard(entry)
-                        queue.add(entry)
-                        entry.queue = queue
-            pending_ts[at] = _NONE_MS
-        return taken
-
     def snapshot(self) -> Iterator[Row]:
         """Every exposed series as a saved row."""
-        self._flush()
         for latest in self._latest.values():
-            for e in latest.entries.values():
-                yield _row(e)
+            yield from _rows(latest, np.flatnonzero(latest.live[:latest.size]))
 
     def start_saves(self, position: int) -> None:
         """Before any batch arrives: everything changed so far comes from batches after
         `position` (or is overdue), so a save may record it until this epoch is written."""
         self._epochs[0] = (position, self._epochs[0][1])
 
-    def begin_save(self, position: int, keep: int) -> tuple[list[_Entry], set[RowKey], list[NodeMark], int]:
+    def begin_save(self, position: int, keep: int) -> tuple[SaveDue, set[RowKey], list[NodeMark], int]:
         """Cut an epoch at `position` (every batch up to it is applied) and take what this
-        save writes: (entries, expired keys, node marks, the position the save records).
+        save writes: (series, expired keys, node marks, the position the save records).
 
         The `keep` newest closed epochs stay unwritten: the batches after the recorded
         position (the oldest kept epoch's start) bring them back at the next start. What is
         older (series not sent for `keep` epochs: SMART, silent nodes) and what is overdue
         is written, so a save costs the slow series and the expired keys, not the fleet.
         """
-        # Waiting points go into the epoch cut here: they came from batches before `position`
-        # or applied while the save flushed in steps (earlier than their batch: written no later).
-        self._flush()
-        self._epochs.append((position, set()))
-        due = list(self._overdue)
-        self._overdue = set()
+        self._open += 1
+        self._epochs.append((position, self._open))
+        cut = _OVERDUE
         while len(self._epochs) > keep + 1:
-            due.extend(self._epochs.popleft()[1])
-        for e in due:
-            e.queue = None
+            cut = self._epochs.popleft()[1]
+        parts = []
+        for latest in self._latest.values():
+            dirty = latest.dirty[:latest.size]
+            at = np.flatnonzero((dirty != _CLEAN) & (dirty <= cut))
+            if at.size:
+                dirty[at] = _CLEAN
+                parts.append((latest, at))
         removed, self._removed = self._removed, set()
-        return due, removed, self.marks(), self._epochs[0][0]
+        return SaveDue(parts), removed, self.marks(), self._epochs[0][0]
 
-    def requeue(self, entries: Iterable[_Entry], removed: Iterable[RowKey]) -> None:
-        """After a save that did not write these: the next save writes them (an entry that
+    def requeue(self, due: SaveDue, removed: Iterable[RowKey]) -> None:
+        """After a save that did not write these: the next save writes them (a series that
         changed again meanwhile waits in its epoch: the replay brings it back)."""
-        overdue = self._overdue
-        for e in entries:
-            if e.queue is None:
-                e.queue = overdue
-                overdue.add(e)
+        for latest, at in due.parts:
+            dirty = latest.dirty
+            dirty[at[(dirty[at] == _CLEAN) & latest.live[at]]] = _OVERDUE
         self._removed.update(removed)
 
     def mark_all_changed(self) -> None:
         """The next save writes every series (a start that found no saved position)."""
-        self._flush()
-        overdue = self._overdue
-        for _, queue in self._epochs:
-            queue.clear()
         for latest in self._latest.values():
-            for e in latest.entries.values():
-                e.queue = overdue
-                overdue.add(e)
+            n = latest.size
+            latest.dirty[:n][latest.live[:n]] = _OVERDUE
 
     def marks(self) -> list[NodeMark]:
         """Each node's newest sample time and arrival time, for the save."""
@@ -476,17 +547,18 @@ class FleetState:
         a node's newest and arrival time, and the collector's clock, never step back across
         a restart."""
         for site, node, newest_ms, arrival_ms in marks:
-            latest = self._latest.get((site, node))
-            if latest is None:
-                latest = self._latest[(site, node)] = _NodeLatest()
+            latest = self._node(site, node)
             latest.newest_ms = max(latest.newest_ms, int(newest_ms))
             latest.arrival_ms = max(latest.arrival_ms, int(arrival_ms))
             self.clock_ms = max(self.clock_ms, latest.arrival_ms)
 
     @staticmethod
-    def rows(entries: Iterable[_Entry]) -> list[Row]:
-        """Saved rows for entries from `begin_save`, with their values as they are now."""
-        return [_row(e) for e in entries]
+    def rows(due: SaveDue) -> list[Row]:
+        """Saved rows for series from `begin_save`, with their values as they are now."""
+        out: list[Row] = []
+        for latest, at in due.parts:
+            out.extend(_rows(latest, at))
+        return out
 
     def restore(self, rows: Iterable[Row], now_ms: int | None = None, saved: bool = True) -> int:
         """Load saved rows (before any batch is applied); returns how many series were taken.
@@ -506,60 +578,39 @@ class FleetState:
             self.apply(site, node, series_list, now_ms=now_ms, arrived=False)
         if saved:
             # Keys expired while restoring stay in _removed: their rows must go.
-            for _, queue in self._epochs:
-                for e in queue:
-                    e.queue = None
-                queue.clear()
+            for latest in self._latest.values():
+                latest.dirty[:latest.size] = _CLEAN
         else:
             self.mark_all_changed()
         return sum(self.series_count(site, node) for site, node in by_node)
 
     def _expire(self, latest: _NodeLatest) -> None:
-        self._flush_node(latest)  # a waiting point may keep a series
         latest.swept_ms = latest.newest_ms
         cutoff = latest.newest_ms - self.series_ttl_ms
-        stale = [identity for identity, e in latest.entries.items() if e.ts_ms < cutoff]
-        if stale:
-            for identity in stale:
-                e = latest.entries.pop(identity)
-                if e.queue is not None:
-                    e.queue.discard(e)
-                    e.queue = None
-                self._removed.add(_row(e)[:4])
-            self.total_series -= len(stale)
-            # The cache keeps what is still exposed: clearing it would cost every series a
-            # label normalization on the next batch.
-            latest.by_raw = {k: e for k, e in latest.by_raw.items() if e.ts_ms >= cutoff}
-            latest.by_table = {}  # their slots may name expired entries
-            latest.expired_series += len(stale)
+        n = latest.size
+        stale = np.flatnonzero(latest.live[:n] & (latest.ts[:n] < cutoff))
+        if not stale.size:
+            return
+        keys, ids = latest.keys, latest.ids
+        for sid in stale.tolist():
+            name, labels = keys[sid]
+            del ids[(name, labels)]
+            self._removed.add((latest.site, latest.node, name, _labels_json(labels)))
+        keys[stale] = None
+        latest.prefix[stale] = None
+        latest.live[stale] = False
+        latest.dirty[stale] = _CLEAN
+        latest.free.extend(stale.tolist())
+        self.total_series -= stale.size
+        # The cache keeps what is still exposed (its slots are about to be reused).
+        live = latest.live
+        latest.by_raw = {k: sid for k, sid in latest.by_raw.items() if live[sid]}
+        latest.by_table = {}  # their slots may name freed ones
+        latest.expired_series += stale.size
 
-    def _entry(self, latest: _NodeLatest, site: str, node: str, s: wire.Series) -> _Entry | None:
-        if s.name.startswith(RESERVED_PREFIXES):
-            latest.dropped_series += 1
-            return None
-        # Every fleet series carries the site and node it came from, as the key proved them.
-        labels = dict(s.labels)
-        labels["site"] = site
-        labels["node"] = node
-        identity = (s.name, tuple(sorted(labels.items())))
-        entry = latest.entries.get(identity)
-        if entry is None:
-            if len(latest.entries) >= self.max_series_per_node:
-                latest.dropped_series += 1
-                return None
-            if self.total_series >= self.max_series_total:
-                latest.dropped_series += 1
-                self.over_fleet_limit += 1
-                return None
-            entry = latest.entries[identity] = _Entry(identity[0], identity[1], s.mtype)
-            self.total_series += 1
-        if len(latest.by_raw) >= 2 * self.max_series_per_node:
-            latest.by_raw.clear()  # only a cache; bounded so odd label orders cannot grow it
-        latest.by_raw[(s.name, s.labels)] = entry
-        return entry
-
-    def fleet_families(self, now_ms: int) -> Iterator[Metric]:
-        """Every fleet series with the timestamp Prometheus should store it at.
+    def exposition(self, now_ms: int) -> FleetText:
+        """Every fleet series with the timestamp Prometheus should store it at, grouped by
+        family; rendered by `FleetText.render`, which may run off the event loop.
 
         That is its own newest point's time, or its node's floor (HOLD_MS behind the later
         of the node's newest sample and that sample's arrival) if that is later, never
@@ -573,32 +624,58 @@ class FleetState:
         if now_ms > self.clock_ms:
             self.clock_ms = now_ms
         now = self.clock_ms
-        self._flush()
-        families: dict[str, Metric] = {}
+        families, prefixes, values, stamps, mtypes = [], [], [], [], []
         for latest in self._latest.values():
-            floor = min(max(latest.newest_ms, latest.arrival_ms) - HOLD_MS, now)
-            for e in latest.entries.values():
-                fam = families.get(e.name)
-                if fam is None:
-                    fam = families[e.name] = _family(e.name, e.mtype)
-                ts_ms = e.ts_ms
-                if ts_ms < floor:
-                    ts_ms = floor
-                elif ts_ms > now:
-                    ts_ms = now
-                value = e.value
-                shown = e.shown_ms
-                if ts_ms <= shown:
-                    if value is e.shown_value or _same(value, e.shown_value):
-                        ts_ms = shown
-                    elif shown + BUMP_MS <= now:
-                        ts_ms = shown + BUMP_MS
-                    else:
-                        ts_ms, value = shown, e.shown_value
-                e.shown_ms = ts_ms
-                e.shown_value = value
-                fam.samples.append(Sample(e.name, dict(e.labels), value, ts_ms / 1000))
-        return iter(families.values())
+            if not latest.count:
+                continue
+            n = latest.size
+            at = np.flatnonzero(latest.live[:n])
+            floor = max(min(max(latest.newest_ms, latest.arrival_ms) - HOLD_MS, now), _NONE_MS)
+            ts = np.clip(latest.ts[at], floor, now)
+            value = latest.value[at]
+            shown = latest.shown_ms[at]
+            behind = ts <= shown
+            if behind.any():
+                shown_value = latest.shown_value[at]
+                same = behind & _same(value, shown_value)
+                moved = behind & ~same
+                bump = moved & (shown + BUMP_MS <= now)
+                stay = moved & ~bump
+                ts = np.where(same | stay, shown, np.where(bump, shown + BUMP_MS, ts))
+                value = np.where(stay, shown_value, value)
+            latest.shown_ms[at] = ts
+            latest.shown_value[at] = value
+            families.append(latest.family[at])
+            prefixes.append(latest.prefix[at])
+            values.append(value)
+            stamps.append(ts)
+            mtypes.append(latest.mtype[at])
+        if not families:
+            return FleetText([], np.empty(0, dtype=object), np.empty(0), np.empty(0, dtype=np.int64), [0])
+        family = np.concatenate(families)
+        order = np.argsort(family, kind="stable")
+        family = family[order]
+        starts = np.flatnonzero(np.diff(family)) + 1
+        bounds = [0, *starts.tolist(), family.size]
+        firsts = np.concatenate((order[:1], order[starts]))
+        mtype_first = np.concatenate(mtypes)[firsts].tolist()
+        headers = [_header(self._family_names[fid], mtype)
+                   for fid, mtype in zip(family[bounds[:-1]].tolist(), mtype_first, strict=True)]
+        self._forget_families(family[bounds[:-1]])
+        return FleetText(headers, np.concatenate(prefixes)[order], np.concatenate(values)[order],
+                         np.concatenate(stamps)[order], bounds)
+
+    def _forget_families(self, used: np.ndarray) -> None:
+        """Renumber the families when most names held are no longer exposed (label churn
+        over months must not grow the name registry)."""
+        if len(self._family_names) <= 2 * used.size + 10_000:
+            return
+        renumber = np.zeros(len(self._family_names), dtype=np.int32)
+        renumber[used] = np.arange(used.size, dtype=np.int32)
+        self._family_names = [self._family_names[fid] for fid in used.tolist()]
+        self._family_ids = {name: fid for fid, name in enumerate(self._family_names)}
+        for latest in self._latest.values():
+            latest.family[:latest.size] = renumber[latest.family[:latest.size]]
 
     def series_accounting(self) -> Iterator[tuple[str, str, int, int]]:
         """(site, node, dropped, expired) per node."""
@@ -606,66 +683,117 @@ class FleetState:
             yield site, node, latest.dropped_series, latest.expired_series
 
 
-def _take(entry: _Entry, ts: int, value: float, mtype: wire.MetricType, queue: set[_Entry]) -> None:
-    """A newer point into its entry, and the entry into the open epoch's save queue."""
-    entry.ts_ms = ts
-    entry.value = value
-    entry.mtype = mtype
-    q = entry.queue
-    if q is not queue:
-        if q is not None:
-            q.discard(entry)
-        queue.add(entry)
-        entry.queue = queue
+class FleetText:
+    """The fleet series of one scrape, ready to render as Prometheus text: a family header
+    per family, and per sample (family by family) its text before the value, its value and
+    its timestamp. Holds its own arrays, so it renders off the event loop."""
+
+    def __init__(self, headers: list[str], prefixes: np.ndarray, values: np.ndarray, stamps: np.ndarray,
+                 bounds: list[int]) -> None:
+        self.headers = headers
+        self.prefixes = prefixes
+        self.values = values
+        self.stamps = stamps
+        self.bounds = bounds
+
+    def __len__(self) -> int:
+        return int(self.values.size)
+
+    def render(self) -> bytes:
+        values = self.values
+        shown = [repr(v) for v in values.tolist()]
+        for i in np.flatnonzero(~np.isfinite(values)).tolist():
+            v = float(values[i])
+            shown[i] = "NaN" if v != v else ("+Inf" if v > 0 else "-Inf")
+        lines = list(map("{} {} {}\n".format, self.prefixes.tolist(), shown, self.stamps.tolist()))
+        out = []
+        bounds = self.bounds
+        for k, header in enumerate(self.headers):
+            out.append(header)
+            out.append("".join(lines[bounds[k]:bounds[k + 1]]))
+        return "".join(out).encode()
 
 
-def _same(a: float, b: float) -> bool:
+def _identity_labels(raw: Labels) -> Labels:
+    """A series' labels as its identity: sorted by name, without site and node (every fleet
+    series carries the site and node its key proved, whatever it sent). The same tuple when
+    it already is."""
+    previous = ""
+    for k, _ in raw:
+        if k <= previous or k == "site" or k == "node":
+            labels = dict(raw)
+            labels.pop("site", None)
+            labels.pop("node", None)
+            return tuple(sorted(labels.items()))
+        previous = k
+    return raw
+
+
+def _labels_json(labels: Labels) -> str:
+    return json.dumps([[k, v] for k, v in labels])
+
+
+def _rows(latest: _NodeLatest, at: np.ndarray) -> Iterator[Row]:
+    keys, site, node = latest.keys, latest.site, latest.node
+    for sid, mtype, ts, value in zip(at.tolist(), latest.mtype[at].tolist(), latest.ts[at].tolist(),
+                                     latest.value[at].tolist(), strict=True):
+        key = keys[sid]
+        if key is not None:
+            yield site, node, key[0], _labels_json(key[1]), mtype, ts, value
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _prefix(name: str, labels: Labels, site: str, node: str) -> str:
+    """A series' exposition text before its value: name and labels, site and node among them."""
+    shown = sorted((*labels, ("node", node), ("site", site)))
+    return name + "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in shown) + "}"
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Equal as Prometheus compares samples: -0.0 is not 0.0, and the text format makes
     every NaN the same NaN."""
-    if a == b:
-        return a != 0.0 or math.copysign(1.0, a) == math.copysign(1.0, b)
-    return a != a and b != b
+    same: np.ndarray = ((a == b) & ((a != 0.0) | (np.signbit(a) == np.signbit(b)))) | (np.isnan(a) & np.isnan(b))
+    return same
 
 
-def _row(e: _Entry) -> Row:
-    site = node = ""
-    sent = []
-    for k, v in e.labels:
-        if k == "site":
-            site = v
-        elif k == "node":
-            node = v
+_HEADERS: dict[tuple[str, int], str] = {}
+
+
+def _header(name: str, mtype: int) -> str:
+    """A family's HELP and TYPE lines: every sample is exposed under exactly its series
+    name, with the agent catalog's HELP where the name is catalogued."""
+    header = _HEADERS.get((name, mtype))
+    if header is None:
+        text = (help_of(name) or FLEET_HELP).replace("\\", r"\\").replace("\n", r"\n")
+        if mtype == wire.MetricType.COUNTER and name.endswith("_total") and len(name) > 6:
+            kind = "counter"
+        elif mtype == wire.MetricType.GAUGE or mtype == wire.MetricType.INFO:
+            kind = "gauge"
         else:
-            sent.append([k, v])
-    return site, node, e.name, json.dumps(sent), int(e.mtype), e.ts_ms, e.value
+            kind = "untyped"
+        if len(_HEADERS) >= 100_000:
+            _HEADERS.clear()
+        header = _HEADERS[(name, mtype)] = f"# HELP {name} {text}\n# TYPE {name} {kind}\n"
+    return header
 
 
-def _family(name: str, mtype: wire.MetricType) -> Metric:
-    """A family whose text exposition prints every sample under exactly its series name,
-    with the agent catalog's HELP where the name is catalogued."""
-    text = help_of(name) or FLEET_HELP
-    # prometheus_client appends _total to counter and _info to info family names when
-    # rendering, so hand it the stripped name; anything that would not round-trip is untyped.
-    if mtype == wire.MetricType.COUNTER and name.endswith("_total") and len(name) > 6:
-        return Metric(name[:-6], text, "counter")
-    if mtype == wire.MetricType.INFO and name.endswith("_info") and len(name) > 5:
-        return Metric(name[:-5], text, "info")
-    if mtype == wire.MetricType.GAUGE or mtype == wire.MetricType.INFO:
-        return Metric(name, text, "gauge")
-    return Metric(name, text, "unknown")
+def metrics_text(fleet: FleetState, registry: CollectorRegistry, now_ms: int) -> bytes:
+    """The whole /metrics body: the fleet series, then the registry's families."""
+    return fleet.exposition(now_ms).render() + generate_latest(registry)
 
 
 class FleetCollector(Collector):
-    """prometheus_client collector over a FleetState: fleet series and per-node accounting."""
+    """prometheus_client collector over a FleetState: each node's accounting."""
 
-    def __init__(self, fleet: FleetState, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, fleet: FleetState) -> None:
         self.fleet = fleet
-        self.clock = clock
 
     def collect(self) -> Iterator[Metric]:
-        # Fleet series carry their sample times; the collector's own families below do not
-        # (they describe now, and Prometheus stamps them with its scrape time).
-        yield from self.fleet.fleet_families(int(self.clock() * 1000))
+        # The collector's own families for the fleet: they describe now, and Prometheus stamps
+        # them with its scrape time (fleet series carry their sample times: FleetState.exposition).
         labels = ["site", "node"]
         last_seen = GaugeMetricFamily(
             "waystation_node_last_seen_timestamp_seconds",

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 import wire
 from agent import catalog
-from collector.exposition import FLEET_HELP, HOLD_MS, FleetCollector, FleetState
+from collector.exposition import FLEET_HELP, HOLD_MS, FleetCollector, FleetState, metrics_text
 from collector.ledger import Ledger, NodeState
+from wire.metric_help import help_of
 from wire.schema import schema_problem
 
 G, C, U, INFO = wire.MetricType.GAUGE, wire.MetricType.COUNTER, wire.MetricType.UNTYPED, wire.MetricType.INFO
@@ -27,8 +33,8 @@ def series(name: str, ts: int, value: float, mtype: wire.MetricType = G, **label
 
 def render(fleet: FleetState, clock: Callable[[], float] = time.time) -> str:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(fleet, clock))
-    return generate_latest(registry).decode()
+    registry.register(FleetCollector(fleet))
+    return metrics_text(fleet, registry, int(clock() * 1000)).decode()
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -436,3 +442,75 @@ def test_a_series_exposed_timestamp_never_moves_backwards(steps: list[tuple[str,
                     assert ts >= last[key][0]
                     assert ts > last[key][0] or v == last[key][1], (key, ts, v, last[key])
                 last[key] = (ts, v)
+
+
+def reference_text(fleet: FleetState, now_ms: int) -> str:
+    """The fleet's series as prometheus_client renders them (how the collector exposed them
+    before it rendered the text itself): one family per name, typed by its first series."""
+    families: dict[str, Metric] = {}
+    for site, node, name, labels, mtype, ts, value in fleet.snapshot():
+        fam = families.get(name)
+        if fam is None:
+            text = help_of(name) or FLEET_HELP
+            if mtype == C and name.endswith("_total") and len(name) > 6:
+                fam = Metric(name[:-6], text, "counter")
+            elif mtype == INFO and name.endswith("_info") and len(name) > 5:
+                fam = Metric(name[:-5], text, "info")
+            elif mtype in (G, INFO):
+                fam = Metric(name, text, "gauge")
+            else:
+                fam = Metric(name, text, "unknown")
+            families[name] = fam
+        shown = dict(json.loads(labels), site=site, node=node)
+        fam.samples.append(Sample(name, shown, value, min(ts, now_ms) / 1000))
+
+    class Fixed(Collector):
+        def collect(self) -> Iterator[Metric]:
+            return iter(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Fixed())
+    return generate_latest(registry).decode()
+
+
+def parsed(text: str) -> list[tuple[object, ...]]:
+    out: list[tuple[object, ...]] = []
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            value = "NaN" if s.value != s.value else (s.value, math.copysign(1.0, s.value))
+            out.append((fam.name, fam.type, fam.documentation, s.name, sorted(s.labels.items()), value, s.timestamp))
+    return sorted(out, key=repr)
+
+
+LABEL_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(
+    st.sampled_from(["node_load1", "node_network_receive_bytes_total", "odd_counter", "node_uname_info",
+                     "vllm:num_requests_running", "DCGM_FI_DEV_GPU_UTIL", "mystery_total", "x_info"]),
+    st.sampled_from([G, C, U, INFO]),
+    st.dictionaries(st.sampled_from(["device", "gpu", "a_b", "le", "node", "site"]), LABEL_TEXT, max_size=3),
+    st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -0.0, 1234567.0, 1e21, 5e-324]),
+    st.sampled_from(["n1", "n2", 'odd"node\\x']),
+    st.integers(0, HOLD_MS),  # how far behind the clock: held series would be stamped at the floor
+), max_size=30))
+def test_the_text_is_what_prometheus_client_renders_for_the_same_series(
+    sent: list[tuple[str, wire.MetricType, dict[str, str], float, str, int]]
+) -> None:
+    """Names, types, HELP, escaped label values (backslash, quote, newline, any UTF-8),
+    values (NaN, infinities, -0.0, large and tiny ones) and millisecond timestamps read
+    back exactly as from prometheus_client's own text, which the collector rendered with
+    before it rendered a big fleet's text itself."""
+    fleet = FleetState(1000)
+    now_ms = T_NOW
+    for name, mtype, labels, value, node, ts in sent:
+        fleet.apply("s", node, [wire.Series(name, tuple(labels.items()), mtype, (now_ms - ts,), (value,))],
+                    now_ms=now_ms)
+    want = reference_text(fleet, now_ms)  # before the scrape: stamps as held (all within the hold)
+    got = fleet.exposition(now_ms).render().decode()
+    assert parsed(got) == parsed(want)
+    assert got.count("# TYPE ") == want.count("# TYPE ")  # every family once
+
+
+T_NOW = 1_700_000_000_000

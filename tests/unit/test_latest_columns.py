@@ -4,19 +4,14 @@ counts, same expiry and save queues, through series joining, backfill and tables
 
 from __future__ import annotations
 
-import asyncio
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
 from nacl.signing import SigningKey
 
 import wire
-from collector import app as app_mod
-from collector.app import save_latest_state
-from collector.exposition import FleetState, _row, reported_backlog, reported_backlog_columns
-from collector.ledger import Ledger
+from collector.exposition import FleetState, reported_backlog, reported_backlog_columns
 
 T0 = 1_700_000_000_000
 KEY = SigningKey(bytes(range(32)))
@@ -92,7 +87,7 @@ def test_columns_and_series_make_the_same_latest_state(seed: int, read_every: in
         if seq % 20 == 0:  # a save takes the same entries from both
             got = by_columns.begin_save(seq, 1)
             want = by_series.begin_save(seq, 1)
-            assert sorted(map(repr, map(_row, got[0]))) == sorted(map(repr, map(_row, want[0])))
+            assert sorted(map(repr, by_columns.rows(got[0]))) == sorted(map(repr, by_series.rows(want[0])))
             assert got[1:] == want[1:]
     assert state(by_columns) == state(by_series)
     assert by_columns.total_series > 0
@@ -128,15 +123,24 @@ def steady_batches(seed: int) -> list[tuple[str, list[wire.Series]]]:
 def test_a_settled_table_is_taken_without_a_step_per_series_and_reads_the_same(
     seed: int, read_every: int, ttl_s: int
 ) -> None:
-    """Batches whose indices all resolved wait in the table's slots (no entry is touched);
-    whatever reads the state then (a snapshot, a save, expiry, a v1 batch) sees exactly
-    what applying each batch at once makes. With a short TTL, series a batch left out
-    expire while newer points of others wait."""
+    """Batches whose indices all resolved are taken with array operations (no index is
+    resolved again); whatever reads the state then (a snapshot, a save, expiry, a v1
+    batch, a scrape) sees exactly what taking them series by series makes. With a short
+    TTL, series a batch left out expire and their slots are reused."""
     by_series = FleetState(1000, series_ttl_s=ttl_s)
     by_columns = FleetState(1000, series_ttl_s=ttl_s)
+    resolving = 0
+    resolve_table = by_columns._resolve_table
+
+    def counted(*args: Any) -> Any:
+        nonlocal resolving
+        resolving += 1
+        return resolve_table(*args)
+
+    by_columns._resolve_table = counted  # type: ignore[method-assign]
     builders = {f"n{i}": wire.TableBuilder(1) for i in range(2)}
     tables = wire.MemoryTables()
-    waited = 0
+    by_columns_batches = 0
     for seq, (node, series) in enumerate(steady_batches(seed), 1):
         table, placed = builders[node].place(series)
         frame = wire.sign_batch(wire.prepare_columns(table, placed, 1),
@@ -150,73 +154,23 @@ def test_a_settled_table_is_taken_without_a_step_per_series_and_reads_the_same(
             by_columns.apply("s", node, [s for _, s in placed], now_ms=now)  # a v1 batch
         else:
             by_columns.apply_columns("s", node, opened.columns, now_ms=now)
-        waited += bool(by_columns._waiting)
+            by_columns_batches += 1
         if seq % read_every == 0:
             assert state(by_columns) == state(by_series), f"after batch {seq}"
+            assert scrape(by_columns, now) == scrape(by_series, now)
         if seq % 13 == 0:
             got, want = by_columns.begin_save(seq, 1), by_series.begin_save(seq, 1)
-            assert sorted(map(repr, map(_row, got[0]))) == sorted(map(repr, map(_row, want[0])))
+            assert sorted(map(repr, by_columns.rows(got[0]))) == sorted(map(repr, by_series.rows(want[0])))
             assert got[1:] == want[1:]
     assert state(by_columns) == state(by_series)
-    assert waited > (60 if ttl_s > 60 else 20)  # most batches took the array path
+    assert by_columns_batches - resolving > (60 if ttl_s > 60 else 20)  # most batches took the array path
     assert ttl_s > 60 or sum(n for *_, n in by_columns.series_accounting()) > 0
-    families = {m.name: sorted((s.labels["node"], s.value, s.timestamp) for s in m.samples)
-                for m in by_columns.fleet_families(T0 + 10**7)}
-    assert families == {m.name: sorted((s.labels["node"], s.value, s.timestamp) for s in m.samples)
-                        for m in by_series.fleet_families(T0 + 10**7)}
+    assert scrape(by_columns, T0 + 10**7) == scrape(by_series, T0 + 10**7)
 
 
-def test_the_periodic_save_takes_waiting_points_in_steps_the_event_loop_runs_between(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Points waiting in settled tables go into their entries before the save's cut, but a
-    step at a time (app.FLUSH_STEP): in one go that is a step per series of the whole fleet
-    with every ack waiting. Between steps other handlers run; the save still writes what
-    applying each batch at once would make."""
-    monkeypatch.setattr(app_mod, "FLUSH_STEP", 250)
-    ledger = Ledger(tmp_path / "ledger.db")
-    by_columns, by_series = FleetState(1000), FleetState(1000)
-    tables = wire.MemoryTables()
-    for n in range(30):
-        builder = wire.TableBuilder(1)
-        for seq in (1, 2):
-            series = [wire.Series(f"m_{i}", (("job", "x"),), wire.MetricType.GAUGE, (T0 + seq * 1000,),
-                                  (float(n * seq + i),)) for i in range(100)]
-            table, placed = builder.place(series)
-            frame = wire.sign_batch(wire.prepare_columns(table, placed, 1),
-                                    wire.BatchContext(KEY, "s", f"n{n}", seq, wire.ZERO_HASH, T0, 0))
-            opened = wire.open_batch(frame, lambda _k: Enrolled(), series_tables=tables, attached_table=table.blob,
-                                     as_series=False)
-            assert isinstance(opened, wire.VerifiedBatch) and opened.columns is not None
-            by_columns.apply_columns("s", f"n{n}", opened.columns, now_ms=T0 + 10_000)
-            by_series.apply("s", f"n{n}", series, now_ms=T0 + 10_000)
-    assert len(by_columns._waiting) == 30  # every node's second batch waits
-
-    waiting_seen: list[int] = []
-
-    async def run() -> int:
-        async def other_handlers() -> None:
-            while True:
-                waiting_seen.append(len(by_columns._waiting))
-                await asyncio.sleep(0)
-
-        ticker = asyncio.ensure_future(other_handlers())
-        await asyncio.sleep(0)
-
-        async def call(fn: Any, *args: Any) -> Any:
-            return fn(*args)
-
-        try:
-            return await save_latest_state(ledger, by_columns, call, 1)
-        finally:
-            ticker.cancel()
-
-    asyncio.run(run())
-    steps = sorted({w for w in waiting_seen if 0 < w < 30})
-    assert len(steps) >= 8, waiting_seen  # 3,000 points in steps of 250: the loop ran between
-    assert not by_columns._waiting
-    assert state(by_columns) == state(by_series)
-    ledger.close()
+def scrape(fleet: FleetState, now_ms: int) -> list[str]:
+    """The fleet's /metrics lines, in an order that does not depend on slot numbers."""
+    return sorted(fleet.exposition(now_ms).render().decode().splitlines())
 
 
 def test_a_table_with_one_series_under_two_indices_keeps_the_first_point_to_arrive() -> None:

@@ -26,10 +26,19 @@ differ: per node it checks the key, signature and chain, keeps the node's table 
 per node, docs/wire.md §10.6), decodes, updates that node's latest state and stores the frame.
 --profiles equal to --nodes makes every payload distinct.
 
+A site's Prometheus scrapes /metrics while the batches come, so the bench does too: a GET of
+/metrics every --scrape-interval seconds (15 s; 0: none) over the measured run, one at a time,
+each given --scrape-timeout seconds (Prometheus' default 10 s) to be answered whole, else a
+scrape error ("timeout"). The collector serves them beside the batches, so the ack latencies
+carry their cost; the acks in flight during a scrape get a p99 of their own. Printed:
+scrapes, their duration (to the body's last byte) p50 and max, the last body's size and its
+fleet series (sample lines with a timestamp, beside what its waystation_exposition_fleet_series
+says), and scrape errors, which fail a run as other errors do.
+
 Acks over the target are listed in bursts by when they were sent, so a stall (a save, a
-garbage collection) shows as one burst rather than as a p99. The ledger's growth is given
-twice: the whole ledger over the run (latest-state saves included, which stop growing once
-every series has its row) and its batches alone (SQLite's dbstat), the long-run rate.
+garbage collection, a scrape) shows as one burst rather than as a p99. The ledger's growth is
+given twice: the whole ledger over the run (latest-state saves included, which stop growing
+once every series has its row) and its batches alone (SQLite's dbstat), the long-run rate.
 --step runs the fleet at 100, 200, 500, 1k, 2k ... nodes (--step-from, up to --nodes), each
 for --step-minutes against a fresh collector and ledger, and stops at the first step with
 p99 at or over the target, an error, or a batch not stored.
@@ -39,18 +48,20 @@ p99 at or over the target, an error, or a batch not stored.
     python bench/fleet_load.py --step --nodes 20000 --step-minutes 3       # largest fleet under p99
 
 A quick look (about 30 s): `python bench/fleet_load.py --nodes 20 --series 200 --minutes 0.25
---period 5`. The last line of each run is its figures as JSON (`summary: {...}`).
+--period 5 --scrape-interval 1`. The last line of each run is its figures as JSON (`summary: {...}`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import hashlib
 import json
 import math
 import multiprocessing
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -358,6 +369,104 @@ def sender_main(port: int, indices: list[int], nodes: int, period: float, profil
     results.put(report)
 
 
+# ---------------------------------------------------------------- the scraper
+
+
+SCRAPE_HEADERS = {"Accept": "text/plain;version=0.0.4;q=1,*/*;q=0.1"}
+# A fleet sample line is its series' text (site and node always among its labels, so it ends
+# with "}"), its value and its timestamp; the collector's own samples carry no timestamp.
+FLEET_SAMPLE = re.compile(rb"\} \S+ -?\d+\n")
+FLEET_SERIES_GAUGE = re.compile(rb"^waystation_exposition_fleet_series (\S+)$", re.MULTILINE)
+
+
+@dataclass
+class ScrapeBody:
+    size: int
+    samples: int  # every sample line
+    fleet_series: int  # fleet sample lines (each series is exposed once)
+    fleet_series_reported: int | None  # what the body's waystation_exposition_fleet_series says
+
+
+def read_body(body: bytes) -> ScrapeBody:
+    samples = sum(1 for line in body.split(b"\n") if line and not line.startswith(b"#"))
+    reported = FLEET_SERIES_GAUGE.search(body)
+    return ScrapeBody(len(body), samples, len(FLEET_SAMPLE.findall(body)),
+                      round(float(reported.group(1))) if reported else None)
+
+
+class Scraper:
+    """GET /metrics as Prometheus does while the fleet sends: every `interval` seconds from
+    the clock's start, one scrape at a time (a tick that comes while one is in flight is
+    skipped), each bounded by `timeout` as Prometheus' scrape_timeout bounds it. Runs in a
+    thread of the bench's own process, so the senders' clocks are not held by the reading;
+    the collector serves it beside the batches, so their ack latencies carry its cost."""
+
+    def __init__(self, url: str, interval: float, timeout: float, start_at: float) -> None:
+        self.url, self.interval, self.timeout, self.start_at = url, interval, timeout, start_at
+        self.durations: list[float] = []  # of each scrape answered 200, to its body's last byte
+        self.windows: list[tuple[float, float]] = []  # every scrape's [start, end], seconds after the start
+        self.errors: Counter[str] = Counter()
+        self.last_body = b""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Event | None = None
+        self._running = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="scraper", daemon=True)
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        self._running.wait(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """No scrape after this; one in flight finishes (within its timeout)."""
+        if self._loop is not None and self._stopped is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stopped.set)
+            self._thread.join(self.timeout + 30)
+
+    async def _main(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()  # loop.time() is time.monotonic()
+        stopped = self._stopped = asyncio.Event()
+        self._running.set()
+        connector = aiohttp.TCPConnector(limit=1)
+        headers = SCRAPE_HEADERS | {"X-Prometheus-Scrape-Timeout-Seconds": f"{self.timeout:g}"}
+        async with aiohttp.ClientSession(connector=connector, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=self.timeout)) as session:
+            tick = 1
+            while not stopped.is_set():
+                due = self.start_at + tick * self.interval
+                try:
+                    await asyncio.wait_for(stopped.wait(), max(0.0, due - loop.time()))
+                    break
+                except TimeoutError:
+                    pass
+                await self._scrape(session)
+                tick = max(tick + 1, math.floor((loop.time() - self.start_at) / self.interval) + 1)
+
+    async def _scrape(self, session: aiohttp.ClientSession) -> None:
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        try:
+            async with session.get(self.url) as resp:
+                body = await resp.read()
+                status = resp.status
+        except TimeoutError:  # aiohttp's timeouts are TimeoutErrors too
+            self.errors["timeout"] += 1
+            return
+        except aiohttp.ClientError as exc:
+            self.errors[type(exc).__name__] += 1
+            return
+        finally:
+            self.windows.append((t - self.start_at, loop.time() - self.start_at))
+        if status != 200:
+            self.errors[f"http_{status}"] += 1
+            return
+        self.durations.append(loop.time() - t)
+        self.last_body = body
+
+
 # ---------------------------------------------------------------- one run
 
 
@@ -396,10 +505,24 @@ class RunFigures:
     table_bytes_per_node: float = 0.0
     slow: int = 0  # acks over the p99 target
     slow_bursts: list[list[float]] = field(default_factory=list)  # [sent at s, acks, max ms]
+    scrape_interval_s: float = 0.0  # 0: /metrics was not scraped
+    scrape_timeout_s: float = 0.0
+    scrapes: int = 0  # answered 200
+    scrape_p50_ms: float = math.nan
+    scrape_max_ms: float = math.nan
+    scrape_errors: dict[str, int] = field(default_factory=dict)
+    scrape_body_bytes: int = 0  # the last body's
+    scrape_samples: int = 0
+    scrape_fleet_series: int = 0
+    scrape_fleet_series_reported: int | None = None
+    # Acks whose request was in flight while a scrape was (its start to its last byte), and the rest.
+    acks_during_scrape: int = 0
+    p99_during_scrape_ms: float = math.nan
+    p99_outside_scrape_ms: float = math.nan
 
     @property
     def ok(self) -> bool:
-        return not self.errors and self.acked == self.expected == self.stored
+        return not self.errors and not self.scrape_errors and self.acked == self.expected == self.stored
 
     def summary(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.__dict__.items()} | {
@@ -505,10 +628,14 @@ class Watch:
 
 
 def run_fleet(nodes: int, batches: int, period: float, profiles: list[Profile], seed: int, t0_ms: int,
-              senders: int, procs: int, workdir: Path, say: Callable[[str], None]) -> RunFigures:
-    """Enroll `nodes`, start a fresh collector, send every batch on schedule, measure."""
+              senders: int, procs: int, workdir: Path, say: Callable[[str], None],
+              scrape_interval: float = 0.0, scrape_timeout: float = 10.0) -> RunFigures:
+    """Enroll `nodes`, start a fresh collector, send every batch on schedule while /metrics
+    is scraped every `scrape_interval` seconds (0: never), measure."""
     period_ms = int(period * 1000)
-    fig = RunFigures(nodes, profiles[0].payloads[0].series_count, period, batches, nodes * batches)
+    fig = RunFigures(nodes, profiles[0].payloads[0].series_count, period, batches, nodes * batches,
+                     scrape_interval_s=scrape_interval, scrape_timeout_s=scrape_timeout)
+    scraper: Scraper | None = None
     data_dir = workdir / f"collector-{nodes}"
     ledger_path = data_dir / LEDGER_FILE
     fig.enroll_s = enroll_fleet(data_dir, nodes, seed)
@@ -537,9 +664,15 @@ def run_fleet(nodes: int, batches: int, period: float, profiles: list[Profile], 
         with Watch(collector.pid) as watch:
             cpu0 = watch.cpu()
             start_at.value = time.monotonic() + 1.0
+            if scrape_interval > 0:
+                scraper = stack.enter_context(Scraper(f"http://127.0.0.1:{port}/metrics", scrape_interval,
+                                                      scrape_timeout, start_at.value))
             go.set()
-            say(f"clock started: {nodes / period:.1f} requests/s for {batches * period:.0f} s")
+            say(f"clock started: {nodes / period:.1f} requests/s for {batches * period:.0f} s"
+                + (f", /metrics scraped every {scrape_interval:g} s" if scraper else ""))
             reports = _wait_reports(workers, results, acked, fig, ledger_path, start_at.value, say)
+            if scraper is not None:
+                scraper.stop()  # the run is over; a scrape in flight ends within its timeout
             fig.load_wall_s = time.monotonic() - start_at.value
             fig.collector_cpu_s = watch.cpu() - cpu0
             fig.ledger_end = ledger_used(ledger_path)
@@ -575,7 +708,33 @@ def run_fleet(nodes: int, batches: int, period: float, profiles: list[Profile], 
     if fig.stored:
         fig.batch_growth_per_day = fig.ledger_parts.get("batches", 0) / fig.stored * fig.nodes * 86400 / fig.period_s
     fig.table_bytes_per_node = fig.ledger_parts.get("series tables", 0) / fig.nodes
+    if scraper is not None:
+        _scrape_figures(fig, scraper, reports)
     return fig
+
+
+def _scrape_figures(fig: RunFigures, scraper: Scraper, reports: list[SenderReport]) -> None:
+    fig.scrapes = len(scraper.durations)
+    fig.scrape_p50_ms = percentile(scraper.durations, 0.50) * 1000
+    fig.scrape_max_ms = max(scraper.durations, default=math.nan) * 1000
+    fig.scrape_errors = dict(sorted(scraper.errors.items()))
+    if scraper.last_body:
+        body = read_body(scraper.last_body)
+        fig.scrape_body_bytes, fig.scrape_samples = body.size, body.samples
+        fig.scrape_fleet_series, fig.scrape_fleet_series_reported = body.fleet_series, body.fleet_series_reported
+    during, outside = [], []
+    for r in reports:
+        for sent, latency in zip(r.sent_s, r.latency_s, strict=True):
+            (during if overlaps_scrape(scraper.windows, sent, sent + latency) else outside).append(latency)
+    fig.acks_during_scrape = len(during)
+    fig.p99_during_scrape_ms = percentile(during, 0.99) * 1000
+    fig.p99_outside_scrape_ms = percentile(outside, 0.99) * 1000
+
+
+def overlaps_scrape(windows: list[tuple[float, float]], start: float, end: float) -> bool:
+    """Whether [start, end] meets one of the scrapes' windows (in order, one after another)."""
+    i = bisect.bisect_left(windows, (end, math.inf))
+    return i > 0 and windows[i - 1][1] >= start
 
 
 def _wait_reports(workers: list[Any], results: Any, acked: Any, fig: RunFigures, ledger_path: Path,
@@ -637,6 +796,27 @@ def _slow_line(fig: RunFigures) -> str:
             f"{shown}{more}")
 
 
+def _scrape_rows(fig: RunFigures) -> list[tuple[str, str]]:
+    if not fig.scrape_interval_s:
+        return [("scrapes of /metrics", "off (--scrape-interval 0)")]
+    reported = ("not in the body" if fig.scrape_fleet_series_reported is None
+                else f"{fig.scrape_fleet_series_reported:,}")
+    body = (f"{mb(fig.scrape_body_bytes)}: {fig.scrape_fleet_series:,} fleet series "
+            f"(waystation_exposition_fleet_series {reported}), {fig.scrape_samples:,} samples"
+            if fig.scrapes else "none (no scrape answered)")
+    return [
+        ("scrapes of /metrics", f"{fig.scrapes} (every {fig.scrape_interval_s:g} s, timeout "
+                                f"{fig.scrape_timeout_s:g} s); duration p50 {fig.scrape_p50_ms:.1f} ms, "
+                                f"max {fig.scrape_max_ms:.1f} ms"),
+        ("last scrape body", body),
+        ("scrape errors", ", ".join(f"{k} {v}" for k, v in fig.scrape_errors.items()) or "none"),
+        ("ack latency p99 during a scrape / outside", f"{fig.p99_during_scrape_ms:.1f} ms "
+                                                      f"({fig.acks_during_scrape} acks) / "
+                                                      f"{fig.p99_outside_scrape_ms:.1f} ms "
+                                                      f"({fig.acked - fig.acks_during_scrape})"),
+    ]
+
+
 def print_run(fig: RunFigures) -> None:
     errors = ", ".join(f"{k} {v}" for k, v in fig.errors.items()) or "none"
     rows = [
@@ -649,6 +829,7 @@ def print_run(fig: RunFigures) -> None:
         ("ack latency max", f"{fig.max_ms:.1f} ms"),
         ("errors", errors),
         (f"acks over {P99_TARGET_MS:.0f} ms", _slow_line(fig)),
+        *_scrape_rows(fig),
         ("batches acknowledged", f"{fig.acked}/{fig.expected} ({fig.duplicates} as duplicate)"),
         ("batches stored in the ledger (/v1/nodes)", f"{fig.stored}/{fig.expected}; nodes complete through their last "
                                                       f"seq {fig.nodes_complete}/{fig.nodes}"),
@@ -705,9 +886,16 @@ def main() -> int:
     ap.add_argument("--step", action="store_true", help="find the largest fleet with p99 under the target")
     ap.add_argument("--step-from", type=int, default=100, help="the first step's node count")
     ap.add_argument("--step-minutes", type=float, default=3.0, help="how long each step sends")
+    ap.add_argument("--scrape-interval", type=float, default=15.0,
+                    help="seconds between GETs of /metrics while the fleet sends, as Prometheus scrapes (0: none)")
+    ap.add_argument("--scrape-timeout", type=float, default=10.0,
+                    help="a scrape not answered whole within this many seconds counts as a timeout "
+                         "(Prometheus' default scrape_timeout)")
     args = ap.parse_args()
     if min(args.nodes, args.series, args.senders, args.procs, args.profiles, args.step_from) < 1:
         ap.error("--nodes, --series, --senders, --procs, --profiles and --step-from must be at least 1")
+    if args.scrape_interval < 0 or args.scrape_timeout <= 0:
+        ap.error("--scrape-interval must be 0 or more and --scrape-timeout more than 0")
     minutes = args.step_minutes if args.step else args.minutes
     batches = max(1, round(minutes * 60 / args.period))
     period_ms = int(args.period * 1000)
@@ -731,7 +919,7 @@ def main() -> int:
         workdir = Path(tmp)
         if not args.step:
             fig = run_fleet(args.nodes, batches, args.period, profiles, args.seed, t0_ms, args.senders, args.procs,
-                            workdir, say)
+                            workdir, say, args.scrape_interval, args.scrape_timeout)
             print()
             print_run(fig)
             return 0
@@ -739,11 +927,12 @@ def main() -> int:
         for n in step_ladder(min(args.step_from, args.nodes), args.nodes):
             say(f"\n== step: {n} nodes")
             fig = run_fleet(n, batches, args.period, profiles, args.seed, t0_ms, args.senders, args.procs,
-                            workdir, say)
+                            workdir, say, args.scrape_interval, args.scrape_timeout)
             print_run(fig)
             if not fig.ok or not fig.p99_ms < P99_TARGET_MS:
                 print(f"\nstopped at {n} nodes: p99 {fig.p99_ms:.1f} ms, errors "
-                      f"{sum(fig.errors.values())}, acked {fig.acked}/{fig.expected}")
+                      f"{sum(fig.errors.values())}, scrape errors {sum(fig.scrape_errors.values())}, "
+                      f"acked {fig.acked}/{fig.expected}")
                 break
             held = fig
             shutil.rmtree(workdir / f"collector-{n}")  # each step has its own; free the disk

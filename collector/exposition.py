@@ -181,23 +181,24 @@ class _NodeLatest:
     def count(self) -> int:
         return len(self.ids)
 
-    def slot(self) -> int:
-        """A slot for a new series, with every column at its fresh value."""
-        if self.free:
-            sid = self.free.pop()
-        else:
-            if self.size == self.ts.size:
-                capacity = max(16, 2 * self.size)
-                for name, dtype, _ in _COLUMNS:
-                    old = getattr(self, name)
-                    grown: np.ndarray = np.empty(capacity, dtype=dtype)
-                    grown[:old.size] = old
-                    setattr(self, name, grown)
-            sid = self.size
-            self.size += 1
+    def slots(self, count: int) -> np.ndarray:
+        """Slots for `count` new series (freed ones first), every column at its fresh value."""
+        reused = self.free[len(self.free) - count:] if count else []
+        del self.free[len(self.free) - len(reused):]
+        fresh_count = count - len(reused)
+        if self.size + fresh_count > self.ts.size:
+            capacity = max(16, 2 * self.ts.size, self.size + fresh_count)
+            for name, dtype, _ in _COLUMNS:
+                old = getattr(self, name)
+                grown: np.ndarray = np.empty(capacity, dtype=dtype)
+                grown[:old.size] = old
+                setattr(self, name, grown)
+        sids = np.concatenate((np.array(reused, dtype=np.int64),
+                               np.arange(self.size, self.size + fresh_count, dtype=np.int64)))
+        self.size += fresh_count
         for name, _, fresh in _COLUMNS:
-            getattr(self, name)[sid] = fresh
-        return sid
+            getattr(self, name)[sids] = fresh
+        return sids
 
 
 class _TableSlots:
@@ -394,26 +395,54 @@ class FleetState:
         sids: np.ndarray, ts_last: np.ndarray,
     ) -> np.ndarray:
         """The slots of a batch's indices, resolving those not resolved yet as `apply` does
-        (the same floor for backfill, the same caps); -1 where refused."""
+        (the same floor for backfill, the same caps, in index order); -1 where refused. New
+        series get their slots together (a node's first batch is all new series)."""
         floor = latest.newest_ms - self.series_ttl_ms
         names, labels, mtypes = table.names, table.labels, table.mtypes
         ids, by_raw, sid_of = latest.ids, latest.by_raw, slots.sid
         sids = sids.copy()
         resolved_now = False
+        new_keys: list[tuple[str, Labels]] = []
+        new_types: list[wire.MetricType] = []
+        numbered: dict[tuple[str, Labels], int] = {}
+        waiting: list[tuple[int, int, int]] = []  # (batch position, table index, number among the new)
         for pos in np.flatnonzero(sids < 0).tolist():
             i = int(index[pos])
-            key = (names[i], labels[i])
-            sid = ids.get(key)
+            name, raw = names[i], labels[i]
+            sid = ids.get((name, raw))
             if sid is None:
-                sid = by_raw.get(key)
+                sid = by_raw.get((name, raw))
                 if sid is None:
                     if int(ts_last[pos]) < floor:
                         continue  # backfill of a series long gone: it would expire at once
-                    sid = self._resolve(latest, names[i], labels[i], mtypes[i])
-                    if sid < 0:
-                        continue  # refused by a cap: asked again (and counted) next time, as apply does
+                    if name.startswith(RESERVED_PREFIXES):
+                        latest.dropped_series += 1
+                        continue
+                    key = (name, _identity_labels(raw))
+                    sid = None if key[1] is raw else ids.get(key)
+                    if sid is None:
+                        k = numbered.get(key)
+                        if k is None:
+                            k = numbered[key] = len(new_keys)
+                            new_keys.append(key)
+                            new_types.append(mtypes[i])
+                        waiting.append((pos, i, k))
+                        continue
+                    self._alias(latest, name, raw, sid)
             sid_of[i] = sids[pos] = sid
             resolved_now = True
+        if new_keys:
+            created, by_fleet = self._create(latest, new_keys, new_types)
+            for pos, i, k in waiting:
+                sid = created[k]
+                if sid < 0:  # refused by a cap: asked again (and counted) next time, as apply does
+                    latest.dropped_series += 1
+                    self.over_fleet_limit += by_fleet
+                    continue
+                if new_keys[k][1] is not labels[i]:
+                    self._alias(latest, names[i], labels[i], sid)
+                sid_of[i] = sids[pos] = sid
+                resolved_now = True
         if resolved_now and not slots.shared:  # only a newly resolved index can share a slot
             held = sid_of[sid_of >= 0]
             slots.shared = np.unique(held).size != held.size
@@ -446,30 +475,44 @@ class FleetState:
         if name.startswith(RESERVED_PREFIXES):
             latest.dropped_series += 1
             return -1
-        labels = _identity_labels(raw)
-        key = (name, labels)
-        sid = None if labels is raw else latest.ids.get(key)
+        key = (name, _identity_labels(raw))
+        sid = None if key[1] is raw else latest.ids.get(key)
         if sid is None:
-            if latest.count >= self.max_series_per_node:
+            created, by_fleet = self._create(latest, [key], [mtype])
+            sid = created[0]
+            if sid < 0:
                 latest.dropped_series += 1
+                self.over_fleet_limit += by_fleet
                 return -1
-            if self.total_series >= self.max_series_total:
-                latest.dropped_series += 1
-                self.over_fleet_limit += 1
-                return -1
-            sid = latest.slot()
-            latest.ids[key] = sid
-            latest.keys[sid] = key
-            latest.prefix[sid] = _prefix(name, labels, latest.site, latest.node)
-            latest.family[sid] = self._family(name)
-            latest.mtype[sid] = int(mtype)
-            latest.live[sid] = True
-            self.total_series += 1
-        if labels is not raw:
-            if len(latest.by_raw) >= 2 * self.max_series_per_node:
-                latest.by_raw.clear()  # only a cache; bounded so odd label orders cannot grow it
-            latest.by_raw[(name, raw)] = sid
+        if key[1] is not raw:
+            self._alias(latest, name, raw, sid)
         return sid
+
+    def _create(self, latest: _NodeLatest, keys: list[tuple[str, Labels]], mtypes: list[wire.MetricType],
+                ) -> tuple[list[int], bool]:
+        """Slots for new series, in order, while both caps allow: (each one's slot or -1,
+        whether the fleet's cap refused those refused, not the node's own)."""
+        node_room = max(self.max_series_per_node - latest.count, 0)
+        room = max(min(node_room, self.max_series_total - self.total_series, len(keys)), 0)
+        sids = latest.slots(room)
+        ids, stored, prefix = latest.ids, latest.keys, latest.prefix
+        site, node = _pair_text(("site", latest.site)), _pair_text(("node", latest.node))
+        created = sids.tolist()
+        for sid, key in zip(created, keys, strict=False):
+            ids[key] = sid
+            stored[sid] = key
+            prefix[sid] = _prefix(key[0], key[1], site, node)
+        latest.family[sids] = [self._family(name) for name, _ in keys[:room]]
+        latest.mtype[sids] = [int(m) for m in mtypes[:room]]
+        latest.live[sids] = True
+        self.total_series += room
+        return created + [-1] * (len(keys) - room), room < node_room
+
+    def _alias(self, latest: _NodeLatest, name: str, raw: Labels, sid: int) -> None:
+        """Remember labels sent in another order (or naming site or node) for a slot."""
+        if len(latest.by_raw) >= 2 * self.max_series_per_node:
+            latest.by_raw.clear()  # only a cache; bounded so odd label orders cannot grow it
+        latest.by_raw[(name, raw)] = sid
 
     def _family(self, name: str) -> int:
         fid = self._family_ids.get(name)
@@ -721,6 +764,9 @@ def _identity_labels(raw: Labels) -> Labels:
     previous = ""
     for k, _ in raw:
         if k <= previous or k == "site" or k == "node":
+            names = {k for k, _ in raw}
+            if len(names) == len(raw) and "site" not in names and "node" not in names:
+                return tuple(sorted(raw))  # only the order differs: the pairs are shared
             labels = dict(raw)
             labels.pop("site", None)
             labels.pop("node", None)
@@ -747,9 +793,37 @@ def _escape(value: str) -> str:
 
 
 def _prefix(name: str, labels: Labels, site: str, node: str) -> str:
-    """A series' exposition text before its value: name and labels, site and node among them."""
-    shown = sorted((*labels, ("node", node), ("site", site)))
-    return name + "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in shown) + "}"
+    """A series' exposition text before its value: name and labels (sorted, without site
+    and node), with the node's rendered `site` and `node` pairs among them in order."""
+    parts = []
+    placed = 0  # 1: node placed; 2: both
+    for pair in labels:
+        if placed < 2 and pair[0] > "node":
+            if placed == 0:
+                parts.append(node)
+                placed = 1
+            if pair[0] > "site":
+                parts.append(site)
+                placed = 2
+        parts.append(_PAIR_TEXT.get(pair) or _pair_text(pair))
+    if placed == 0:
+        parts.append(node)
+    if placed < 2:
+        parts.append(site)
+    return name + "{" + ",".join(parts) + "}"
+
+
+# A label pair's exposition text, by pair: label values repeat across series and nodes.
+_PAIR_TEXT: dict[tuple[str, str], str] = {}
+
+
+def _pair_text(pair: tuple[str, str]) -> str:
+    text = _PAIR_TEXT.get(pair)
+    if text is None:
+        if len(_PAIR_TEXT) >= 100_000:
+            _PAIR_TEXT.clear()  # only a cache: unique values (ids, paths) must not grow it
+        text = _PAIR_TEXT[pair] = f'{pair[0]}="{_escape(pair[1])}"'
+    return text
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:

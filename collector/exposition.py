@@ -253,6 +253,19 @@ class SaveDue:
         return SaveDue(parts)
 
 
+class _Joining:
+    """The new series one batch brings: their identity keys and types in order of first
+    appearance, and each appearance waiting for its slot (position, number, labels as sent)."""
+
+    __slots__ = ("keys", "mtypes", "numbered", "waiting")
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[str, Labels]] = []
+        self.mtypes: list[wire.MetricType] = []
+        self.numbered: dict[tuple[str, Labels], int] = {}
+        self.waiting: list[tuple[int, int, Labels]] = []
+
+
 class FleetState:
     """Latest value of every fleet series per node, plus each node's ledger accounting."""
 
@@ -317,12 +330,13 @@ class FleetState:
         node's arrival time to `now_ms`.
         """
         latest = self._node(site, node)
-        ids, by_raw = latest.ids, latest.by_raw
+        ids = latest.ids
         newest = latest.newest_ms
         now = int(time.time() * 1000) if now_ms is None else now_ms
         horizon = now + self.series_ttl_ms
         floor = newest - self.series_ttl_ms
         top = _NONE_MS
+        joining = _Joining()
         sids: list[int] = []
         stamps: list[int] = []
         values: list[float] = []
@@ -333,24 +347,24 @@ class FleetState:
                 top = ts
             if newest < ts < horizon:
                 newest = ts
-            key = (s.name, s.labels)
-            sid = ids.get(key)
+            sid = ids.get((s.name, s.labels))
             if sid is None:
-                sid = by_raw.get(key)
+                sid = self._find(latest, s.name, s.labels, s.mtype, ts, floor, joining, len(sids))
                 if sid is None:
-                    if ts < floor:
-                        continue  # backfill of a series long gone: it would expire at once
-                    sid = self._resolve(latest, s.name, s.labels, s.mtype)
-                    if sid < 0:
-                        continue
+                    continue
             sids.append(sid)
             stamps.append(ts)
             values.append(s.values[-1])
             mtypes.append(int(s.mtype))
+        for pos, sid in self._join(latest, joining):
+            sids[pos] = sid
         if sids:
-            self._take(latest, np.array(sids, dtype=np.int64), np.array(stamps, dtype=np.int64),
-                       np.array(values, dtype=np.float64), np.array(mtypes, dtype=np.int8),
-                       len(set(sids)) == len(sids))
+            at = np.array(sids, dtype=np.int64)
+            taken = at >= 0
+            at = at[taken]
+            self._take(latest, at, np.array(stamps, dtype=np.int64)[taken],
+                       np.array(values, dtype=np.float64)[taken], np.array(mtypes, dtype=np.int8)[taken],
+                       np.unique(at).size == at.size)
         self._arrival(latest, top, newest, now, arrived)
 
     def apply_columns(
@@ -395,55 +409,22 @@ class FleetState:
         sids: np.ndarray, ts_last: np.ndarray,
     ) -> np.ndarray:
         """The slots of a batch's indices, resolving those not resolved yet as `apply` does
-        (the same floor for backfill, the same caps, in index order); -1 where refused. New
-        series get their slots together (a node's first batch is all new series)."""
+        (the same floor for backfill, the same caps, in index order); -1 where refused."""
         floor = latest.newest_ms - self.series_ttl_ms
         names, labels, mtypes = table.names, table.labels, table.mtypes
-        ids, by_raw, sid_of = latest.ids, latest.by_raw, slots.sid
+        sid_of = slots.sid
         sids = sids.copy()
-        resolved_now = False
-        new_keys: list[tuple[str, Labels]] = []
-        new_types: list[wire.MetricType] = []
-        numbered: dict[tuple[str, Labels], int] = {}
-        waiting: list[tuple[int, int, int]] = []  # (batch position, table index, number among the new)
+        joining = _Joining()
+        resolved = []
         for pos in np.flatnonzero(sids < 0).tolist():
             i = int(index[pos])
-            name, raw = names[i], labels[i]
-            sid = ids.get((name, raw))
-            if sid is None:
-                sid = by_raw.get((name, raw))
-                if sid is None:
-                    if int(ts_last[pos]) < floor:
-                        continue  # backfill of a series long gone: it would expire at once
-                    if name.startswith(RESERVED_PREFIXES):
-                        latest.dropped_series += 1
-                        continue
-                    key = (name, _identity_labels(raw))
-                    sid = None if key[1] is raw else ids.get(key)
-                    if sid is None:
-                        k = numbered.get(key)
-                        if k is None:
-                            k = numbered[key] = len(new_keys)
-                            new_keys.append(key)
-                            new_types.append(mtypes[i])
-                        waiting.append((pos, i, k))
-                        continue
-                    self._alias(latest, name, raw, sid)
-            sid_of[i] = sids[pos] = sid
-            resolved_now = True
-        if new_keys:
-            created, by_fleet = self._create(latest, new_keys, new_types)
-            for pos, i, k in waiting:
-                sid = created[k]
-                if sid < 0:  # refused by a cap: asked again (and counted) next time, as apply does
-                    latest.dropped_series += 1
-                    self.over_fleet_limit += by_fleet
-                    continue
-                if new_keys[k][1] is not labels[i]:
-                    self._alias(latest, names[i], labels[i], sid)
-                sid_of[i] = sids[pos] = sid
-                resolved_now = True
-        if resolved_now and not slots.shared:  # only a newly resolved index can share a slot
+            sid = self._find(latest, names[i], labels[i], mtypes[i], int(ts_last[pos]), floor, joining, pos)
+            if sid is not None and sid >= 0:
+                resolved.append((pos, sid))
+        resolved += self._join(latest, joining)
+        for pos, sid in resolved:
+            sid_of[int(index[pos])] = sids[pos] = sid
+        if resolved and not slots.shared:  # only a newly resolved index can share a slot
             held = sid_of[sid_of >= 0]
             slots.shared = np.unique(held).size != held.size
         return sids
@@ -469,24 +450,53 @@ class FleetState:
                 latest.mtype[sid] = mtype
                 latest.dirty[sid] = self._open
 
-    def _resolve(self, latest: _NodeLatest, name: str, raw: Labels, mtype: wire.MetricType) -> int:
-        """The slot of a series not found by its labels as sent: found by its identity, or a
-        new one; -1 where refused (a reserved name, a cap)."""
+    def _find(self, latest: _NodeLatest, name: str, raw: Labels, mtype: wire.MetricType, stamp: int,
+              floor: int, joining: _Joining, pos: int) -> int | None:
+        """The slot of a series by its labels as sent, or by its identity; None where not
+        taken (backfill of a series long gone, a reserved name); -1 for a new series, which
+        `joining` holds (at `pos`) until `_join` gives it its slot."""
+        sid = latest.ids.get((name, raw))
+        if sid is None:
+            sid = latest.by_raw.get((name, raw))
+        if sid is not None:
+            return sid
+        if stamp < floor:
+            return None  # backfill of a series long gone: it would expire at once
         if name.startswith(RESERVED_PREFIXES):
             latest.dropped_series += 1
-            return -1
+            return None
         key = (name, _identity_labels(raw))
-        sid = None if key[1] is raw else latest.ids.get(key)
-        if sid is None:
-            created, by_fleet = self._create(latest, [key], [mtype])
-            sid = created[0]
+        if key[1] is not raw:
+            sid = latest.ids.get(key)
+            if sid is not None:
+                self._alias(latest, name, raw, sid)
+                return sid
+        k = joining.numbered.get(key)
+        if k is None:
+            k = joining.numbered[key] = len(joining.keys)
+            joining.keys.append(key)
+            joining.mtypes.append(mtype)
+        joining.waiting.append((pos, k, raw))
+        return -1
+
+    def _join(self, latest: _NodeLatest, joining: _Joining) -> list[tuple[int, int]]:
+        """Slots for the new series of a batch, together: (position, slot) of each one the
+        caps allowed; each refused one is counted (and asked again next time, as before)."""
+        if not joining.keys:
+            return []
+        created, by_fleet = self._create(latest, joining.keys, joining.mtypes)
+        out = []
+        for pos, k, raw in joining.waiting:
+            sid = created[k]
             if sid < 0:
                 latest.dropped_series += 1
                 self.over_fleet_limit += by_fleet
-                return -1
-        if key[1] is not raw:
-            self._alias(latest, name, raw, sid)
-        return sid
+                continue
+            name, labels = joining.keys[k]
+            if labels is not raw:
+                self._alias(latest, name, raw, sid)
+            out.append((pos, sid))
+        return out
 
     def _create(self, latest: _NodeLatest, keys: list[tuple[str, Labels]], mtypes: list[wire.MetricType],
                 ) -> tuple[list[int], bool]:

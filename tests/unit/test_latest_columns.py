@@ -4,6 +4,7 @@ counts, same expiry and save queues, through series joining, backfill and tables
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -198,3 +199,83 @@ def test_a_table_with_one_series_under_two_indices_keeps_the_first_point_to_arri
         if seq == 3:
             assert state(by_columns) == state(by_series)
     assert state(by_columns) == state(by_series)
+
+
+class Model:
+    """The latest state's rules as plainly as they can be written: a dict per node from
+    identity (name, labels with the node's site and node, sorted) to its newest point."""
+
+    def __init__(self, per_node: int, total: int, ttl_s: int) -> None:
+        self.per_node, self.total, self.ttl_ms = per_node, total, ttl_s * 1000
+        self.nodes: dict[str, dict[tuple[object, ...], list[Any]]] = {}
+        self.newest: dict[str, int] = {}
+        self.swept: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+        self.expired: dict[str, int] = {}
+        self.series = self.over = 0
+
+    def apply(self, node: str, series: list[wire.Series], now: int) -> None:
+        entries = self.nodes.setdefault(node, {})
+        newest = self.newest.get(node, -(1 << 63))
+        floor = newest - self.ttl_ms
+        for s in series:
+            ts = s.timestamps_ms[-1]
+            if newest < ts < now + self.ttl_ms:
+                newest = ts
+            identity = (s.name, tuple(sorted({**dict(s.labels), "site": "s", "node": node}.items())))
+            if identity not in entries:
+                if ts < floor:
+                    continue
+                refused = (s.name.startswith("waystation_ingest_") or len(entries) >= self.per_node
+                           or self.series >= self.total)
+                if refused:
+                    self.dropped[node] = self.dropped.get(node, 0) + 1
+                    self.over += (not s.name.startswith("waystation_ingest_") and len(entries) < self.per_node)
+                    continue
+                entries[identity] = [-(1 << 63), 0.0, 0]
+                self.series += 1
+            entry = entries[identity]
+            if ts > entry[0]:
+                entry[:] = [ts, s.values[-1], int(s.mtype)]
+        self.newest[node] = newest
+        if newest - self.swept.get(node, -(1 << 63)) >= max(60_000, self.ttl_ms // 8):
+            self.swept[node] = newest
+            stale = [k for k, e in entries.items() if e[0] < newest - self.ttl_ms]
+            for k in stale:
+                del entries[k]
+            self.series -= len(stale)
+            self.expired[node] = self.expired.get(node, 0) + len(stale)
+
+    def rows(self) -> list[tuple[object, ...]]:
+        return sorted(((dict(labels)["node"], name, tuple((k, v) for k, v in labels if k not in ("site", "node")),
+                        mtype, ts, value)
+                       for entries in self.nodes.values() for (name, labels), (ts, value, mtype) in entries.items()),
+                      key=repr)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_latest_state_keeps_the_rules_a_plain_model_of_them_keeps(seed: int) -> None:
+    """Newest point per identity, backfill of a gone series skipped, both caps in the order
+    series arrive (counted as refused, and as over the fleet's limit when that one refused),
+    expiry by the node's own newest sample: the arrays against a dict per node."""
+    fleet = FleetState(25, series_ttl_s=1800, max_series_total=60)
+    model = Model(25, 60, 1800)
+    builders = {f"n{i}": wire.TableBuilder(1) for i in range(3)}
+    tables = wire.MemoryTables()
+    for seq, (node, series) in enumerate(batches(seed), 1):
+        table, placed = builders[node].place(series)
+        frame = wire.sign_batch(wire.prepare_columns(table, placed, 1),
+                                wire.BatchContext(KEY, "s", node, seq, wire.ZERO_HASH, T0, 0))
+        opened = wire.open_batch(frame, lambda _k: Enrolled(), series_tables=tables, attached_table=table.blob,
+                                 as_series=False)
+        assert isinstance(opened, wire.VerifiedBatch) and opened.columns is not None
+        now = T0 + seq * 60_000
+        fleet.apply_columns("s", node, opened.columns, now_ms=now)
+        model.apply(node, [s for _, s in placed], now)
+        got = sorted(((node, name, tuple(map(tuple, json.loads(labels))), mtype, ts, value)
+                      for _, node, name, labels, mtype, ts, value in fleet.snapshot()), key=repr)
+        assert got == model.rows(), f"after batch {seq}"
+        assert fleet.total_series == model.series and fleet.over_fleet_limit == model.over
+        assert {n: (d, e) for _, n, d, e in fleet.series_accounting()} == {
+            n: (model.dropped.get(n, 0), model.expired.get(n, 0)) for n in model.nodes}
+    assert model.over > 0 and any(model.expired.values())  # both caps and expiry were exercised

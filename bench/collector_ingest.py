@@ -46,7 +46,8 @@ def node_series(rng: random.Random, n_series: int, points: int, t0_ms: int) -> l
     ts = tuple(t0_ms + i * 1000 for i in range(points))
     out = []
     for i in range(n_series):
-        labels = (("job", "node"), ("cpu", str(i % 64)), ("mode", ("user", "system", "idle")[i % 3]),
+        # Each series its own identity (name i % 40, cpu i // 40), as an agent sends them.
+        labels = (("job", "node"), ("cpu", str(i // 40)), ("mode", ("user", "system", "idle")[i % 3]),
                   ("instance", "10.0.0.1:9100"))
         kind = i % 4
         if kind == 0:

@@ -131,6 +131,7 @@ _COLUMNS: tuple[tuple[str, type, object], ...] = (
     ("mtype", np.int8, 0),
     ("dirty", np.int64, _CLEAN),
     ("live", bool, False),
+    ("born", np.int64, 0),
 )
 
 
@@ -142,7 +143,7 @@ class _NodeLatest:
     walks them all."""
 
     __slots__ = (
-        "site", "node", "ids", "by_raw", "size", "free", "by_table", "dropped_series", "expired_series",
+        "site", "node", "ids", "by_raw", "size", "free", "reused", "by_table", "dropped_series", "expired_series",
         "newest_ms", "arrival_ms", "swept_ms", *(name for name, _, _ in _COLUMNS),
     )
 
@@ -156,6 +157,7 @@ class _NodeLatest:
         self.by_raw: dict[tuple[str, Labels], int] = {}
         self.size = 0  # slots ever used (live or free): the arrays' rows that mean anything
         self.free: list[int] = []
+        self.reused = False  # a freed slot was reused: slot order is no longer creation order
         # v2: per series table (by id) the slot of each table index, resolved once; dropped
         # whenever slots are freed. At most TABLE_SLOTS tables per node.
         self.by_table: dict[bytes, _TableSlots] = {}
@@ -176,6 +178,7 @@ class _NodeLatest:
         self.mtype = np.zeros(0, dtype=np.int8)
         self.dirty = np.zeros(0, dtype=np.int64)
         self.live = np.zeros(0, dtype=bool)
+        self.born = np.zeros(0, dtype=np.int64)  # creation order across the fleet
 
     @property
     def count(self) -> int:
@@ -185,6 +188,7 @@ class _NodeLatest:
         """Slots for `count` new series (freed ones first), every column at its fresh value."""
         reused = self.free[len(self.free) - count:] if count else []
         del self.free[len(self.free) - len(reused):]
+        self.reused = self.reused or bool(reused)
         fresh_count = count - len(reused)
         if self.size + fresh_count > self.ts.size:
             capacity = max(16, 2 * self.ts.size, self.size + fresh_count)
@@ -298,6 +302,7 @@ class FleetState:
         # Family (series name) -> number, for grouping a scrape by family with array ops.
         self._family_ids: dict[str, int] = {}
         self._family_names: list[str] = []
+        self._born = 0  # series created so far: a family's samples (and its type) go in that order
 
     def update_node(self, state: NodeState) -> None:
         self._states[(state.site, state.node)] = state
@@ -431,24 +436,24 @@ class FleetState:
 
     def _take(self, latest: _NodeLatest, sids: np.ndarray, stamps: np.ndarray, values: np.ndarray,
               mtypes: np.ndarray, unique: bool) -> None:
-        """Each point into its slot where newer than what it holds (at one time the first
-        value stays), and those slots into the open save epoch."""
-        ts = latest.ts
-        if unique:
-            newer = stamps > ts[sids]
-            at = sids[newer]
-            ts[at] = stamps[newer]
-            latest.value[at] = values[newer]
-            latest.mtype[at] = mtypes[newer]
-            latest.dirty[at] = self._open
+        """Each point into its slot where newer than what it holds, and those slots into the
+        open save epoch. Taken one after another, a slot named twice ends with its newest
+        point, the first of those at one time (a later one is not newer): with `unique`
+        false, that point is picked per slot first."""
+        if not sids.size:
             return
-        for sid, stamp, value, mtype in zip(sids.tolist(), stamps.tolist(), values.tolist(), mtypes.tolist(),
-                                            strict=True):
-            if stamp > ts[sid]:
-                ts[sid] = stamp
-                latest.value[sid] = value
-                latest.mtype[sid] = mtype
-                latest.dirty[sid] = self._open
+        if not unique:
+            order = np.lexsort((np.arange(sids.size), ~stamps, sids))  # ~: descending, no overflow
+            ordered = sids[order]
+            first = order[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+            sids, stamps, values, mtypes = sids[first], stamps[first], values[first], mtypes[first]
+        ts = latest.ts
+        newer = stamps > ts[sids]
+        at = sids[newer]
+        ts[at] = stamps[newer]
+        latest.value[at] = values[newer]
+        latest.mtype[at] = mtypes[newer]
+        latest.dirty[at] = self._open
 
     def _find(self, latest: _NodeLatest, name: str, raw: Labels, mtype: wire.MetricType, stamp: int,
               floor: int, joining: _Joining, pos: int) -> int | None:
@@ -515,6 +520,8 @@ class FleetState:
         latest.family[sids] = [self._family(name) for name, _ in keys[:room]]
         latest.mtype[sids] = [int(m) for m in mtypes[:room]]
         latest.live[sids] = True
+        latest.born[sids] = np.arange(self._born, self._born + room, dtype=np.int64)
+        self._born += room
         self.total_series += room
         return created + [-1] * (len(keys) - room), room < node_room
 
@@ -683,6 +690,8 @@ class FleetState:
                 continue
             n = latest.size
             at = np.flatnonzero(latest.live[:n])
+            if latest.reused:
+                at = at[np.argsort(latest.born[at], kind="stable")]
             floor = max(min(max(latest.newest_ms, latest.arrival_ms) - HOLD_MS, now), _NONE_MS)
             ts = np.clip(latest.ts[at], floor, now)
             value = latest.value[at]

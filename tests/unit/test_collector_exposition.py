@@ -514,3 +514,19 @@ def test_the_text_is_what_prometheus_client_renders_for_the_same_series(
 
 
 T_NOW = 1_700_000_000_000
+
+
+def test_a_family_sent_with_two_types_is_typed_by_its_oldest_series_after_slots_are_reused() -> None:
+    """Samples of a family go in the order their series were created, whatever slot a new
+    series reused: a gauge joining after another series of the name expired must not
+    retype the family its older counter still reports in."""
+    fleet = FleetState(100, series_ttl_s=600)
+    fleet.apply("s", "n", [series("x_total", T_NOW, 1.0, G, k="a"), series("x_total", T_NOW, 1.0, C, k="b")],
+                now_ms=T_NOW)
+    for k in range(1, 13):  # only k=b keeps reporting: k=a expires and frees its slot
+        fleet.apply("s", "n", [series("x_total", T_NOW + k * 60_000, 1.0 + k, C, k="b")], now_ms=T_NOW + k * 60_000)
+    t = T_NOW + 13 * 60_000
+    fleet.apply("s", "n", [series("x_total", t, 20.0, C, k="b"), series("x_total", t, 5.0, G, k="c")], now_ms=t)
+    text = fleet.exposition(t + 60_000).render().decode()
+    assert "# TYPE x_total counter" in text
+    assert text.index('k="b"') < text.index('k="c"')

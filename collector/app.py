@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", CollectorConfig)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+SCRAPES = web.AppKey("scrapes", asyncio.Lock)
 FLEET = web.AppKey("fleet", FleetState)
 METRICS = web.AppKey("metrics", IngestMetrics)
 LEDGER = web.AppKey("ledger", Ledger)
@@ -242,10 +243,9 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
             None, partial(rebuild_latest_state, ledger, fleet, open_limits(limits), sealing_keys=sealing_keys)
         )
         log.info("latest state: %d series restored, %d batches replayed", restored, replayed)
-        # The restored state is a few Python objects per series (a million series: millions)
-        # that live as long as the process. Every full collection would walk them all again
-        # (seconds at that size, holding every ack) and free none: collect once, then keep
-        # what is alive now out of later collections.
+        # What the start built (the nodes' identity dicts and keys, the replay's tables) lives
+        # as long as the process. Every full collection would walk it all again and free
+        # none of it: collect once, then keep what is alive now out of later collections.
         gc.collect()
         gc.freeze()
 
@@ -409,20 +409,33 @@ async def post_import(request: web.Request) -> web.Response:
     ]})
 
 
-async def get_metrics(request: web.Request) -> web.Response:
-    fleet_text = request.app[FLEET].exposition(int(time.time() * 1000))
-    own = generate_latest(request.app[REGISTRY])
-    # The text is a step per series: a big fleet's is rendered off the event loop, so acks
-    # keep flowing while Prometheus scrapes.
-    if len(fleet_text) < RENDER_ON_LOOP:
-        body = fleet_text.render()
-    else:
-        body = await asyncio.to_thread(fleet_text.render)
-    return web.Response(body=body + own, headers={"Content-Type": CONTENT_TYPE_LATEST})
+async def get_metrics(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    # A big fleet's scrape is a step per series: taken a few nodes at a time and sent in
+    # pieces, the event loop serving acks between them (a thread would not do: rendering
+    # holds the GIL, and every ack would queue for it). One scrape at a time.
+    async with app[SCRAPES]:
+        scrape = app[FLEET].scrape(int(time.time() * 1000))
+        while scrape.step(SCRAPE_STEP):
+            await asyncio.sleep(0)
+        fleet_text = scrape.text()
+    headers = {"Content-Type": CONTENT_TYPE_LATEST}
+    if len(fleet_text) <= RENDER_STEP:
+        return web.Response(body=fleet_text.render() + generate_latest(app[REGISTRY]), headers=headers)
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+    for piece in fleet_text.chunks(RENDER_STEP):
+        await response.write(piece)
+        await asyncio.sleep(0)
+    await response.write(generate_latest(app[REGISTRY]))
+    await response.write_eof()
+    return response
 
 
-# Fleet series up to this many are rendered on the event loop (a few ms).
-RENDER_ON_LOOP = 10_000
+# Fleet series shown per step of a scrape, and rendered per piece of its body (each a few
+# ms of the event loop).
+SCRAPE_STEP = 50_000
+RENDER_STEP = 10_000
 
 
 async def get_healthz(request: web.Request) -> web.Response:
@@ -511,6 +524,7 @@ def create_app(config: CollectorConfig) -> web.Application:
     registry = CollectorRegistry(auto_describe=False)
     fleet = FleetState(config.limits.max_series_per_node, config.limits.series_ttl, config.limits.max_series_total)
     app[REGISTRY] = registry
+    app[SCRAPES] = asyncio.Lock()
     app[FLEET] = fleet
     app[METRICS] = metrics = IngestMetrics()
     registry.register(metrics)

@@ -1,11 +1,11 @@
 """The fleet's latest state, its Prometheus text, and the collector of its accounting.
 
 Thread contract: `FleetState` is touched only on the event loop (ingest handlers apply
-accepted batches and ledger outcomes; the /metrics handler takes `FleetState.exposition`,
-which also records what each series last showed, and may render the `FleetText` it
-returns elsewhere; `FleetCollector.collect` runs through a per-app `CollectorRegistry`;
-the periodic state save takes the series due and renders them as rows there, a chunk at
-a time).
+accepted batches and ledger outcomes; the /metrics handler takes a `FleetState.scrape` in
+steps, which also records what each series last showed, and renders the `FleetText` it
+makes in pieces, the loop serving other requests between them; `FleetCollector.collect`
+runs through a per-app `CollectorRegistry`; the periodic state save takes the series due
+and renders them as rows there, a chunk at a time).
 """
 
 from __future__ import annotations
@@ -669,8 +669,15 @@ class FleetState:
         latest.expired_series += stale.size
 
     def exposition(self, now_ms: int) -> FleetText:
-        """Every fleet series with the timestamp Prometheus should store it at, grouped by
-        family; rendered by `FleetText.render`, which may run off the event loop.
+        """Every fleet series as /metrics shows it now, in one go (see `scrape`)."""
+        scrape = self.scrape(now_ms)
+        while scrape.step(1 << 62):
+            pass
+        return scrape.text()
+
+    def scrape(self, now_ms: int) -> FleetScrape:
+        """A scrape of every fleet series, taken node by node in steps (see FleetScrape), each
+        with the timestamp Prometheus should store it at.
 
         That is its own newest point's time, or its node's floor (HOLD_MS behind the later
         of the node's newest sample and that sample's arrival) if that is later, never
@@ -683,55 +690,38 @@ class FleetState:
         """
         if now_ms > self.clock_ms:
             self.clock_ms = now_ms
-        now = self.clock_ms
-        families, prefixes, values, stamps, mtypes = [], [], [], [], []
-        for latest in self._latest.values():
-            if not latest.count:
-                continue
-            n = latest.size
-            at = np.flatnonzero(latest.live[:n])
-            if latest.reused:
-                at = at[np.argsort(latest.born[at], kind="stable")]
-            floor = max(min(max(latest.newest_ms, latest.arrival_ms) - HOLD_MS, now), _NONE_MS)
-            ts = np.clip(latest.ts[at], floor, now)
-            value = latest.value[at]
-            shown = latest.shown_ms[at]
-            behind = ts <= shown
-            if behind.any():
-                shown_value = latest.shown_value[at]
-                same = behind & _same(value, shown_value)
-                moved = behind & ~same
-                bump = moved & (shown + BUMP_MS <= now)
-                stay = moved & ~bump
-                ts = np.where(same | stay, shown, np.where(bump, shown + BUMP_MS, ts))
-                value = np.where(stay, shown_value, value)
-            latest.shown_ms[at] = ts
-            latest.shown_value[at] = value
-            families.append(latest.family[at])
-            prefixes.append(latest.prefix[at])
-            values.append(value)
-            stamps.append(ts)
-            mtypes.append(latest.mtype[at])
-        if not families:
-            return FleetText([], np.empty(0, dtype=object), np.empty(0), np.empty(0, dtype=np.int64), [0])
-        family = np.concatenate(families)
-        order = np.argsort(family, kind="stable")
-        family = family[order]
-        starts = np.flatnonzero(np.diff(family)) + 1
-        bounds = [0, *starts.tolist(), family.size]
-        firsts = np.concatenate((order[:1], order[starts]))
-        mtype_first = np.concatenate(mtypes)[firsts].tolist()
-        headers = [_header(self._family_names[fid], mtype)
-                   for fid, mtype in zip(family[bounds[:-1]].tolist(), mtype_first, strict=True)]
-        self._forget_families(family[bounds[:-1]])
-        return FleetText(headers, np.concatenate(prefixes)[order], np.concatenate(values)[order],
-                         np.concatenate(stamps)[order], bounds)
+        return FleetScrape(self, self.clock_ms)
 
-    def _forget_families(self, used: np.ndarray) -> None:
+    def _show(self, latest: _NodeLatest, now: int) -> tuple[np.ndarray, ...]:
+        """A node's live series as shown now (what each last showed is updated): their
+        (families, text before the value, values, timestamps, types), in creation order."""
+        at = np.flatnonzero(latest.live[:latest.size])
+        if latest.reused:
+            at = at[np.argsort(latest.born[at], kind="stable")]
+        floor = max(min(max(latest.newest_ms, latest.arrival_ms) - HOLD_MS, now), _NONE_MS)
+        ts = np.clip(latest.ts[at], floor, now)
+        value = latest.value[at]
+        shown = latest.shown_ms[at]
+        behind = ts <= shown
+        if behind.any():
+            shown_value = latest.shown_value[at]
+            same = behind & _same(value, shown_value)
+            moved = behind & ~same
+            bump = moved & (shown + BUMP_MS <= now)
+            stay = moved & ~bump
+            ts = np.where(same | stay, shown, np.where(bump, shown + BUMP_MS, ts))
+            value = np.where(stay, shown_value, value)
+        latest.shown_ms[at] = ts
+        latest.shown_value[at] = value
+        return latest.family[at], latest.prefix[at], value, ts, latest.mtype[at]
+
+    def _forget_families(self, exposed: int) -> None:
         """Renumber the families when most names held are no longer exposed (label churn
         over months must not grow the name registry)."""
-        if len(self._family_names) <= 2 * used.size + 10_000:
+        if len(self._family_names) <= 2 * exposed + 10_000:
             return
+        held = [latest.family[:latest.size][latest.live[:latest.size]] for latest in self._latest.values()]
+        used = np.unique(np.concatenate(held)) if held else np.empty(0, dtype=np.int32)
         renumber = np.zeros(len(self._family_names), dtype=np.int32)
         renumber[used] = np.arange(used.size, dtype=np.int32)
         self._family_names = [self._family_names[fid] for fid in used.tolist()]
@@ -745,10 +735,54 @@ class FleetState:
             yield site, node, latest.dropped_series, latest.expired_series
 
 
+class FleetScrape:
+    """One scrape of the fleet, taken a few nodes at a time so the event loop serves acks
+    between steps: `step` until it returns False, then `text`. A node is shown as it is
+    when its step comes (batches applied meanwhile are in it or not, whole)."""
+
+    def __init__(self, fleet: FleetState, now: int) -> None:
+        self.fleet = fleet
+        self.now = now
+        self._nodes = list(fleet._latest.values())
+        self._next = 0
+        self._parts: list[tuple[np.ndarray, ...]] = []
+
+    def step(self, budget: int) -> bool:
+        """Show whole nodes until about `budget` series were; True while nodes remain."""
+        shown = 0
+        nodes = self._nodes
+        while self._next < len(nodes) and shown < budget:
+            latest = nodes[self._next]
+            self._next += 1
+            if latest.count:
+                part = self.fleet._show(latest, self.now)
+                shown += part[0].size
+                self._parts.append(part)
+        return self._next < len(nodes)
+
+    def text(self) -> FleetText:
+        """The shown series grouped by family (each family typed by its first series)."""
+        if not self._parts:
+            return FleetText([], np.empty(0, dtype=object), np.empty(0), np.empty(0, dtype=np.int64), [0])
+        families, prefixes, values, stamps, mtypes = (np.concatenate(column) for column in zip(*self._parts,
+                                                                                              strict=True))
+        self._parts = []
+        order = np.argsort(families, kind="stable")
+        families = families[order]
+        starts = np.flatnonzero(np.diff(families)) + 1
+        bounds = [0, *starts.tolist(), families.size]
+        firsts = np.concatenate((order[:1], order[starts]))
+        names = self.fleet._family_names
+        headers = [_header(names[fid], mtype)
+                   for fid, mtype in zip(families[bounds[:-1]].tolist(), mtypes[firsts].tolist(), strict=True)]
+        self.fleet._forget_families(len(headers))
+        return FleetText(headers, prefixes[order], values[order], stamps[order], bounds)
+
+
 class FleetText:
     """The fleet series of one scrape, ready to render as Prometheus text: a family header
     per family, and per sample (family by family) its text before the value, its value and
-    its timestamp. Holds its own arrays, so it renders off the event loop."""
+    its timestamp. Holds its own arrays, so it renders in pieces while the state changes."""
 
     def __init__(self, headers: list[str], prefixes: np.ndarray, values: np.ndarray, stamps: np.ndarray,
                  bounds: list[int]) -> None:
@@ -762,18 +796,32 @@ class FleetText:
         return int(self.values.size)
 
     def render(self) -> bytes:
-        values = self.values
-        shown = [repr(v) for v in values.tolist()]
-        for i in np.flatnonzero(~np.isfinite(values)).tolist():
-            v = float(values[i])
-            shown[i] = "NaN" if v != v else ("+Inf" if v > 0 else "-Inf")
-        lines = list(map("{} {} {}\n".format, self.prefixes.tolist(), shown, self.stamps.tolist()))
-        out = []
+        return b"".join(self.chunks(len(self) + 1))
+
+    def chunks(self, lines: int) -> Iterator[bytes]:
+        """The text in pieces of about `lines` samples (a family's header with its first)."""
         bounds = self.bounds
-        for k, header in enumerate(self.headers):
-            out.append(header)
-            out.append("".join(lines[bounds[k]:bounds[k + 1]]))
-        return "".join(out).encode()
+        family = 0
+        for start in range(0, len(self), lines):
+            stop = min(start + lines, len(self))
+            values = self.values[start:stop]
+            shown = [repr(v) for v in values.tolist()]
+            for i in np.flatnonzero(~np.isfinite(values)).tolist():
+                v = float(values[i])
+                shown[i] = "NaN" if v != v else ("+Inf" if v > 0 else "-Inf")
+            lines_text = list(map("{} {} {}\n".format, self.prefixes[start:stop].tolist(), shown,
+                                  self.stamps[start:stop].tolist()))
+            out = []
+            at = start
+            while at < stop:
+                while bounds[family + 1] <= at:
+                    family += 1
+                if bounds[family] == at:
+                    out.append(self.headers[family])
+                end = min(bounds[family + 1], stop)
+                out.append("".join(lines_text[at - start:end - start]))
+                at = end
+            yield "".join(out).encode()
 
 
 def _identity_labels(raw: Labels) -> Labels:

@@ -7,10 +7,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from nacl.signing import SigningKey
 
 import wire
+from collector import app as app_mod
 from collector import ledger, trust
 from collector.app import COMMITTER, METRICS, create_app
 from collector.config import CollectorConfig, LimitsConfig
@@ -269,3 +271,48 @@ def test_the_state_restored_at_start_is_kept_out_of_later_garbage_collections(tm
         assert gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
+
+
+def test_a_big_scrape_is_taken_and_sent_in_pieces_the_event_loop_serves_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above app.RENDER_STEP fleet series, /metrics shows the fleet a few nodes per step and
+    sends its text in pieces: other handlers run between them (an ack waits for one piece,
+    not the whole fleet), and the body is what one piece would have been."""
+    monkeypatch.setattr(app_mod, "SCRAPE_STEP", 3)
+    monkeypatch.setattr(app_mod, "RENDER_STEP", 4)
+    config, _ = setup(tmp_path)
+    app = create_app(config)
+    fleet = app[app_mod.FLEET]
+    for n in range(8):
+        fleet.apply("s1", f"n{n}", [wire.Series(f"m_{i}", (("k", str(i)),), wire.MetricType.GAUGE, (T0,), (float(n),))
+                                    for i in range(5)], now_ms=T0)
+
+    async def run() -> tuple[str, int]:
+        ticks = 0
+
+        async def other_handlers() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        async with TestClient(TestServer(app)) as client:
+            ticker = asyncio.ensure_future(other_handlers())
+            await asyncio.sleep(0)
+            before = ticks
+            response = await client.get("/metrics")
+            body = await response.text()
+            ticker.cancel()
+            assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
+            return body, ticks - before
+
+    body, ticks = asyncio.run(run())
+    fleet_lines = [line for line in body.splitlines() if line.startswith("m_")]
+    assert len(fleet_lines) == 40 and len(set(fleet_lines)) == 40
+    assert sum(line.startswith("# TYPE m_") for line in body.splitlines()) == 5  # each family once, grouped
+    assert "waystation_exposition_fleet_series 40.0" in body  # the collector's own families follow
+    assert ticks >= 8 + 10  # at least a tick per step (8 nodes, 3 series a step) and per piece (40 / 4)
+    whole = fleet.exposition(T0 + 10**9).render().decode()
+    assert sorted(line.rsplit(" ", 1)[0] for line in fleet_lines) == sorted(
+        line.rsplit(" ", 1)[0] for line in whole.splitlines() if line.startswith("m_"))

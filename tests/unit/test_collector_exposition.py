@@ -508,8 +508,11 @@ def test_the_text_is_what_prometheus_client_renders_for_the_same_series(
         fleet.apply("s", node, [wire.Series(name, tuple(labels.items()), mtype, (now_ms - ts,), (value,))],
                     now_ms=now_ms)
     want = reference_text(fleet, now_ms)  # before the scrape: stamps as held (all within the hold)
-    got = fleet.exposition(now_ms).render().decode()
+    text = fleet.exposition(now_ms)
+    got = text.render().decode()
     assert parsed(got) == parsed(want)
+    for lines in (1, 2, 7):  # /metrics sends a big fleet's text in pieces
+        assert b"".join(text.chunks(lines)).decode() == got
     assert got.count("# TYPE ") == want.count("# TYPE ")  # every family once
 
 

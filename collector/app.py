@@ -435,7 +435,7 @@ async def get_metrics(request: web.Request) -> web.StreamResponse:
 # Fleet series shown per step of a scrape, and rendered per piece of its body (each a few
 # ms of the event loop).
 SCRAPE_STEP = 50_000
-RENDER_STEP = 10_000
+RENDER_STEP = 4_000
 
 
 async def get_healthz(request: web.Request) -> web.Response:

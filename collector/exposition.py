@@ -763,11 +763,15 @@ class FleetScrape:
     def text(self) -> FleetText:
         """The shown series grouped by family (each family typed by its first series)."""
         if not self._parts:
-            return FleetText([], np.empty(0, dtype=object), np.empty(0), np.empty(0, dtype=np.int64), [0])
+            empty = np.empty(0, dtype=np.int64)
+            return FleetText([], np.empty(0, dtype=object), np.empty(0), empty, [0], empty)
         families, prefixes, values, stamps, mtypes = (np.concatenate(column) for column in zip(*self._parts,
                                                                                               strict=True))
         self._parts = []
-        order = np.argsort(families, kind="stable")
+        # Stable, so a family's samples stay in node and creation order; 16-bit family
+        # numbers sort by radix, several times faster than 32-bit ones.
+        order = np.argsort(families.astype(np.uint16) if len(self.fleet._family_names) <= 1 << 16 else families,
+                           kind="stable")
         families = families[order]
         starts = np.flatnonzero(np.diff(families)) + 1
         bounds = [0, *starts.tolist(), families.size]
@@ -776,21 +780,23 @@ class FleetScrape:
         headers = [_header(names[fid], mtype)
                    for fid, mtype in zip(families[bounds[:-1]].tolist(), mtypes[firsts].tolist(), strict=True)]
         self.fleet._forget_families(len(headers))
-        return FleetText(headers, prefixes[order], values[order], stamps[order], bounds)
+        return FleetText(headers, prefixes, values, stamps, bounds, order)
 
 
 class FleetText:
     """The fleet series of one scrape, ready to render as Prometheus text: a family header
     per family, and per sample (family by family) its text before the value, its value and
-    its timestamp. Holds its own arrays, so it renders in pieces while the state changes."""
+    its timestamp, in node order, with the `order` that groups them by family (applied a
+    piece at a time). Holds its own arrays, so it renders in pieces while the state changes."""
 
     def __init__(self, headers: list[str], prefixes: np.ndarray, values: np.ndarray, stamps: np.ndarray,
-                 bounds: list[int]) -> None:
+                 bounds: list[int], order: np.ndarray) -> None:
         self.headers = headers
         self.prefixes = prefixes
         self.values = values
         self.stamps = stamps
         self.bounds = bounds
+        self.order = order
 
     def __len__(self) -> int:
         return int(self.values.size)
@@ -804,13 +810,14 @@ class FleetText:
         family = 0
         for start in range(0, len(self), lines):
             stop = min(start + lines, len(self))
-            values = self.values[start:stop]
+            rows = self.order[start:stop]
+            values = self.values[rows]
             shown = [repr(v) for v in values.tolist()]
             for i in np.flatnonzero(~np.isfinite(values)).tolist():
                 v = float(values[i])
                 shown[i] = "NaN" if v != v else ("+Inf" if v > 0 else "-Inf")
-            lines_text = list(map("{} {} {}\n".format, self.prefixes[start:stop].tolist(), shown,
-                                  self.stamps[start:stop].tolist()))
+            lines_text = list(map("{} {} {}\n".format, self.prefixes[rows].tolist(), shown,
+                                  self.stamps[rows].tolist()))
             out = []
             at = start
             while at < stop:

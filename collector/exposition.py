@@ -811,13 +811,11 @@ class FleetText:
         for start in range(0, len(self), lines):
             stop = min(start + lines, len(self))
             rows = self.order[start:stop]
-            values = self.values[rows]
-            shown = [repr(v) for v in values.tolist()]
-            for i in np.flatnonzero(~np.isfinite(values)).tolist():
-                v = float(values[i])
-                shown[i] = "NaN" if v != v else ("+Inf" if v > 0 else "-Inf")
-            lines_text = list(map("{} {} {}\n".format, self.prefixes[rows].tolist(), shown,
-                                  self.stamps[rows].tolist()))
+            parts = [" "] * (4 * (stop - start))  # per sample: text before the value, " ", value, " ts\n"
+            parts[0::4] = self.prefixes[rows].tolist()
+            parts[2::4] = _values_text(self.values[rows])
+            stamps, where = np.unique(self.stamps[rows], return_inverse=True)  # a node's series share one
+            parts[3::4] = np.array([f" {ts}\n" for ts in stamps.tolist()], dtype=object)[where].tolist()
             out = []
             at = start
             while at < stop:
@@ -826,9 +824,27 @@ class FleetText:
                 if bounds[family] == at:
                     out.append(self.headers[family])
                 end = min(bounds[family + 1], stop)
-                out.append("".join(lines_text[at - start:end - start]))
+                out.append("".join(parts[4 * (at - start):4 * (end - start)]))
                 at = end
             yield "".join(out).encode()
+
+
+def _values_text(values: np.ndarray) -> list[str]:
+    """Sample values as repr writes them (the text format reads them back exactly): whole
+    numbers below 2**53 (most of a fleet's: counters, bytes, states) through integers,
+    several times faster than repr; NaN and the infinities by name."""
+    finite = np.isfinite(values)
+    whole = finite & (np.abs(values) < 2.0 ** 53) & (values == np.trunc(values)) & ~np.signbit(values)
+    whole |= finite & (values < 0) & (values > -(2.0 ** 53)) & (values == np.trunc(values))
+    text = np.empty(values.size, dtype=object)
+    text[whole] = list(map("{}.0".format, values[whole].astype(np.int64).tolist()))  # as repr writes them
+    rest = ~whole
+    text[rest] = list(map(repr, values[rest].tolist()))
+    for i in np.flatnonzero(~finite).tolist():
+        v = float(values[i])
+        text[i] = "NaN" if v != v else ("+Inf" if v > 0 else "-Inf")
+    shown: list[str] = text.tolist()
+    return shown
 
 
 def _identity_labels(raw: Labels) -> Labels:

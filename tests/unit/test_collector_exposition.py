@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,7 +20,7 @@ from prometheus_client.samples import Sample
 
 import wire
 from agent import catalog
-from collector.exposition import FLEET_HELP, HOLD_MS, FleetCollector, FleetState, metrics_text
+from collector.exposition import FLEET_HELP, HOLD_MS, FleetCollector, FleetState, _values_text, metrics_text
 from collector.ledger import Ledger, NodeState
 from wire.metric_help import help_of
 from wire.schema import schema_problem
@@ -533,3 +534,13 @@ def test_a_family_sent_with_two_types_is_typed_by_its_oldest_series_after_slots_
     text = fleet.exposition(t + 60_000).render().decode()
     assert "# TYPE x_total counter" in text
     assert text.index('k="b"') < text.index('k="c"')
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats() | st.integers(-(2**60), 2**60).map(float)
+                | st.sampled_from([0.0, -0.0, 2.0**53, 2.0**53 - 1, -(2.0**53), 1e16, 0.1]), max_size=50))
+def test_values_are_written_as_repr_writes_them(values: list[float]) -> None:
+    """Whole numbers take a faster way to their text than repr; the text is still repr's
+    (NaN and the infinities by their text-format names)."""
+    named = {"nan": "NaN", "inf": "+Inf", "-inf": "-Inf"}
+    assert _values_text(np.array(values, dtype=np.float64)) == [named.get(repr(v), repr(v)) for v in values]

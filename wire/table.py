@@ -220,6 +220,9 @@ def _decode_raw(
     all_labels: list[tuple[tuple[str, str], ...]] = []
     mtypes: list[MetricType] = []
     max_labels = limits.max_labels
+    # A label pair repeats across a table's series (job, device, gpu): each distinct pair is
+    # one tuple, shared, which the collector keeps as long as the table's series live.
+    pairs: dict[tuple[int, int], tuple[str, str]] = {}
     try:
         for _ in range(count):
             name_i, mtype, n_labels = _SERIES.unpack_from(raw, pos)
@@ -229,7 +232,13 @@ def _decode_raw(
             stop = pos + _LABEL.size * n_labels
             if stop > size:
                 raise WireError("malformed", f"series table truncated at byte {pos}")
-            all_labels.append(tuple([(strings[k], strings[v]) for k, v in _LABEL.iter_unpack(raw[pos:stop])]))
+            labels = []
+            for kv in _LABEL.iter_unpack(raw[pos:stop]):
+                pair = pairs.get(kv)
+                if pair is None:
+                    pair = pairs[kv] = (strings[kv[0]], strings[kv[1]])
+                labels.append(pair)
+            all_labels.append(tuple(labels))
             pos = stop
             names.append(strings[name_i])
             mt = _MTYPES.get(mtype)

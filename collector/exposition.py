@@ -745,7 +745,10 @@ class FleetScrape:
         self.now = now
         self._nodes = list(fleet._latest.values())
         self._next = 0
-        self._parts: list[tuple[np.ndarray, ...]] = []
+        # The shown series, node after node, written into columns sized for the fleet (so
+        # `text` is left only the sort): family, text before the value, value, time, type.
+        self._filled = 0
+        self._columns = _scrape_columns(fleet.total_series)
 
     def step(self, budget: int) -> bool:
         """Show whole nodes until about `budget` series were; True while nodes remain."""
@@ -754,33 +757,45 @@ class FleetScrape:
         while self._next < len(nodes) and shown < budget:
             latest = nodes[self._next]
             self._next += 1
-            if latest.count:
-                part = self.fleet._show(latest, self.now)
-                shown += part[0].size
-                self._parts.append(part)
+            if not latest.count:
+                continue
+            part = self.fleet._show(latest, self.now)
+            size = part[0].size
+            start, stop = self._filled, self._filled + size
+            if stop > self._columns[0].size:  # series joined during the scrape
+                grown = _scrape_columns(2 * stop)
+                for old, new in zip(self._columns, grown, strict=True):
+                    new[:start] = old[:start]
+                self._columns = grown
+            for column, shown_part in zip(self._columns, part, strict=True):
+                column[start:stop] = shown_part
+            self._filled = stop
+            shown += size
         return self._next < len(nodes)
 
     def text(self) -> FleetText:
         """The shown series grouped by family (each family typed by its first series)."""
-        if not self._parts:
-            empty = np.empty(0, dtype=np.int64)
-            return FleetText([], np.empty(0, dtype=object), np.empty(0), empty, [0], empty)
-        families, prefixes, values, stamps, mtypes = (np.concatenate(column) for column in zip(*self._parts,
-                                                                                              strict=True))
-        self._parts = []
+        families, prefixes, values, stamps, mtypes = (column[:self._filled] for column in self._columns)
+        if not self._filled:
+            return FleetText([], prefixes, values, stamps, [0], stamps)
         # Stable, so a family's samples stay in node and creation order; 16-bit family
         # numbers sort by radix, several times faster than 32-bit ones.
         order = np.argsort(families.astype(np.uint16) if len(self.fleet._family_names) <= 1 << 16 else families,
                            kind="stable")
-        families = families[order]
-        starts = np.flatnonzero(np.diff(families)) + 1
-        bounds = [0, *starts.tolist(), families.size]
-        firsts = np.concatenate((order[:1], order[starts]))
+        grouped = families[order]
+        starts = np.flatnonzero(grouped[1:] != grouped[:-1]) + 1
+        bounds = [0, *starts.tolist(), grouped.size]
+        firsts = order[bounds[:-1]]
         names = self.fleet._family_names
         headers = [_header(names[fid], mtype)
-                   for fid, mtype in zip(families[bounds[:-1]].tolist(), mtypes[firsts].tolist(), strict=True)]
+                   for fid, mtype in zip(families[firsts].tolist(), mtypes[firsts].tolist(), strict=True)]
         self.fleet._forget_families(len(headers))
         return FleetText(headers, prefixes, values, stamps, bounds, order)
+
+
+def _scrape_columns(size: int) -> tuple[np.ndarray, ...]:
+    return (np.empty(size, dtype=np.int32), np.empty(size, dtype=object), np.empty(size, dtype=np.float64),
+            np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int8))
 
 
 class FleetText:

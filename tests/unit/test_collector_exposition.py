@@ -544,3 +544,25 @@ def test_values_are_written_as_repr_writes_them(values: list[float]) -> None:
     (NaN and the infinities by their text-format names)."""
     named = {"nan": "NaN", "inf": "+Inf", "-inf": "-Inf"}
     assert _values_text(np.array(values, dtype=np.float64)) == [named.get(repr(v), repr(v)) for v in values]
+
+
+def test_a_scrape_in_steps_shows_each_node_as_it_is_when_its_step_comes() -> None:
+    """Batches applied between a scrape's steps: a node already shown is in this scrape as
+    it was, one shown later with what arrived meanwhile, new series included (the scrape's
+    columns grow past the fleet's size at its start)."""
+    fleet = FleetState(1000)
+    for n in range(3):
+        fleet.apply("s", f"n{n}", [series(f"m_{i}", T_NOW, float(i)) for i in range(4)], now_ms=T_NOW)
+    scrape = fleet.scrape(T_NOW + 1000)
+    assert scrape.step(1)  # n0 shown; n1 and n2 wait
+    fleet.apply("s", "n0", [series("m_0", T_NOW + 500, 100.0)], now_ms=T_NOW + 500)
+    fleet.apply("s", "n2", [series(f"joined_{i}", T_NOW + 500, 7.0) for i in range(20)]
+                + [series("m_0", T_NOW + 500, 200.0)], now_ms=T_NOW + 500)
+    while scrape.step(1):
+        pass
+    got = samples(scrape.text().render().decode())
+    assert got[("m_0", (("node", "n0"), ("site", "s")))] == 0.0  # shown before its batch
+    assert got[("m_0", (("node", "n2"), ("site", "s")))] == 200.0
+    assert sum(1 for name, _ in got if name.startswith("joined_")) == 20
+    assert len(got) == 3 * 4 + 20
+    assert samples(fleet.exposition(T_NOW + 2000).render().decode())[("m_0", (("node", "n0"), ("site", "s")))] == 100.0

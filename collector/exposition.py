@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -957,11 +956,6 @@ def _header(name: str, mtype: int) -> str:
             _HEADERS.clear()
         header = _HEADERS[(name, mtype)] = f"# HELP {name} {text}\n# TYPE {name} {kind}\n"
     return header
-
-
-def metrics_text(fleet: FleetState, registry: CollectorRegistry, now_ms: int) -> bytes:
-    """The whole /metrics body: the fleet series, then the registry's families."""
-    return fleet.exposition(now_ms).render() + generate_latest(registry)
 
 
 class FleetCollector(Collector):

@@ -20,7 +20,7 @@ from prometheus_client.samples import Sample
 
 import wire
 from agent import catalog
-from collector.exposition import FLEET_HELP, HOLD_MS, FleetCollector, FleetState, _values_text, metrics_text
+from collector.exposition import FLEET_HELP, HOLD_MS, FleetCollector, FleetState, _values_text
 from collector.ledger import Ledger, NodeState
 from wire.metric_help import help_of
 from wire.schema import schema_problem
@@ -35,7 +35,8 @@ def series(name: str, ts: int, value: float, mtype: wire.MetricType = G, **label
 def render(fleet: FleetState, clock: Callable[[], float] = time.time) -> str:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(fleet))
-    return metrics_text(fleet, registry, int(clock() * 1000)).decode()
+    # As /metrics: the fleet series, then the collector's own families.
+    return (fleet.exposition(int(clock() * 1000)).render() + generate_latest(registry)).decode()
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 from nacl.signing import SigningKey
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 import wire
 from collector import app as app_mod
 from collector import ledger as ledger_mod
 from collector import trust
 from collector.app import StateSaves, _save_latest_forever, rebuild_latest_state, save_latest_state
-from collector.exposition import HOLD_MS, FleetCollector, FleetState, metrics_text
+from collector.exposition import HOLD_MS, FleetCollector, FleetState
 from collector.ingest import Committer
 from collector.ledger import Ledger, Submission
 
@@ -67,7 +67,8 @@ def exposed(fleet: FleetState) -> dict[str, tuple[float, int]]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(fleet))
     out = {}
-    for line in metrics_text(fleet, registry, int(time.time() * 1000)).decode().splitlines():
+    body = fleet.exposition(int(time.time() * 1000)).render() + generate_latest(registry)  # as /metrics
+    for line in body.decode().splitlines():
         if line.startswith(("#", "waystation_")):
             continue
         name = line.split("{", 1)[0]

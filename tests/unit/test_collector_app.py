@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -313,6 +315,11 @@ def test_a_big_scrape_is_taken_and_sent_in_pieces_the_event_loop_serves_between(
     assert sum(line.startswith("# TYPE m_") for line in body.splitlines()) == 5  # each family once, grouped
     assert "waystation_exposition_fleet_series 40.0" in body  # the collector's own families follow
     assert ticks >= 8 + 10  # at least a tick per step (8 nodes, 3 series a step) and per piece (40 / 4)
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus; scripts/test.sh does)")
+    checked = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr  # the pieces make one valid exposition
     whole = fleet.exposition(T0 + 10**9).render().decode()
     assert sorted(line.rsplit(" ", 1)[0] for line in fleet_lines) == sorted(
         line.rsplit(" ", 1)[0] for line in whole.splitlines() if line.startswith("m_"))

@@ -432,9 +432,10 @@ async def get_metrics(request: web.Request) -> web.StreamResponse:
     return response
 
 
-# Fleet series shown per step of a scrape, and rendered per piece of its body: each about
-# 2 ms of the event loop, which an ack waits for at each of its turns on the loop.
-SCRAPE_STEP = 10_000
+# Fleet series shown per step of a scrape (where their values moved, rendered there) and
+# sent per piece of its body: each a few ms of the event loop at most, which an ack waits
+# for at each of its turns on the loop.
+SCRAPE_STEP = 2_500
 RENDER_STEP = 1_000
 
 

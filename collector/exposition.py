@@ -127,6 +127,7 @@ _COLUMNS: tuple[tuple[str, type, object], ...] = (
     ("value", np.float64, 0.0),
     ("shown_ms", np.int64, _NONE_MS),
     ("shown_value", np.float64, 0.0),
+    ("shown_text", object, None),
     ("mtype", np.int8, 0),
     ("dirty", np.int64, _CLEAN),
     ("live", bool, False),
@@ -174,6 +175,9 @@ class _NodeLatest:
         self.value = np.zeros(0, dtype=np.float64)
         self.shown_ms = np.zeros(0, dtype=np.int64)
         self.shown_value = np.zeros(0, dtype=np.float64)
+        # The text after the prefix as last shown (" value timestamp\n"): a scrape renders only
+        # the series whose shown value or time moved since the one before.
+        self.shown_text: np.ndarray = np.empty(0, dtype=object)
         self.mtype = np.zeros(0, dtype=np.int8)
         self.dirty = np.zeros(0, dtype=np.int64)
         self.live = np.zeros(0, dtype=bool)
@@ -693,7 +697,7 @@ class FleetState:
 
     def _show(self, latest: _NodeLatest, now: int) -> tuple[np.ndarray, ...]:
         """A node's live series as shown now (what each last showed is updated): their
-        (families, text before the value, values, timestamps, types), in creation order."""
+        (families, text before the value, text after it, types), in creation order."""
         at = np.flatnonzero(latest.live[:latest.size])
         if latest.reused:
             at = at[np.argsort(latest.born[at], kind="stable")]
@@ -710,9 +714,14 @@ class FleetState:
             stay = moved & ~bump
             ts = np.where(same | stay, shown, np.where(bump, shown + BUMP_MS, ts))
             value = np.where(stay, shown_value, value)
+        # Rendered again where the shown time or value's bits moved (or nothing was shown yet).
+        moved_text = ((ts != shown) | (shown == _NONE_MS)
+                      | (value.view(np.int64) != latest.shown_value[at].view(np.int64)))
+        if moved_text.any():
+            latest.shown_text[at[moved_text]] = _tails(value[moved_text], ts[moved_text])
         latest.shown_ms[at] = ts
         latest.shown_value[at] = value
-        return latest.family[at], latest.prefix[at], value, ts, latest.mtype[at]
+        return latest.family[at], latest.prefix[at], latest.shown_text[at], latest.mtype[at]
 
     def _forget_families(self, exposed: int) -> None:
         """Renumber the families when most names held are no longer exposed (label churn
@@ -774,9 +783,9 @@ class FleetScrape:
 
     def text(self) -> FleetText:
         """The shown series grouped by family (each family typed by its first series)."""
-        families, prefixes, values, stamps, mtypes = (column[:self._filled] for column in self._columns)
+        families, prefixes, tails, mtypes = (column[:self._filled] for column in self._columns)
         if not self._filled:
-            return FleetText([], prefixes, values, stamps, [0], stamps)
+            return FleetText([], prefixes, tails, [0], np.empty(0, dtype=np.int64))
         # Stable, so a family's samples stay in node and creation order; 16-bit family
         # numbers sort by radix, several times faster than 32-bit ones.
         order = np.argsort(families.astype(np.uint16) if len(self.fleet._family_names) <= 1 << 16 else families,
@@ -789,31 +798,30 @@ class FleetScrape:
         headers = [_header(names[fid], mtype)
                    for fid, mtype in zip(families[firsts].tolist(), mtypes[firsts].tolist(), strict=True)]
         self.fleet._forget_families(len(headers))
-        return FleetText(headers, prefixes, values, stamps, bounds, order)
+        return FleetText(headers, prefixes, tails, bounds, order)
 
 
 def _scrape_columns(size: int) -> tuple[np.ndarray, ...]:
-    return (np.empty(size, dtype=np.int32), np.empty(size, dtype=object), np.empty(size, dtype=np.float64),
-            np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int8))
+    return (np.empty(size, dtype=np.int32), np.empty(size, dtype=object), np.empty(size, dtype=object),
+            np.empty(size, dtype=np.int8))
 
 
 class FleetText:
     """The fleet series of one scrape, ready to render as Prometheus text: a family header
-    per family, and per sample (family by family) its text before the value, its value and
-    its timestamp, in node order, with the `order` that groups them by family (applied a
-    piece at a time). Holds its own arrays, so it renders in pieces while the state changes."""
+    per family, and per sample its text before and after the value's start, in node order,
+    with the `order` that groups them by family (applied a piece at a time). Holds its own
+    arrays, so it renders in pieces while the state changes."""
 
-    def __init__(self, headers: list[str], prefixes: np.ndarray, values: np.ndarray, stamps: np.ndarray,
-                 bounds: list[int], order: np.ndarray) -> None:
+    def __init__(self, headers: list[str], prefixes: np.ndarray, tails: np.ndarray, bounds: list[int],
+                 order: np.ndarray) -> None:
         self.headers = headers
         self.prefixes = prefixes
-        self.values = values
-        self.stamps = stamps
+        self.tails = tails
         self.bounds = bounds
         self.order = order
 
     def __len__(self) -> int:
-        return int(self.values.size)
+        return int(self.tails.size)
 
     def render(self) -> bytes:
         return b"".join(self.chunks(len(self) + 1))
@@ -825,11 +833,9 @@ class FleetText:
         for start in range(0, len(self), lines):
             stop = min(start + lines, len(self))
             rows = self.order[start:stop]
-            parts = [" "] * (4 * (stop - start))  # per sample: text before the value, " ", value, " ts\n"
-            parts[0::4] = self.prefixes[rows].tolist()
-            parts[2::4] = _values_text(self.values[rows])
-            stamps, where = np.unique(self.stamps[rows], return_inverse=True)  # a node's series share one
-            parts[3::4] = np.array([f" {ts}\n" for ts in stamps.tolist()], dtype=object)[where].tolist()
+            parts = [""] * (2 * (stop - start))  # per sample: the text before the value, the rest
+            parts[0::2] = self.prefixes[rows].tolist()
+            parts[1::2] = self.tails[rows].tolist()
             out = []
             at = start
             while at < stop:
@@ -838,9 +844,16 @@ class FleetText:
                 if bounds[family] == at:
                     out.append(self.headers[family])
                 end = min(bounds[family + 1], stop)
-                out.append("".join(parts[4 * (at - start):4 * (end - start)]))
+                out.append("".join(parts[2 * (at - start):2 * (end - start)]))
                 at = end
             yield "".join(out).encode()
+
+
+def _tails(values: np.ndarray, stamps: np.ndarray) -> list[str]:
+    """Each sample's text after its name and labels: " value timestamp\n"."""
+    distinct, where = np.unique(stamps, return_inverse=True)  # a node's series share a few
+    stamp_text = np.array([f" {ts}\n" for ts in distinct.tolist()], dtype=object)[where].tolist()
+    return list(map(" ".__add__, map(str.__add__, _values_text(values), stamp_text)))
 
 
 def _values_text(values: np.ndarray) -> list[str]:

@@ -567,3 +567,12 @@ def test_a_scrape_in_steps_shows_each_node_as_it_is_when_its_step_comes() -> Non
     assert sum(1 for name, _ in got if name.startswith("joined_")) == 20
     assert len(got) == 3 * 4 + 20
     assert samples(fleet.exposition(T_NOW + 2000).render().decode())[("m_0", (("node", "n0"), ("site", "s")))] == 100.0
+
+
+def test_a_series_at_the_earliest_timestamp_is_still_shown() -> None:
+    """A saved row at the lowest int64 time with value 0.0 looks like a slot never shown
+    (its time and value equal the fresh ones): it is rendered all the same."""
+    fleet = FleetState(100)
+    fleet.restore([("s", "n", "m", "[]", int(G), -(1 << 63), 0.0)], now_ms=T_NOW)
+    for _ in range(2):  # the second scrape reuses the first one's text
+        assert samples(fleet.exposition(T_NOW).render().decode()) == {("m", (("node", "n"), ("site", "s"))): 0.0}

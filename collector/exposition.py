@@ -514,12 +514,15 @@ class FleetState:
         room = max(min(node_room, self.max_series_total - self.total_series, len(keys)), 0)
         sids = latest.slots(room)
         ids, stored, prefix = latest.ids, latest.keys, latest.prefix
-        site, node = _pair_text(("site", latest.site)), _pair_text(("node", latest.node))
+        # Label pairs repeat across a batch's new series (job, device, gpu): each rendered
+        # once per batch. Not kept beyond it: what a node's series hold is their prefixes.
+        pair_text: dict[tuple[str, str], str] = {}
+        site, node = _pair_text(("site", latest.site), pair_text), _pair_text(("node", latest.node), pair_text)
         created = sids.tolist()
         for sid, key in zip(created, keys, strict=False):
             ids[key] = sid
             stored[sid] = key
-            prefix[sid] = _prefix(key[0], key[1], site, node)
+            prefix[sid] = _prefix(key[0], key[1], site, node, pair_text)
         latest.family[sids] = [self._family(name) for name, _ in keys[:room]]
         latest.mtype[sids] = [int(m) for m in mtypes[:room]]
         latest.live[sids] = True
@@ -726,7 +729,7 @@ class FleetState:
     def _forget_families(self, exposed: int) -> None:
         """Renumber the families when most names held are no longer exposed (label churn
         over months must not grow the name registry)."""
-        if len(self._family_names) <= 2 * exposed + 10_000:
+        if len(self._family_names) <= 2 * exposed + 1_000:
             return
         held = [latest.family[:latest.size][latest.live[:latest.size]] for latest in self._latest.values()]
         used = np.unique(np.concatenate(held)) if held else np.empty(0, dtype=np.int32)
@@ -909,7 +912,7 @@ def _escape(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-def _prefix(name: str, labels: Labels, site: str, node: str) -> str:
+def _prefix(name: str, labels: Labels, site: str, node: str, pair_text: dict[tuple[str, str], str]) -> str:
     """A series' exposition text before its value: name and labels (sorted, without site
     and node), with the node's rendered `site` and `node` pairs among them in order."""
     parts = []
@@ -922,7 +925,7 @@ def _prefix(name: str, labels: Labels, site: str, node: str) -> str:
             if pair[0] > "site":
                 parts.append(site)
                 placed = 2
-        parts.append(_PAIR_TEXT.get(pair) or _pair_text(pair))
+        parts.append(pair_text.get(pair) or _pair_text(pair, pair_text))
     if placed == 0:
         parts.append(node)
     if placed < 2:
@@ -930,16 +933,10 @@ def _prefix(name: str, labels: Labels, site: str, node: str) -> str:
     return name + "{" + ",".join(parts) + "}"
 
 
-# A label pair's exposition text, by pair: label values repeat across series and nodes.
-_PAIR_TEXT: dict[tuple[str, str], str] = {}
-
-
-def _pair_text(pair: tuple[str, str]) -> str:
-    text = _PAIR_TEXT.get(pair)
+def _pair_text(pair: tuple[str, str], pair_text: dict[tuple[str, str], str]) -> str:
+    text = pair_text.get(pair)
     if text is None:
-        if len(_PAIR_TEXT) >= 100_000:
-            _PAIR_TEXT.clear()  # only a cache: unique values (ids, paths) must not grow it
-        text = _PAIR_TEXT[pair] = f'{pair[0]}="{_escape(pair[1])}"'
+        text = pair_text[pair] = f'{pair[0]}="{_escape(pair[1])}"'
     return text
 
 
@@ -950,25 +947,18 @@ def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return same
 
 
-_HEADERS: dict[tuple[str, int], str] = {}
-
-
 def _header(name: str, mtype: int) -> str:
     """A family's HELP and TYPE lines: every sample is exposed under exactly its series
-    name, with the agent catalog's HELP where the name is catalogued."""
-    header = _HEADERS.get((name, mtype))
-    if header is None:
-        text = (help_of(name) or FLEET_HELP).replace("\\", r"\\").replace("\n", r"\n")
-        if mtype == wire.MetricType.COUNTER and name.endswith("_total") and len(name) > 6:
-            kind = "counter"
-        elif mtype == wire.MetricType.GAUGE or mtype == wire.MetricType.INFO:
-            kind = "gauge"
-        else:
-            kind = "untyped"
-        if len(_HEADERS) >= 100_000:
-            _HEADERS.clear()
-        header = _HEADERS[(name, mtype)] = f"# HELP {name} {text}\n# TYPE {name} {kind}\n"
-    return header
+    name, with the agent catalog's HELP where the name is catalogued. (Built per scrape: a
+    family is one line of many, and a cache would keep names long gone.)"""
+    text = (help_of(name) or FLEET_HELP).replace("\\", r"\\").replace("\n", r"\n")
+    if mtype == wire.MetricType.COUNTER and name.endswith("_total") and len(name) > 6:
+        kind = "counter"
+    elif mtype == wire.MetricType.GAUGE or mtype == wire.MetricType.INFO:
+        kind = "gauge"
+    else:
+        kind = "untyped"
+    return f"# HELP {name} {text}\n# TYPE {name} {kind}\n"
 
 
 class FleetCollector(Collector):

@@ -8,7 +8,6 @@ retries every flush; it never exits for that.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import resource
@@ -17,7 +16,6 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from nacl.signing import SigningKey
 
@@ -29,6 +27,7 @@ from agent.sources.base import Source, SourceEnv
 from agent.spool import Spool
 from agent.summarize import Summarizer
 from agent.uplink import Uplink, UplinkStats
+from wire.malloc import trim_malloc, tune_malloc
 from wire.sdnotify import Liveness, Notifier, Watchdog
 
 log = logging.getLogger("waystation.agent")
@@ -36,58 +35,6 @@ log = logging.getLogger("waystation.agent")
 # Series held in memory while the spool cannot be written (a one-point series costs about
 # 250 bytes, so this is ~25 MB at most); beyond it the oldest go, counted.
 MAX_HELD_SERIES = 100_000
-
-
-# glibc mallopt() parameters.
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-_MALLOC_TUNING = {
-    # Fixed, so glibc's dynamic threshold never rises: zstd's multi-megabyte level-19
-    # context is then mmap()ed per batch and unmapped after, instead of being carved from
-    # the heap and kept resident (~5 MB) for the life of the agent.
-    "MALLOC_MMAP_THRESHOLD_": (_M_MMAP_THRESHOLD, 128 * 1024),
-    # Two arenas for a handful of threads that mostly sleep, not 8 per core.
-    "MALLOC_ARENA_MAX": (_M_ARENA_MAX, 2),
-}
-
-
-@functools.cache
-def _glibc() -> Any:
-    """The C library's handle where it is glibc (mallopt and malloc_trim exist), else None."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt, libc.malloc_trim  # noqa: B018 (both must exist)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-def tune_malloc() -> list[str]:
-    """Apply the agent's glibc malloc settings; an environment variable of the same name wins.
-
-    Returns the names applied (none off glibc). Called before any worker thread starts.
-    """
-    libc = _glibc()
-    if libc is None:
-        return []
-    applied = []
-    for env_name, (param, value) in _MALLOC_TUNING.items():
-        if env_name not in os.environ and libc.mallopt(param, value) == 1:
-            applied.append(env_name)
-    return applied
-
-
-def trim_malloc() -> None:
-    """Hand the heap's free pages back to the kernel (glibc keeps them otherwise).
-
-    Called after each flush, when the batch just signed has been freed: a few
-    milliseconds once a minute, off every source's sampling thread.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def build_sources(config: AgentConfig, env: SourceEnv) -> list[Scheduled]:

@@ -42,6 +42,7 @@ from collector.ingest import (
 from collector.ledger import Ledger, Outcome
 from collector.remote_write import ForwardingMetrics, Supervisor
 from collector.tables import LedgerTables
+from wire.malloc import trim_malloc
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ async def _save_latest_forever(
             saves.results["failed"] += 1
             log.exception("could not save the latest state, trying again later")
         saves.seconds = time.monotonic() - started
+        # A save builds and frees its rows by the thousand: give the freed pages back.
+        await asyncio.get_running_loop().run_in_executor(None, trim_malloc)
 
 
 PRUNE_EVERY_S = 60.0

@@ -28,9 +28,12 @@ from collector.ingest import open_limits
 from wire import bundle
 from wire.config import ConfigError, parse_duration
 from wire.keys import parse_public_key
+from wire.malloc import tune_malloc
 from wire.ownership import root_in_foreign_state
 from wire.sdnotify import Notifier, Watchdog
 from wire.version import version
+
+log = logging.getLogger("waystation.collector")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -211,6 +214,11 @@ async def _serve_locked(config: CollectorConfig, notifier: Notifier, starting: _
         except OSError as exc:
             print(f"waystation-collector: cannot listen on {config.listen}: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        # Before the address is announced: whoever read it may stop us at once.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         scheme = "https" if ssl_context else "http"
         for sockaddr in runner.addresses:
             host, port = _url_host(sockaddr)
@@ -225,10 +233,6 @@ async def _serve_locked(config: CollectorConfig, notifier: Notifier, starting: _
             serve_link.write_endpoint(Path(config.data_dir), serve_link.loopback_url(scheme, host, port),
                                    app[IMPORT_TOKEN], int(config.limits.max_body_bytes), config.tls_cert)
         sys.stdout.flush()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         status = _ServeStatus(app, config.listen)
         # Ready: the ledger is open and replayed, the socket listens, import can find us.
         notifier.ready(status.line())
@@ -540,6 +544,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
 
     if args.command == "serve":
+        # Before the verify and ledger threads start (wire/malloc.py says why).
+        applied = tune_malloc()
+        if applied:
+            log.info("glibc malloc: %s set (the environment may set each instead)", ", ".join(applied))
         try:
             return asyncio.run(_serve(config))
         except KeyboardInterrupt:

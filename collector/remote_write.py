@@ -65,6 +65,7 @@ from collector.config import RemoteWriteConfig
 from collector.exposition import RESERVED_PREFIXES
 from collector.ledger import IntervalSet
 from collector.tables import LedgerTables
+from wire.malloc import tune_malloc
 
 if TYPE_CHECKING:
     from wire.columns_np import Columns
@@ -844,6 +845,7 @@ def main() -> int:
         return 2
     logging.basicConfig(level=obj.get("log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s forwarder: %(message)s")
+    tune_malloc()
     asyncio.run(_child_main(obj))
     return 0
 

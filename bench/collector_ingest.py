@@ -13,7 +13,18 @@ VictoriaMetrics (Debian's victoria-metrics) on loopback: its ingest figures besi
 run's, the forwarder child's CPU, the wall time until every sample reached VictoriaMetrics,
 and VictoriaMetrics' own CPU for receiving them.
 
+"Collector CPU" is the serve process's plus, with `--workers N` (the collector's `workers`
+setting), its N front processes' (`collector.fronts`); never the forwarder child's or
+VictoriaMetrics'.
+
+With --scaling, the same batches are then posted to fresh collectors (no remote_write) whose
+process tree is pinned with taskset: 1 core with workers 0, 1 core with workers 1 (what the
+handoff to fronts costs when there is no second core), 2 cores with workers 1 and, where the
+machine has more, all cores with workers = cores - 1; a table of the runs side by side follows.
+The load generators are not pinned: they share those cores.
+
     python bench/collector_ingest.py --nodes 50 --batches 20
+    python bench/collector_ingest.py --points 1 --batches 60 --no-forwarding --scaling
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -122,7 +134,13 @@ def main() -> int:
     ap.add_argument("--senders", type=int, default=8, help="concurrent posting connections")
     ap.add_argument("--no-forwarding", action="store_true", help="skip the run with a VictoriaMetrics target")
     ap.add_argument("--wire-version", type=int, default=2, choices=(1, 2), help="the batches' wire version")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="the collector's workers setting (front processes) for its runs; 0: serve takes HTTP itself")
+    ap.add_argument("--scaling", action="store_true",
+                    help="then the same batches on 1 core (workers 0 and 1), 2 cores (workers 1) and all cores")
     args = ap.parse_args()
+    if args.workers < 0:
+        ap.error("--workers must be >= 0")
     print(f"wire v{args.wire_version}: building {args.nodes} nodes x {args.batches} batches x {args.series} series x "
           f"{args.points} points ...", flush=True)
     with multiprocessing.Pool(2) as pool:
@@ -152,17 +170,23 @@ def main() -> int:
                 cache.confirm()
     ceiling = (total_samples / 4 if args.nodes >= 4 else total_samples) / (time.process_time() - t)
 
-    runs = [ingest_run(nodes, args.senders, total_samples, forward=False)]
-    if not args.no_forwarding:
-        runs.append(ingest_run(nodes, args.senders, total_samples, forward=True))
+    try:
+        runs = [ingest_run(nodes, args.senders, total_samples, forward=False, workers=args.workers)]
+        if not args.no_forwarding:
+            runs.append(ingest_run(nodes, args.senders, total_samples, forward=True, workers=args.workers))
+    except RunFailed as exc:
+        raise SystemExit(f"run failed: {exc}") from None
 
-    print(f"\n{total_samples} samples in {args.nodes * args.batches} batches, {total_bytes / 1e6:.1f} MB on the wire")
+    n_batches = args.nodes * args.batches
+    print(f"\n{total_samples} samples in {n_batches} batches, {total_bytes / 1e6:.1f} MB on the wire")
+    fronts = f" and its {args.workers} front process{'es' if args.workers > 1 else ''}" if args.workers else ""
+    print(f"collector workers = {args.workers}: collector CPU is the serve process{fronts} (not the forwarder's)")
     for r in runs:
-        print(f"  {r['label']}: accepted {r['accepted']}/{args.nodes * args.batches} batches")
+        print(f"  {r['label']}: accepted {r['accepted']}/{n_batches} batches")
     print(f"\n{'measure':<58}" + "".join(f"{r['label']:>22}" for r in runs))
     rows = [
         ("collector: samples / collector CPU second (per core)", "per_cpu"),
-        ("collector: samples / wall second (2 cores shared)", "per_wall"),
+        (f"collector: samples / wall second ({len(os.sched_getaffinity(0))} cores shared)", "per_wall"),
         ("forwarder child: samples / CPU second", "fw_per_cpu"),
         ("all forwarded: samples / wall second, ingest + forward", "fw_per_wall"),
         ("VictoriaMetrics: samples received / its CPU second", "vm_per_cpu"),
@@ -180,22 +204,97 @@ def main() -> int:
               "(goal: not halved)")
     print("(targets at one point per series: >= 1,500,000 samples / collector CPU s without remote_write, "
           ">= 1,000,000 with one VictoriaMetrics target; >= 8,000,000 at 60 points)")
+    complete = all(r["accepted"] == n_batches for r in runs)
+    if args.scaling:
+        complete = scaling(nodes, args.senders, total_samples, n_batches) and complete
+    if not complete:
+        print("\nFAILED: a run did not accept every batch; its figures do not stand")
+        return 1
     return 0
+
+
+def scaling(nodes: list[tuple[str, list[bytes]]], senders: int, total_samples: int, n_batches: int) -> bool:
+    """The same batches on fresh collectors pinned to 1, 2 and all cores; True if every run
+    came up and accepted every batch."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        print(f"\nscaling cannot be measured: this bench may run on 1 CPU only ({cpu_list(usable)})")
+        return True
+    plan = [("1 core, workers 0", usable[:1], 0), ("1 core, workers 1", usable[:1], 1),
+            ("2 cores, workers 1", usable[:2], 1)]
+    if len(usable) > 2:
+        plan.append((f"{len(usable)} cores, workers {len(usable) - 1}", usable, len(usable) - 1))
+    print(f"\n== scaling: the same {n_batches} batches, no remote_write, each on a fresh collector pinned "
+          "with taskset", flush=True)
+    runs: list[dict[str, Any]] = []
+    for label, cpus, workers in plan:
+        try:
+            runs.append(ingest_run(nodes, senders, total_samples, forward=False, workers=workers, cpus=cpus,
+                                   label=label))
+        except RunFailed as exc:
+            print(f"   {label}: FAILED: {exc}", flush=True)
+            runs.append({"label": label, "failed": exc.reason, "accepted": 0})
+
+    print(f"\nscaling: {total_samples} samples in {n_batches} batches per run, no remote_write")
+    print(f"  the {senders} load-generating senders are not pinned: they share CPUs {cpu_list(usable)} with the "
+          "collector, so wall figures include their contention")
+    for r in runs:
+        state = f"FAILED: {r['failed']}" if "failed" in r else f"accepted {r['accepted']}/{n_batches} batches"
+        print(f"  {r['label']}: {state}")
+    base = runs[0].get("per_wall") if "failed" not in runs[0] else None
+    for r in runs:
+        if "per_wall" in r and base:
+            r["vs_first"] = f"{r['per_wall'] / base:.2f}x"
+    print(f"\n{'measure':<44}" + "".join(f"{r['label']:>22}" for r in runs))
+    text_rows = [("collector ran on CPUs", "cpus"), ("collector processes", "procs")]
+    for title, key in text_rows:
+        print(f"{title:<44}" + "".join(f"{r.get(key, '-'):>22}" for r in runs))
+    number_rows = [("samples / collector CPU second", "per_cpu", ",.0f"), ("samples / wall second", "per_wall", ",.0f"),
+                   ("collector processes' CPU seconds", "cpu_s", ",.2f")]
+    for title, key, fmt in number_rows:
+        print(f"{title:<44}" + "".join(f"{r[key]:>22{fmt}}" if key in r else f"{'-':>22}" for r in runs))
+    print(f"{'wall throughput vs ' + runs[0]['label']:<44}" + "".join(f"{r.get('vs_first', '-'):>22}" for r in runs))
+    return all("failed" not in r and r["accepted"] == n_batches for r in runs)
+
+
+def cpu_list(cpus: list[int] | set[int]) -> str:
+    """CPU numbers as taskset writes them: 0-3,6."""
+    spans: list[list[int]] = []
+    for c in sorted(cpus):
+        if spans and c == spans[-1][1] + 1:
+            spans[-1][1] = c
+        else:
+            spans.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
+class RunFailed(Exception):
+    """A collector run that could not be measured (it did not come up, or its fronts did not)."""
+
+    def __init__(self, reason: str, log: Path) -> None:
+        super().__init__(f"{reason}; {log_tail(log)}")
+        self.reason = reason
 
 
 SAMPLES_PER_REQUEST = int(os.environ.get("BENCH_SAMPLES_PER_REQUEST", "5000"))
 
 
-def ingest_run(nodes: list[tuple[str, list[bytes]]], senders: int, total_samples: int, forward: bool) -> dict[str, Any]:
-    """Post every batch to a fresh collector; with `forward`, one VictoriaMetrics target on."""
-    label = "with VictoriaMetrics" if forward else "no remote_write"
-    print(f"\n== run: {label}", flush=True)
+def ingest_run(nodes: list[tuple[str, list[bytes]]], senders: int, total_samples: int, forward: bool,
+               workers: int = 0, cpus: list[int] | None = None, label: str | None = None) -> dict[str, Any]:
+    """Post every batch to a fresh collector with `workers` fronts; with `forward`, one
+    VictoriaMetrics target on; with `cpus`, the collector's process tree confined to them."""
+    label = label or ("with VictoriaMetrics" if forward else "no remote_write")
+    print(f"\n== run: {label}" + (f" (collector on CPUs {cpu_list(cpus)})" if cpus else ""), flush=True)
     out: dict[str, Any] = {"label": label}
     with tempfile.TemporaryDirectory(prefix="ws-ingest-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         port = free_port()
-        cmd = [sys.executable, "-m", "collector", "serve", "--data-dir", str(work / "c"), "--listen",
+        # taskset execs the collector, so the pid is serve's, and its children inherit the mask.
+        pin = ["taskset", "-c", cpu_list(cpus)] if cpus else []
+        cmd = [*pin, sys.executable, "-m", "collector", "serve", "--data-dir", str(work / "c"), "--listen",
                f"127.0.0.1:{port}"]
+        # workers = 0 is the default: left out, the config is the same with or without the setting.
+        config_text = f"workers = {workers}\n" if workers else ""
         vm = None
         if forward:
             vm_bin = need("victoria-metrics", "victoria-metrics")
@@ -204,21 +303,40 @@ def ingest_run(nodes: list[tuple[str, list[bytes]]], senders: int, total_samples
                 [vm_bin, f"-storageDataPath={work / 'vm'}", f"-httpListenAddr=127.0.0.1:{vm_port}",
                  "-retentionPeriod=100y"], work / "vm.log"))
             wait_http(f"http://127.0.0.1:{vm_port}/health")
+            config_text += (f'[[remote_write]]\nname = "vm"\nurl = "http://127.0.0.1:{vm_port}/api/v1/write"\n'
+                            f"samples_per_request = {SAMPLES_PER_REQUEST}\n")
+        if config_text:
             config = work / "collector.toml"
-            config.write_text(f'[[remote_write]]\nname = "vm"\nurl = "http://127.0.0.1:{vm_port}/api/v1/write"\n'
-                              f"samples_per_request = {SAMPLES_PER_REQUEST}\n")
+            config.write_text(config_text)
             cmd += ["--config", str(config)]
         fleet = work / "fleet.txt"
         fleet.write_text("".join(f"bench node-{i} {pub}\n" for i, (pub, _) in enumerate(nodes)))
         subprocess.run([sys.executable, "-m", "collector", "enroll", "--data-dir", str(work / "c"), "--from",
                         str(fleet)], env=ENV, check=True, capture_output=True)
         proc = stack.enter_context(process(cmd, work / "collector.log"))
-        wait_http(f"http://127.0.0.1:{port}/healthz")
+        log = work / "collector.log"
+        wait_up(proc, f"http://127.0.0.1:{port}/healthz", log)
+        serve = psutil.Process(proc.pid)
+        fronts: list[psutil.Process] = []
+        deadline = time.monotonic() + 30
+        while len(fronts) < workers:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RunFailed(f"{len(fronts)} of {workers} front processes started", log)
+            time.sleep(0.1)
+            fronts = children_running(serve, "collector.fronts")
+        if len(fronts) > workers:
+            raise RunFailed(f"{len(fronts)} front processes for workers = {workers}", log)
+        # The collector's start-up (imports, the fronts' too) is not ingest: the baseline is
+        # read once its CPU stops rising (at most 10 s).
+        settled, last = time.monotonic() + 10, -1.0
+        while time.monotonic() < settled and (now := sum(collector_cpu(serve, fronts).values())) != last:
+            last = now
+            time.sleep(0.5)
         forwarder = None
         if forward:
             deadline = time.monotonic() + 30
             while forwarder is None and time.monotonic() < deadline:
-                kids = psutil.Process(proc.pid).children()
+                kids = children_running(serve, "collector.remote_write")
                 forwarder = kids[0] if kids else None
                 time.sleep(0.1)
             assert forwarder is not None, "the forwarder child did not start"
@@ -232,16 +350,29 @@ def ingest_run(nodes: list[tuple[str, list[bytes]]], senders: int, total_samples
         per_sender: list[list[bytes]] = [[] for _ in range(senders)]
         for i, (_, frames) in enumerate(nodes):
             per_sender[i % senders].extend(frames)
-        cpu0 = cpu_seconds(proc.pid, children=False)
+        cpu0 = collector_cpu(serve, fronts)
         fw0 = _cpu(forwarder) if forwarder else 0.0
         vm0 = cpu_seconds(vm.pid) if vm else 0.0
         t0 = time.monotonic()
         with multiprocessing.Pool(senders) as pool:
             out["accepted"] = sum(pool.map(post_all, [(port, fr) for fr in per_sender]))
         wall = time.monotonic() - t0
-        cpu = cpu_seconds(proc.pid, children=False) - cpu0
+        cpu1 = collector_cpu(serve, children_running(serve, "collector.fronts"))
+        if set(cpu1) != set(cpu0):
+            # A front that exited took its CPU seconds with it; one that replaced it counts from 0.
+            print(f"   note: the collector's processes changed during the run ({sorted(cpu0)} -> {sorted(cpu1)}); "
+                  "its CPU figure is not exact", flush=True)
+        cpu = sum(cpu1[pid] - cpu0.get(pid, 0.0) for pid in cpu1)
+        if cpu <= 0:
+            raise RunFailed(f"the collector's CPU time did not move in {wall:.2f} s", log)
+        out["cpu_s"] = cpu
         out["per_cpu"] = total_samples / cpu
         out["per_wall"] = total_samples / wall
+        out["procs"] = "serve" + (f" + {workers} front" + ("s" if workers > 1 else "") if workers else "")
+        ran_on: set[int] = set()
+        for p in [serve, *children_running(serve, "collector.fronts")]:
+            ran_on.update(p.cpu_affinity() or [])
+        out["cpus"] = cpu_list(ran_on)
         if forward and forwarder is not None and vm is not None:
             url = f"http://127.0.0.1:{port}/metrics"
             deadline = time.monotonic() + 600
@@ -251,7 +382,8 @@ def ingest_run(nodes: list[tuple[str, list[bytes]]], senders: int, total_samples
                 time.sleep(0.05)
             fw_wall = time.monotonic() - t0
             out["fw_per_cpu"] = total_samples / (_cpu(forwarder) - fw0)
-            out["both_per_cpu"] = total_samples / (cpu_seconds(proc.pid, children=False) - cpu0
+            collector_now = collector_cpu(serve, children_running(serve, "collector.fronts"))
+            out["both_per_cpu"] = total_samples / (sum(collector_now[pid] - cpu0.get(pid, 0.0) for pid in collector_now)
                                                    + _cpu(forwarder) - fw0)
             out["fw_per_wall"] = total_samples / fw_wall
             out["vm_per_cpu"] = total_samples / max(cpu_seconds(vm.pid) - vm0, 1e-9)
@@ -261,6 +393,50 @@ def ingest_run(nodes: list[tuple[str, list[bytes]]], senders: int, total_samples
 def _cpu(p: psutil.Process) -> float:
     times = p.cpu_times()
     return float(times.user + times.system)
+
+
+def children_running(serve: psutil.Process, module: str) -> list[psutil.Process]:
+    """serve's descendants whose command line names `module` (collector.fronts, collector.remote_write)."""
+    found = []
+    for p in serve.children(recursive=True):
+        try:
+            if any(module in arg for arg in p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def collector_cpu(serve: psutil.Process, fronts: list[psutil.Process]) -> dict[int, float]:
+    """CPU seconds so far of serve (not its exited children's) and of each front, by pid."""
+    out = {serve.pid: cpu_seconds(serve.pid, children=False)}
+    for p in fronts:
+        try:
+            out[p.pid] = _cpu(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_up(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 30.0) -> None:
+    """Until `url` answers; a collector that exits (a config it refuses, say) fails at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RunFailed(f"the collector exited with status {proc.returncode}", log)
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RunFailed(f"{url} did not answer in {timeout:.0f} s", log) from None
+            time.sleep(0.1)
+
+
+def log_tail(log: Path, n: int = 12) -> str:
+    """The collector log's last lines (a front's traceback, say), for a run that failed."""
+    lines = [line.rstrip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return "its log ends:\n      " + "\n      ".join(lines[-n:]) if lines else "its log is empty"
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
-import ipaddress
 import logging
 import math
 import sqlite3
@@ -29,6 +28,7 @@ from collector import keyring, remote_write, serve_link, trust
 from collector import ledger as ledger_mod
 from collector.config import CollectorConfig
 from collector.exposition import FleetCollector, FleetState
+from collector.fronts import client_address, peer_is_this_host, same_host_from_front
 from collector.ingest import (
     IMPORT_GROUP,
     RETRY_AFTER_S,
@@ -61,6 +61,9 @@ SEALING_KEY_FILES: web.AppKey[list[Path]] = web.AppKey("sealing_key_files")
 # What `waystation-collector import` presents to hand bundle frames to this process
 # (serve writes it to <data_dir>/serve.json, mode 0600).
 IMPORT_TOKEN = web.AppKey("import_token", str)
+# Set by serve while its front processes start (they answer /healthz as soon as each
+# listens; serve is ready once all do and serve.json is written).
+STARTING = web.AppKey("starting", list)
 
 
 def rebuild_latest_state(
@@ -314,20 +317,9 @@ async def post_batch(request: web.Request) -> web.Response:
 
 
 def _same_host(request: web.Request) -> bool:
-    """The peer is this machine: loopback, or our own address on the listening socket."""
-    transport = request.transport
-    if transport is None:
-        return False
-    peer: Any = transport.get_extra_info("peername")
-    own: Any = transport.get_extra_info("sockname")
-    if not peer:
-        return False
-    try:
-        if ipaddress.ip_address(str(peer[0]).split("%")[0]).is_loopback:
-            return True
-    except ValueError:
-        return False
-    return bool(own) and str(peer[0]) == str(own[0])
+    """The client is this machine (through a front: as the front saw it)."""
+    passed_on = same_host_from_front(request)
+    return peer_is_this_host(request) if passed_on is None else passed_on
 
 
 def _import_refused(result: str, error: str, status: int, headers: dict[str, str] | None = None) -> web.Response:
@@ -345,11 +337,11 @@ async def post_import(request: web.Request) -> web.Response:
     nothing taken. Refusals before the body is read (403, 503) never name the token."""
     app = request.app
     if not _same_host(request):
-        log.warning("refused POST /v1/import from %s: not this host", request.remote)
+        log.warning("refused POST /v1/import from %s: not this host", client_address(request))
         return _import_refused("forbidden", "import is only taken from this host", 403)
     token = request.headers.get(serve_link.TOKEN_HEADER, "")
     if not hmac.compare_digest(token.encode(errors="replace"), app[IMPORT_TOKEN].encode()):
-        log.warning("refused POST /v1/import from %s: wrong or missing import token", request.remote)
+        log.warning("refused POST /v1/import from %s: wrong or missing import token", client_address(request))
         return _import_refused("forbidden", "wrong or missing import token", 403)
     ingest = app[INGEST]
     limits = app[CONFIG].limits
@@ -444,6 +436,8 @@ RENDER_STEP = 1_000
 
 async def get_healthz(request: web.Request) -> web.Response:
     app = request.app
+    if app[STARTING]:
+        return web.Response(status=503, text="starting\n")
     try:
         await app[COMMITTER].call(app[LEDGER].check_writable)
     except (sqlite3.Error, OSError) as exc:
@@ -537,6 +531,7 @@ def create_app(config: CollectorConfig) -> web.Application:
     registry.register(FleetCollector(fleet))
     app.cleanup_ctx.append(_ledger_ctx)
     app[IMPORT_TOKEN] = serve_link.new_token()
+    app[STARTING] = []
     app.router.add_post("/v1/batches", post_batch)
     app.router.add_post("/v1/import", post_import)
     app.router.add_get("/metrics", get_metrics)

@@ -8,12 +8,13 @@ import dataclasses
 import json
 import logging
 import signal
+import socket
 import sqlite3
 import ssl
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,19 @@ from aiohttp import web
 import wire
 from collector import audit, bundles, keyring, ledger, provenance, serve_link, trust
 from collector import receipts as receipts_mod
-from collector.app import COMMITTER, IMPORT_TOKEN, LEDGER, METRICS, create_app, quiet_malformed_http
+from collector.app import (
+    COMMITTER,
+    IMPORT_TOKEN,
+    INGEST,
+    LEDGER,
+    METRICS,
+    REGISTRY,
+    STARTING,
+    create_app,
+    quiet_malformed_http,
+)
 from collector.config import CollectorConfig, load_config
+from collector.fronts import FrontMetrics, Fronts, private_socket_path, reserve_port
 from collector.ingest import open_limits
 from wire import bundle
 from wire.config import ConfigError, parse_duration
@@ -155,7 +167,7 @@ class _Starting:
             self.notifier.status(line)
 
 
-async def _serve(config: CollectorConfig) -> int:
+async def _serve(config: CollectorConfig, config_file: Path | None = None) -> int:
     data_dir = Path(config.data_dir)
     # Before anything that may wait: a start that waits for an import, or replays a large
     # ledger, must not be killed by systemd's start timeout (Type=notify) and restarted
@@ -174,7 +186,7 @@ async def _serve(config: CollectorConfig) -> int:
             print(f"waystation-collector: {exc}", file=sys.stderr)
             return EXIT_FAILED
         try:
-            return await _serve_locked(config, notifier, starting)
+            return await _serve_locked(config, notifier, starting, config_file)
         finally:
             (data_dir / serve_link.ENDPOINT_FILE).unlink(missing_ok=True)
             lock.close()
@@ -182,7 +194,9 @@ async def _serve(config: CollectorConfig) -> int:
         starting.ready.set()  # a start that failed extends nothing any more
 
 
-async def _serve_locked(config: CollectorConfig, notifier: Notifier, starting: _Starting) -> int:
+async def _serve_locked(
+    config: CollectorConfig, notifier: Notifier, starting: _Starting, config_file: Path | None = None
+) -> int:
     ssl_context = None
     if config.tls:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -205,22 +219,46 @@ async def _serve_locked(config: CollectorConfig, notifier: Notifier, starting: _
     except (OSError, sqlite3.Error) as exc:
         print(f"waystation-collector: cannot open ledger in {config.data_dir}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    fronts: Fronts | None = None
+    reserved: socket.socket | None = None
+    remove_socket: Callable[[], None] = _nothing
     try:
-        site = web.TCPSite(
-            runner, config.host, config.port, ssl_context=ssl_context, shutdown_timeout=10.0
-        )
-        try:
-            await site.start()
-        except OSError as exc:
-            print(f"waystation-collector: cannot listen on {config.listen}: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+        if config.workers:
+            # The fronts listen on the public address; serve only on a Unix socket of its own.
+            try:
+                reserved = reserve_port(config.host, config.port)
+            except OSError as exc:
+                print(f"waystation-collector: cannot listen on {config.listen}: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+            addresses: list[Any] = [reserved.getsockname()]
+            path, remove_socket = private_socket_path()
+            await web.UnixSite(runner, path, shutdown_timeout=10.0).start()
+            fronts = Fronts(config, config_file, addresses[0][1], path, app[INGEST], app[METRICS])
+            app[REGISTRY].register(FrontMetrics(fronts))
+            starting.now(f"starting: {config.workers} front processes")
+            app[STARTING].append(True)
+            try:
+                await fronts.start()
+            except RuntimeError as exc:
+                print(f"waystation-collector: cannot listen on {config.listen}: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+        else:
+            site = web.TCPSite(
+                runner, config.host, config.port, ssl_context=ssl_context, shutdown_timeout=10.0
+            )
+            try:
+                await site.start()
+            except OSError as exc:
+                print(f"waystation-collector: cannot listen on {config.listen}: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+            addresses = list(runner.addresses)
         # Before the address is announced: whoever read it may stop us at once.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         scheme = "https" if ssl_context else "http"
-        for sockaddr in runner.addresses:
+        for sockaddr in addresses:
             host, port = _url_host(sockaddr)
             base = f"{scheme}://{host}:{port}"
             print(f"waystation-collector listening on {base} (ledger {config.ledger_path})")
@@ -228,11 +266,12 @@ async def _serve_locked(config: CollectorConfig, notifier: Notifier, starting: _
             print(f"  GET  {base}/metrics")
             print(f"  GET  {base}/healthz")
             print(f"  GET  {base}/v1/nodes")
-        if runner.addresses:
-            host, port = _url_host(runner.addresses[0])
+        if addresses:
+            host, port = _url_host(addresses[0])
             serve_link.write_endpoint(Path(config.data_dir), serve_link.loopback_url(scheme, host, port),
                                    app[IMPORT_TOKEN], int(config.limits.max_body_bytes), config.tls_cert)
         sys.stdout.flush()
+        app[STARTING].clear()
         status = _ServeStatus(app, config.listen)
         # Ready: the ledger is open and replayed, the socket listens, import can find us.
         notifier.ready(status.line())
@@ -243,8 +282,17 @@ async def _serve_locked(config: CollectorConfig, notifier: Notifier, starting: _
         notifier.stopping("stopping: committing what is queued, saving state")
         pinger.cancel()
     finally:
+        if fronts is not None:
+            await fronts.stop()  # their posts commit here first
         await runner.cleanup()
+        if reserved is not None:
+            reserved.close()
+        remove_socket()
     return EXIT_OK
+
+
+def _nothing() -> None:
+    pass
 
 
 class _ServeStatus:
@@ -549,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if applied:
             log.info("glibc malloc: %s set (the environment may set each instead)", ", ".join(applied))
         try:
-            return asyncio.run(_serve(config))
+            return asyncio.run(_serve(config, args.config))
         except KeyboardInterrupt:
             return EXIT_OK
 

@@ -153,6 +153,9 @@ class RemoteWriteConfig:
                 raise ValueError(f"pattern {pattern!r} is not a valid regex: {exc}") from None
 
 
+MAX_WORKERS = 256
+
+
 @dataclass(frozen=True)
 class CollectorConfig:
     listen: str = DEFAULT_LISTEN
@@ -163,9 +166,14 @@ class CollectorConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     remote_write: tuple[RemoteWriteConfig, ...] = ()
+    # Front processes that take the HTTP requests and verify batches beside serve, which
+    # keeps the ledger (collector/fronts.py); 0: serve takes them itself.
+    workers: int = 0
 
     def __post_init__(self) -> None:
         parse_listen(self.listen)
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers {self.workers} must be 0..{MAX_WORKERS}")
         names = [t.name for t in self.remote_write]
         if len(set(names)) != len(names):
             raise ValueError(f"remote_write names must be unique, got {names}")

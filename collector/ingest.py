@@ -70,6 +70,14 @@ RETRY_AFTER_S = 1
 T = TypeVar("T")
 
 
+# An answer to POST /v1/batches: HTTP status, JSON body, extra headers.
+Answer = tuple[int, dict[str, Any], dict[str, str] | None]
+
+
+def json_answer(status: int, body: dict[str, Any], headers: dict[str, str] | None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers)
+
+
 class Overloaded(Exception):
     """More verified batches are waiting for the ledger than max_pending_commits allows."""
 
@@ -218,6 +226,19 @@ class _Refusal(Exception):
         self.signed = signed
 
 
+def refusal_of(exc: Exception) -> _Refusal:
+    """What a post that raised `exc` is refused with."""
+    if isinstance(exc, _Refusal):
+        return exc
+    if isinstance(exc, Overloaded):
+        return _Refusal("overloaded", str(exc))
+    if isinstance(exc, LedgerUnavailable):
+        return _Refusal("unavailable", f"ledger cannot commit: {exc}")
+    # No input may produce a 5xx; log what we did not foresee.
+    log.error("unexpected error while ingesting a batch", exc_info=exc)
+    return _Refusal("malformed", f"batch could not be processed: {exc}")
+
+
 def result_word(refusal: wire.Refusal) -> str:
     """The ingest result for a refusal of open_batch (an unforeseen word reads as malformed)."""
     return refusal.result if refusal.result in STATUS else "malformed"
@@ -329,17 +350,21 @@ class Ingest:
     async def handle(self, request: web.Request) -> web.Response:
         try:
             return await self._handle(request)
-        except _Refusal as r:
-            return self._refuse(r)
-        except Overloaded as exc:
-            return self._refuse(_Refusal("overloaded", str(exc)))
-        except LedgerUnavailable as exc:
-            return self._refuse(_Refusal("unavailable", f"ledger cannot commit: {exc}"))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # no input may produce a 5xx; log what we did not foresee
-            log.exception("unexpected error while ingesting a batch")
-            return self._refuse(_Refusal("malformed", f"batch could not be processed: {exc}"))
+        except Exception as exc:
+            return json_answer(*self.answer_of(exc))
+
+    def answer_of(self, exc: Exception) -> Answer:
+        """The answer to a post that raised `exc` (counted), as (status, body, headers)."""
+        return self.refusal_answer(refusal_of(exc))
+
+    async def commit_answer(self, opened: wire.VerifiedBatch, received_at: float) -> Answer:
+        """Commit a verified batch and apply it; the answer to its post, whatever happened
+        (a front process hands its verified batches here: collector/fronts.py)."""
+        try:
+            result = await self.record(opened, received_at)
+        except Exception as exc:
+            return self.answer_of(exc)
+        return 200, self._ack(result, opened.header), None
 
     async def _read_body(self, request: web.Request) -> bytes:
         cap = self.limits.max_body_bytes
@@ -421,8 +446,7 @@ class Ingest:
             opened = await self.verify(body)
         finally:
             self.in_progress -= 1
-        result = await self.record(opened, received_at)
-        return web.json_response(self._ack(result, opened.header))
+        return json_answer(*await self.commit_answer(opened, received_at))
 
     async def import_frames(
         self, frames: list[bytes], origin_file: str
@@ -494,7 +518,8 @@ class Ingest:
             "highest_seq": state.highest_seq if state else 0,
         }
 
-    def _refuse(self, r: _Refusal) -> web.Response:
+    def refusal_answer(self, r: _Refusal) -> Answer:
+        """The answer to a refused post (counted); a signed one carries the node's watermark."""
         self.metrics.count(r.result)
         body: dict[str, Any] = {"result": r.result, "error": r.detail}
         if r.header is not None:
@@ -505,4 +530,4 @@ class Ingest:
             if state is not None:
                 body.update(complete_through=state.complete_through, highest_seq=state.highest_seq)
         headers = {"Retry-After": str(RETRY_AFTER_S)} if STATUS[r.result] == 503 else None
-        return web.json_response(body, status=STATUS[r.result], headers=headers)
+        return STATUS[r.result], body, headers

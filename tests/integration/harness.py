@@ -48,8 +48,9 @@ class Collector:
     """A collector process with its own data dir and loopback port; restartable."""
 
     def __init__(self, data_dir: Path, port: int | None = None, config: Path | None = None,
-                 scheme: str = "http", host: str = "127.0.0.1") -> None:
+                 scheme: str = "http", host: str = "127.0.0.1", workers: int = 0) -> None:
         self.data_dir = data_dir
+        self.workers = workers  # front processes (collector/fronts.py); 0: serve alone
         self.port = port or free_port()
         self.config = config
         self.scheme = scheme
@@ -74,11 +75,15 @@ class Collector:
     def start(self) -> None:
         assert self.proc is None
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.config
+        if self.workers:
+            config = self.data_dir.parent / f"collector-{self.port}-workers.toml"
+            config.write_text(f"workers = {self.workers}\n" + (self.config.read_text() if self.config else ""))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "collector", "serve", "--data-dir", str(self.data_dir),
                  "--listen", f"127.0.0.1:{self.port}",
-                 *(["--config", str(self.config)] if self.config else [])],
+                 *(["--config", str(config)] if config else [])],
                 env=ENV, stdout=log, stderr=subprocess.STDOUT,
             )
         wait_for(lambda: self._healthy(), 30, "collector /healthz")

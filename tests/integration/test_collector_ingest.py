@@ -102,14 +102,25 @@ class Server:
         return {(n["site"], n["node"]): n for n in json.loads(body)}
 
     def rss_kib(self, field: str = "VmRSS") -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise AssertionError(f"no {field} for pid {self.proc.pid}")
+        """serve's figure, plus its front processes' when it has them."""
+        return sum(proc_kib(pid, field) for pid in [self.proc.pid, *front_pids(self.proc.pid)])
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(20)
+
+
+def proc_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for pid {pid}")
+
+
+def front_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children
+            if b"collector.fronts" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 def start_server(data_dir: Path, config: Path) -> Server:
@@ -179,11 +190,14 @@ def nodes() -> dict[str, Node]:
     return {name: Node(name) for name in ("n1", "n2", "n3", "n4", "n5")}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, nodes: dict[str, Node]) -> Iterator[Server]:
+# serve taking every request itself, and serve with two front processes taking them
+# (collector/fronts.py): every test here holds for both.
+@pytest.fixture(scope="module", params=[0, 2], ids=["serve-alone", "two-fronts"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           nodes: dict[str, Node]) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("collector")
     config = root / "collector.toml"
-    config.write_text(CONFIG)
+    config.write_text(f"workers = {request.param}\n" + CONFIG)
     data_dir = root / "data"
     r = run_cli(data_dir, config, "enroll", "--site", SITE, "--node", "n1", "--key", nodes["n1"].pubkey)
     assert r.returncode == 0 and "enrolled key" in r.stdout, r.stderr

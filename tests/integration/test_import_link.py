@@ -186,10 +186,11 @@ def label(fd: int, text: str) -> None:
 # ---------------------------------------------------------------------------- who may import
 
 
-def test_a_wrong_or_missing_token_gets_403_commits_nothing_and_is_never_printed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2], ids=["serve-alone", "two-fronts"])
+def test_a_wrong_or_missing_token_gets_403_commits_nothing_and_is_never_printed(tmp_path: Path, workers: int) -> None:
     config = tmp_path / "collector.toml"
     config.write_text('log_level = "debug"\n')  # the access log too: it must not carry the token
-    c = Collector(tmp_path / "collector", config=config)
+    c = Collector(tmp_path / "collector", config=config, workers=workers)
     key = enrolled(c.data_dir, "n1")["n1"]
     frames = frames_of(key, "n1", 3)
     path = bundle_file(frames, key, "n1", tmp_path / "n1.wsb")
@@ -235,11 +236,12 @@ def _non_loopback_address() -> str | None:
     return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
-def test_a_peer_that_is_not_loopback_gets_403_even_with_the_token(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2], ids=["serve-alone", "two-fronts"])
+def test_a_peer_that_is_not_loopback_gets_403_even_with_the_token(tmp_path: Path, workers: int) -> None:
     address = _non_loopback_address()
     if address is None:
         pytest.skip("this host has no non-loopback IPv4 address to connect from")
-    c = Collector(tmp_path / "collector")
+    c = Collector(tmp_path / "collector", workers=workers)
     key = enrolled(c.data_dir, "n1")["n1"]
     frames = frames_of(key, "n1", 2)
     c.start()

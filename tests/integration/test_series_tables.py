@@ -111,9 +111,10 @@ def _load(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], node: str) ->
     return m.get(("node_load1", (("node", node), ("site", SITE))))
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Server, dict[str, V2Node]]]:
+@pytest.fixture(params=[0, 2], ids=["serve-alone", "two-fronts"])
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Server, dict[str, V2Node]]]:
     config = _config(tmp_path)
+    config.write_text(f"workers = {request.param}\n" + config.read_text())
     nodes = {name: V2Node(name) for name in ("a", "b")}
     _enroll(tmp_path / "d", config, *nodes.values())
     srv = start_server(tmp_path / "d", config)

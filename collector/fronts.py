@@ -1,0 +1,621 @@
+"""More than one core: front processes take the HTTP requests, the serve process the ledger.
+
+With `workers = N` (N >= 1) serve starts N front processes (`python -m collector.fronts`).
+Each binds the public listen address with SO_REUSEPORT, so the kernel spreads connections
+over them, and handles POST /v1/batches up to and including verification and decoding:
+reading the body under the limits, the node's key from the ledger (a read-only connection),
+signature, decompression, the series table (the ledger's, or the one sent with the batch),
+columns. The verified batch goes to serve over a socket pair; serve commits it in its group
+commit, applies it to the latest state and returns the answer, which the front sends. So
+there is still one ledger and one writer, and a post is answered only once it is durable.
+Every other route (/metrics, /healthz, /v1/nodes, chain heads, /v1/import) is passed through
+to serve's own HTTP server on a Unix socket in a directory only the collector's user reads.
+
+Handoff messages are length-prefixed pickles on a socket pair that only serve and the front
+it started hold: ("batch", id, bytes, received_at, packed batch), ("refused", id, bytes,
+result) for a post the front refused itself, ("ready", port) once listening; `bytes` is the
+request body bytes the front read since its last message. Serve answers each with ("answer",
+id, status, body, headers), having counted it, so waystation_ingest_* on /metrics include a
+post by the time its sender has the answer, whichever process took it.
+A batch's series table travels with it only when the front's post carried one (or the front
+has not seen serve hold it); otherwise serve finds the table by id in its own cache or in
+the ledger, and a table it cannot find is answered unknown_table (the agent sends it again
+with the table).
+
+Serve restarts a front that dies; a front whose serve is gone stops (its socket pair closes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import sqlite3
+import ssl
+import struct
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yarl
+from aiohttp import web
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+import wire
+from collector import keyring
+from collector import ledger as ledger_mod
+from collector.config import CollectorConfig, load_config
+from collector.ingest import (
+    STATUS,
+    Answer,
+    Ingest,
+    IngestMetrics,
+    LedgerUnavailable,
+    Overloaded,
+    _Refusal,
+    json_answer,
+    open_limits,
+    refusal_of,
+)
+from collector.tables import LedgerTables
+from wire.columns_np import Columns
+from wire.malloc import tune_malloc
+
+log = logging.getLogger(__name__)
+
+_LEN = struct.Struct("!I")
+MAX_MESSAGE = 1 << 30  # far above any batch the limits let through; a guard, not a limit
+# Set by a front on requests it passes to serve: whether the client is on this machine
+# (POST /v1/import takes only those). Serve believes it only on its Unix socket.
+PEER_HEADER = "X-Waystation-Front-Peer"
+# Not passed on by the front (RFC 9110 7.6.1), or set again by it.
+_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                  "transfer-encoding", "upgrade", PEER_HEADER.lower()))
+FRONT_STOP_S = 15.0
+
+
+def worker_count(config: CollectorConfig) -> int:
+    return config.workers
+
+
+# ------------------------------------------------------------------------- messages
+
+
+async def read_message(reader: asyncio.StreamReader) -> Any:
+    """One message, or None at EOF."""
+    try:
+        head = await reader.readexactly(_LEN.size)
+    except asyncio.IncompleteReadError:
+        return None
+    (size,) = _LEN.unpack(head)
+    if size > MAX_MESSAGE:
+        raise ValueError(f"handoff message of {size} bytes")
+    try:
+        return pickle.loads(await reader.readexactly(size))
+    except asyncio.IncompleteReadError:
+        return None
+
+
+def write_message(writer: asyncio.StreamWriter, message: Any) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.write(_LEN.pack(len(data)) + data)
+
+
+Packed = tuple[Any, ...]
+
+
+def pack_batch(opened: wire.VerifiedBatch, send_table: bool) -> Packed:
+    """A verified batch for serve: the frame's bytes (serve parses the header again), its key
+    record, what was decoded; the series table only when `send_table`, else its id."""
+    table = opened.table
+    cols = opened.columns
+    arrays = None if cols is None else (cols.index, cols.starts, cols.timestamps_ms, cols.values, cols.column,
+                                        cols.column_starts, cols.column_timestamps)
+    return (opened.frame.raw, opened.key, opened.series, opened.drop, opened.rotation,
+            None if table is None else table.id, table if send_table else None, arrays)
+
+
+def unpack_batch(packed: Packed, tables: wire.MemoryTables) -> wire.VerifiedBatch:
+    """The batch a front verified, its series table taken from serve's `tables` (the object
+    the ledger tracks) when held there. Raises _Refusal unknown_table when serve holds no
+    table of that id and none came with the batch."""
+    raw, key, series, drop, rotation, table_id, sent, arrays = packed
+    frame = wire.parse_frame(raw)
+    h = frame.header
+    table: wire.SeriesTable | None = None
+    if table_id is not None:
+        table = tables.get(h.site, h.node, table_id)
+        if table is None:
+            if sent is None:
+                raise _Refusal("unknown_table", f"series table {table_id.hex()} is not held for {h.site}/{h.node}; "
+                                                "send the batch with its table", h, signed=True)
+            sent.durable = False
+            tables.add(h.site, h.node, sent)
+            table = sent
+    columns = None if arrays is None else Columns(table, *arrays)  # type: ignore[arg-type]
+    return wire.VerifiedBatch(frame, key, series, drop, rotation, table, columns)
+
+
+# ------------------------------------------------------------------- serve's side
+
+
+class Fronts:
+    """Serve's end: starts the fronts, takes their batches into `ingest`, restarts a front
+    that dies, stops them before serve stops."""
+
+    def __init__(self, config: CollectorConfig, config_file: Path | None, port: int, proxy_path: str,
+                 ingest: Ingest, metrics: IngestMetrics) -> None:
+        self.config = config
+        self.config_file = config_file
+        self.port = port
+        self.proxy_path = proxy_path
+        self.ingest = ingest
+        self.metrics = metrics
+        self.count = worker_count(config)
+        self.restarts = 0
+        self._stopping = False
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready: dict[int, asyncio.Event] = {}
+        # Serve's own view of the series tables the fronts name (the ledger's on a miss),
+        # read on the event loop through its own connection.
+        self._conn = ledger_mod.connect(config.ledger_path, create=False)
+        self.tables = LedgerTables(self._conn, open_limits(config.limits))
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start every front; returns once each listens (RuntimeError if one cannot)."""
+        ready = []
+        for slot in range(self.count):
+            event = asyncio.Event()
+            self._ready[slot] = event
+            self._tasks.append(asyncio.get_running_loop().create_task(self._keep(slot), name=f"front-{slot}"))
+            ready.append(event.wait())
+        try:
+            await asyncio.wait_for(asyncio.gather(*ready), timeout)
+        except TimeoutError:
+            raise RuntimeError(f"the front processes did not start listening within {timeout:g}s") from None
+
+    def _child_config(self, handoff_fd: int) -> bytes:
+        return (json.dumps({
+            "config_file": None if self.config_file is None else str(self.config_file),
+            "data_dir": self.config.data_dir,
+            "host": self.config.host,
+            "port": self.port,
+            "handoff_fd": handoff_fd,
+            "proxy": self.proxy_path,
+            "log_level": self.config.log_level,
+        }) + "\n").encode()
+
+    async def _keep(self, slot: int) -> None:
+        delay = 1.0
+        while not self._stopping:
+            started = time.monotonic()
+            ours, theirs = socket.socketpair()
+            theirs_fd = theirs.fileno()
+            try:
+                env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "collector.fronts", stdin=asyncio.subprocess.PIPE,
+                    pass_fds=(theirs.fileno(),), env=env,
+                )
+            except OSError as exc:
+                log.error("cannot start front process %d: %s", slot, exc)
+                ours.close()
+                theirs.close()
+                rc: int | None = None
+            else:
+                theirs.close()
+                self._procs[slot] = proc
+                assert proc.stdin is not None
+                proc.stdin.write(self._child_config(theirs_fd))
+                with contextlib.suppress(ConnectionError):
+                    await proc.stdin.drain()
+                link = asyncio.get_running_loop().create_task(self._serve_link(slot, ours))
+                rc = await proc.wait()
+                await link
+            if self._stopping:
+                return
+            if time.monotonic() - started > 60:
+                delay = 1.0
+            log.error("front process %d exited %s; starting it again in %g s", slot, rc, delay)
+            await asyncio.sleep(delay)
+            self.restarts += 1
+            delay = min(delay * 2, 30.0)
+
+    async def _serve_link(self, slot: int, sock: socket.socket) -> None:
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
+        answering: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                try:
+                    message = await read_message(reader)
+                except (ValueError, pickle.UnpicklingError, ConnectionError) as exc:
+                    log.error("front process %d sent what is not a message (%s); closing its link", slot, exc)
+                    break
+                if message is None:
+                    break
+                try:
+                    self._take(slot, writer, message, answering)
+                except Exception:  # a front of another version, a bug: that front starts again
+                    log.exception("front process %d sent a message serve cannot take; closing its link", slot)
+                    break
+        finally:
+            # A front that went away leaves its posts unanswered (its clients send them
+            # again); what they were committing still commits.
+            if answering:
+                await asyncio.gather(*answering, return_exceptions=True)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _take(self, slot: int, writer: asyncio.StreamWriter, message: Any,
+              answering: set[asyncio.Task[None]]) -> None:
+        """One message from a front (see the module docstring)."""
+        kind = message[0]
+        if kind == "batch":
+            _, rid, received, received_at, packed = message
+            self.metrics.bytes += received
+            task = asyncio.get_running_loop().create_task(self._answer(writer, rid, received_at, packed))
+            answering.add(task)
+            task.add_done_callback(answering.discard)
+        elif kind == "refused":
+            _, rid, received, (result, detail, header, signed) = message
+            self.metrics.bytes += received
+            refusal = _Refusal(result if result in STATUS else "malformed", detail, header, signed)
+            write_message(writer, ("answer", rid, *self.ingest.refusal_answer(refusal)))
+        elif kind == "ready":
+            self._ready[slot].set()
+
+    async def _answer(self, writer: asyncio.StreamWriter, rid: int, received_at: float, packed: Packed) -> None:
+        try:
+            opened = unpack_batch(packed, self.tables)
+        except Exception as exc:
+            if isinstance(exc, wire.WireError):  # the stored table does not open here
+                exc = _Refusal(exc.reason if exc.reason in STATUS else "malformed", exc.detail)
+            elif not isinstance(exc, _Refusal):  # a ledger read that failed (sqlite3.Error)
+                exc = LedgerUnavailable(f"cannot read the ledger: {exc}")
+            answer = self.ingest.answer_of(exc)
+        else:
+            answer = await self.ingest.commit_answer(opened, received_at)
+        if not writer.is_closing():
+            write_message(writer, ("answer", rid, *answer))
+
+    async def stop(self) -> None:
+        """Stop the fronts (each finishes the posts it holds: their batches still commit
+        here), then stop watching them."""
+        self._stopping = True
+        procs = [p for p in self._procs.values() if p.returncode is None]
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()  # EOF: the front stops listening, answers what it holds, exits
+        for proc in procs:
+            try:
+                await asyncio.wait_for(proc.wait(), FRONT_STOP_S)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._conn.close()
+
+
+class FrontMetrics(Collector):
+    """The fronts for /metrics: how many serve runs and how often one had to start again."""
+
+    def __init__(self, fronts: Fronts) -> None:
+        self.fronts = fronts
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("waystation_collector_front_processes",
+                                "Front processes taking HTTP requests beside serve (workers).",
+                                value=self.fronts.count)
+        yield CounterMetricFamily("waystation_collector_front_restarts",
+                                  "Front processes started again after one exited unasked.",
+                                  value=self.fronts.restarts)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) with SO_REUSEPORT, never listening: it holds the port
+    (the one the OS chose, for port 0) for the fronts to bind beside it."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def private_socket_path() -> tuple[str, Callable[[], None]]:
+    """A path for serve's Unix socket in a new directory only this user can enter."""
+    directory = tempfile.mkdtemp(prefix="waystation-collector-")
+    path = os.path.join(directory, "serve.sock")
+
+    def remove() -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+
+    return path, remove
+
+
+def _from_front(request: web.Request) -> bool:
+    """Whether the request came through serve's Unix socket (so from a front it started)."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+def same_host_from_front(request: web.Request) -> bool | None:
+    """On serve's Unix socket, what the front said of its client; None elsewhere."""
+    if not _from_front(request):
+        return None
+    return request.headers.get(PEER_HEADER, "").split(" ")[0] == "same-host"
+
+
+def client_address(request: web.Request) -> str | None:
+    """The client's address, as the front that took the request saw it."""
+    if _from_front(request):
+        return request.headers.get(PEER_HEADER, " ").partition(" ")[2] or None
+    return request.remote
+
+
+# ------------------------------------------------------------------- a front's side
+
+
+class FrontIngest(Ingest):
+    """POST /v1/batches in a front: read, verify, decode here; commit and answer in serve."""
+
+    def __init__(self, config: CollectorConfig, keys: Any, sealing_keys: wire.SealingKeys | None,
+                 link: Link) -> None:
+        super().__init__(config.limits, keys, None, None, IngestMetrics(), sealing_keys)  # type: ignore[arg-type]
+        self.link = link
+        self._told = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        try:
+            return await self._handle(request)
+        except Exception as exc:
+            r = refusal_of(exc)
+            try:
+                # Serve counts it and writes the answer (a signed refusal tells the node its
+                # watermark, which serve holds).
+                return json_answer(*await self.link.refused(r, self._received()))
+            except LedgerUnavailable:
+                return json_answer(*self.refusal_answer(_Refusal("unavailable", "serve is not answering")))
+
+    def _received(self) -> int:
+        """Body bytes read since serve was last told."""
+        received = self.metrics.bytes - self._told
+        self._told = self.metrics.bytes
+        return received
+
+    def check_capacity(self) -> None:
+        waiting = self.link.pending + self.in_progress
+        if waiting >= self.limits.max_pending_commits:
+            raise Overloaded(f"{waiting} batches are waiting to be verified or committed")
+
+    def _open_sent(self, body: bytes) -> tuple[wire.VerifiedBatch | wire.Refusal, bool]:
+        return self._open(body), body[:4] == wire.TABLE_MAGIC
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.check_capacity()
+        self.in_progress += 1
+        try:
+            body = await self._read_body(request)
+            received_at = time.time()
+            opened, attached = await asyncio.get_running_loop().run_in_executor(self.verifier, self._open_sent, body)
+        except Exception as exc:
+            if isinstance(exc, sqlite3.Error):
+                raise LedgerUnavailable(f"cannot read the ledger: {exc}") from None
+            raise
+        finally:
+            self.in_progress -= 1
+        if isinstance(opened, wire.Refusal):
+            raise _Refusal(opened.result if opened.result in STATUS else "malformed", opened.detail,
+                           opened.header, opened.signed)
+        table = opened.table
+        send_table = table is not None and (attached or not table.durable)
+        status, answer, headers = await self.link.submit(pack_batch(opened, send_table), received_at,
+                                                          self._received())
+        if send_table and table is not None and answer.get("result") in ("accepted", "duplicate"):
+            table.durable = True  # serve holds it now: later batches name it by id
+        return json_answer(status, answer, headers)
+
+
+class Link:
+    """A front's end of the socket pair to serve."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._waiting: dict[int, asyncio.Future[Answer]] = {}
+        self._next = 0
+        self.closed = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiting)
+
+    async def submit(self, packed: Packed, received_at: float, received: int) -> Answer:
+        """Serve's answer to a verified batch (LedgerUnavailable: serve is gone)."""
+        return await self._ask("batch", received, received_at, packed)
+
+    async def refused(self, r: _Refusal, received: int) -> Answer:
+        """Serve's answer to a post refused here, once serve has counted it."""
+        return await self._ask("refused", received, (r.result, r.detail, r.header, r.signed))
+
+    async def _ask(self, kind: str, *fields: Any) -> Answer:
+        if self.closed.is_set():
+            raise LedgerUnavailable("serve is gone")
+        rid = self._next
+        self._next += 1
+        fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        try:
+            write_message(self.writer, (kind, rid, *fields))
+            return await fut
+        finally:
+            self._waiting.pop(rid, None)
+
+    def send(self, message: Any) -> None:
+        if not self.closed.is_set():
+            write_message(self.writer, message)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                message = await read_message(self.reader)
+                if message is None:
+                    break
+                _, rid, status, body, headers = message
+                fut = self._waiting.get(rid)
+                if fut is not None and not fut.done():
+                    fut.set_result((status, body, headers))
+        except (ConnectionError, ValueError, pickle.UnpicklingError) as exc:
+            log.error("handoff to serve failed: %s", exc)
+        finally:
+            self.closed.set()
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(LedgerUnavailable("serve is gone"))
+
+
+def peer_is_this_host(request: web.Request) -> bool:
+    """The TCP peer is this machine: loopback, or our own address on the listening socket."""
+    transport = request.transport
+    if transport is None:
+        return False
+    peer: Any = transport.get_extra_info("peername")
+    own: Any = transport.get_extra_info("sockname")
+    if not peer:
+        return False
+    try:
+        if ipaddress.ip_address(str(peer[0]).split("%")[0]).is_loopback:
+            return True
+    except ValueError:
+        return False
+    return bool(own) and str(peer[0]) == str(own[0])
+
+
+def _front_peer(request: web.Request) -> str:
+    """PEER_HEADER's value: "same-host" or "remote", then the client's address."""
+    return f"{'same-host' if peer_is_this_host(request) else 'remote'} {request.remote or ''}"
+
+
+class Proxy:
+    """Every route but POST /v1/batches, passed to serve's Unix socket and streamed back."""
+
+    def __init__(self, path: str) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=path),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            auto_decompress=False,
+        )
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        headers[PEER_HEADER] = _front_peer(request)
+        url = yarl.URL("http://collector" + request.raw_path, encoded=True)
+        data = request.content if request.body_exists else None
+        try:
+            async with self.session.request(request.method, url, headers=headers, data=data,
+                                            allow_redirects=False) as upstream:
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for name, value in upstream.headers.items():
+                    if name.lower() not in _HOP:
+                        response.headers.add(name, value)
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, OSError) as exc:
+            return web.json_response({"result": "unavailable", "error": f"serve does not answer: {exc}"},
+                                     status=503, headers={"Retry-After": "1"})
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def _front(settings: dict[str, Any]) -> int:
+    config = load_config(Path(settings["config_file"]) if settings["config_file"] else None)
+    config = dataclasses.replace(config, data_dir=settings["data_dir"])
+    sealing = keyring.load_sealing_keys(keyring.sealing_key_files(Path(config.data_dir)))
+    keys = ledger_mod.connect(config.ledger_path, create=False)
+    sock = socket.socket(fileno=settings["handoff_fd"])
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
+    link = Link(reader, writer)
+    linked = asyncio.get_running_loop().create_task(link.run())
+    ingest = FrontIngest(config, keys, sealing, link)
+    proxy = Proxy(settings["proxy"])
+    app = web.Application(client_max_size=config.limits.max_body_bytes + 1)
+    app.router.add_post("/v1/batches", ingest.handle)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    ssl_context = None
+    if config.tls:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
+    from collector.app import quiet_malformed_http
+
+    quiet_malformed_http()
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # systemd signals the whole unit at a stop: serve's EOF on stdin is what stops a front.
+    loop.add_signal_handler(signal.SIGTERM, lambda: None)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+
+    def wait_for_eof() -> None:
+        sys.stdin.buffer.read()
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=wait_for_eof, name="stdin", daemon=True).start()
+    linked.add_done_callback(lambda _t: stop.set())
+    try:
+        site = web.TCPSite(runner, settings["host"], settings["port"], ssl_context=ssl_context,
+                           reuse_port=True, shutdown_timeout=10.0)
+        await site.start()
+        link.send(("ready", settings["port"]))
+        await stop.wait()
+    finally:
+        await runner.cleanup()  # stops listening, lets the posts it holds finish
+        await proxy.close()
+        ingest.verifier.shutdown(wait=True)
+        writer.close()
+        keys.close()
+    return 0
+
+
+def main() -> int:
+    line = sys.stdin.buffer.readline()
+    try:
+        settings = json.loads(line)
+    except ValueError:
+        print("waystation front: expected its settings as one JSON line on stdin", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.get("log_level", "info").upper(),
+                        format="%(asctime)s %(levelname)s front: %(message)s")
+    tune_malloc()
+    return asyncio.run(_front(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

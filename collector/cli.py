@@ -220,8 +220,13 @@ async def _serve_locked(
         print(f"waystation-collector: cannot open ledger in {config.data_dir}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     fronts: Fronts | None = None
-    reserved: socket.socket | None = None
+    reserved: list[socket.socket] = []
     remove_socket: Callable[[], None] = _nothing
+    # Before the fronts start and the address is announced: whoever read it may stop us at once.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         if config.workers:
             # The fronts listen on the public address; serve only on a Unix socket of its own.
@@ -230,7 +235,7 @@ async def _serve_locked(
             except OSError as exc:
                 print(f"waystation-collector: cannot listen on {config.listen}: {exc}", file=sys.stderr)
                 return EXIT_FAILED
-            addresses: list[Any] = [reserved.getsockname()]
+            addresses: list[Any] = [sock.getsockname() for sock in reserved]
             path, remove_socket = private_socket_path()
             await web.UnixSite(runner, path, shutdown_timeout=10.0).start()
             fronts = Fronts(config, config_file, addresses[0][1], path, app[INGEST], app[METRICS])
@@ -252,11 +257,6 @@ async def _serve_locked(
                 print(f"waystation-collector: cannot listen on {config.listen}: {exc}", file=sys.stderr)
                 return EXIT_FAILED
             addresses = list(runner.addresses)
-        # Before the address is announced: whoever read it may stop us at once.
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         scheme = "https" if ssl_context else "http"
         for sockaddr in addresses:
             host, port = _url_host(sockaddr)
@@ -285,8 +285,8 @@ async def _serve_locked(
         if fronts is not None:
             await fronts.stop()  # their posts commit here first
         await runner.cleanup()
-        if reserved is not None:
-            reserved.close()
+        for sock in reserved:
+            sock.close()
         remove_socket()
     return EXIT_OK
 

@@ -67,10 +67,8 @@ from collector.ingest import (
     Overloaded,
     _Refusal,
     json_answer,
-    open_limits,
     refusal_of,
 )
-from collector.tables import LedgerTables
 from wire.columns_np import Columns
 from wire.malloc import tune_malloc
 
@@ -85,6 +83,8 @@ PEER_HEADER = "X-Waystation-Front-Peer"
 _HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                   "transfer-encoding", "upgrade", PEER_HEADER.lower()))
 FRONT_STOP_S = 15.0
+SERVE_TABLES = 65_536
+SERVE_TABLE_SERIES = 20_000_000
 
 
 def worker_count(config: CollectorConfig) -> int:
@@ -128,10 +128,19 @@ def pack_batch(opened: wire.VerifiedBatch, send_table: bool) -> Packed:
             None if table is None else table.id, table if send_table else None, arrays)
 
 
+class NeedTable(Exception):
+    """Serve does not hold the series table a batch names: the front sends it again with it."""
+
+
+# The status of serve's answer that asks for the batch again with its series table.
+SEND_TABLE = 0
+
+
 def unpack_batch(packed: Packed, tables: wire.MemoryTables) -> wire.VerifiedBatch:
     """The batch a front verified, its series table taken from serve's `tables` (the object
-    the ledger tracks) when held there. Raises _Refusal unknown_table when serve holds no
-    table of that id and none came with the batch."""
+    the ledger tracks) when held there, else the one sent with it. Serve never opens a table
+    itself (no ledger read, no decode, no sealing keys on its event loop): NeedTable when it
+    holds none of that id and none came."""
     raw, key, series, drop, rotation, table_id, sent, arrays = packed
     frame = wire.parse_frame(raw)
     h = frame.header
@@ -139,10 +148,9 @@ def unpack_batch(packed: Packed, tables: wire.MemoryTables) -> wire.VerifiedBatc
     if table_id is not None:
         table = tables.get(h.site, h.node, table_id)
         if table is None:
-            if sent is None:
-                raise _Refusal("unknown_table", f"series table {table_id.hex()} is not held for {h.site}/{h.node}; "
-                                                "send the batch with its table", h, signed=True)
-            sent.durable = False
+            if sent is None or sent.id != table_id:
+                raise NeedTable(table_id)
+            sent.durable = False  # serve's ledger decides whether it holds it
             tables.add(h.site, h.node, sent)
             table = sent
     columns = None if arrays is None else Columns(table, *arrays)  # type: ignore[arg-type]
@@ -167,13 +175,14 @@ class Fronts:
         self.count = worker_count(config)
         self.restarts = 0
         self._stopping = False
+        self._stopped = asyncio.Event()
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: dict[int, asyncio.Event] = {}
-        # Serve's own view of the series tables the fronts name (the ledger's on a miss),
-        # read on the event loop through its own connection.
-        self._conn = ledger_mod.connect(config.ledger_path, create=False)
-        self.tables = LedgerTables(self._conn, open_limits(config.limits))
+        # The series tables the fronts' batches named, as serve holds them (the objects the
+        # ledger and the latest state track); a miss asks the front for the table. The latest
+        # state keeps each node's current tables anyway, so the cap only bounds the rest.
+        self.tables = wire.MemoryTables(max_tables=SERVE_TABLES, max_series=SERVE_TABLE_SERIES)
 
     async def start(self, timeout: float = 60.0) -> None:
         """Start every front; returns once each listens (RuntimeError if one cannot)."""
@@ -202,38 +211,56 @@ class Fronts:
     async def _keep(self, slot: int) -> None:
         delay = 1.0
         while not self._stopping:
-            started = time.monotonic()
-            ours, theirs = socket.socketpair()
-            theirs_fd = theirs.fileno()
             try:
-                env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "collector.fronts", stdin=asyncio.subprocess.PIPE,
-                    pass_fds=(theirs.fileno(),), env=env,
-                )
-            except OSError as exc:
-                log.error("cannot start front process %d: %s", slot, exc)
-                ours.close()
-                theirs.close()
-                rc: int | None = None
-            else:
-                theirs.close()
-                self._procs[slot] = proc
-                assert proc.stdin is not None
-                proc.stdin.write(self._child_config(theirs_fd))
-                with contextlib.suppress(ConnectionError):
-                    await proc.stdin.drain()
-                link = asyncio.get_running_loop().create_task(self._serve_link(slot, ours))
-                rc = await proc.wait()
-                await link
-            if self._stopping:
-                return
-            if time.monotonic() - started > 60:
-                delay = 1.0
-            log.error("front process %d exited %s; starting it again in %g s", slot, rc, delay)
-            await asyncio.sleep(delay)
+                delay = await self._run_once(slot, delay)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug: logged, and the slot goes on
+                log.exception("front process %d: supervising it failed", slot)
+                await self._pause(delay)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, cut short by stop()."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
+
+    async def _run_once(self, slot: int, delay: float) -> float:
+        """Start the front of `slot`, serve it until it exits; the next back-off."""
+        started = time.monotonic()
+        ours, theirs = socket.socketpair()
+        theirs_fd = theirs.fileno()
+        try:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "collector.fronts", stdin=asyncio.subprocess.PIPE,
+                pass_fds=(theirs.fileno(),), env=env,
+            )
+        except OSError as exc:
+            log.error("cannot start front process %d: %s", slot, exc)
+            ours.close()
+            theirs.close()
+            rc: int | None = None
+        else:
+            theirs.close()
+            self._procs[slot] = proc
+            assert proc.stdin is not None
+            proc.stdin.write(self._child_config(theirs_fd))
+            with contextlib.suppress(ConnectionError):
+                await proc.stdin.drain()
+            if self._stopping:  # stop() came while this one started: it goes too
+                proc.stdin.close()
+            link = asyncio.get_running_loop().create_task(self._serve_link(slot, ours))
+            rc = await proc.wait()
+            await link
+        if self._stopping:
+            return delay
+        if time.monotonic() - started > 60:
+            delay = 1.0
+        log.error("front process %d exited %s; starting it again in %g s", slot, rc, delay)
+        await self._pause(delay)
+        if not self._stopping:
             self.restarts += 1
-            delay = min(delay * 2, 30.0)
+        return min(delay * 2, 30.0)
 
     async def _serve_link(self, slot: int, sock: socket.socket) -> None:
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
@@ -242,8 +269,8 @@ class Fronts:
             while True:
                 try:
                     message = await read_message(reader)
-                except (ValueError, pickle.UnpicklingError, ConnectionError) as exc:
-                    log.error("front process %d sent what is not a message (%s); closing its link", slot, exc)
+                except Exception as exc:  # not ours to read (a front of another version), a bug
+                    log.error("front process %d sent what is not a message (%r); closing its link", slot, exc)
                     break
                 if message is None:
                     break
@@ -280,14 +307,11 @@ class Fronts:
             self._ready[slot].set()
 
     async def _answer(self, writer: asyncio.StreamWriter, rid: int, received_at: float, packed: Packed) -> None:
+        answer: Answer
         try:
             opened = unpack_batch(packed, self.tables)
-        except Exception as exc:
-            if isinstance(exc, wire.WireError):  # the stored table does not open here
-                exc = _Refusal(exc.reason if exc.reason in STATUS else "malformed", exc.detail)
-            elif not isinstance(exc, _Refusal):  # a ledger read that failed (sqlite3.Error)
-                exc = LedgerUnavailable(f"cannot read the ledger: {exc}")
-            answer = self.ingest.answer_of(exc)
+        except NeedTable:
+            answer = (SEND_TABLE, {}, None)
         else:
             answer = await self.ingest.commit_answer(opened, received_at)
         if not writer.is_closing():
@@ -297,6 +321,7 @@ class Fronts:
         """Stop the fronts (each finishes the posts it holds: their batches still commit
         here), then stop watching them."""
         self._stopping = True
+        self._stopped.set()
         procs = [p for p in self._procs.values() if p.returncode is None]
         for proc in procs:
             if proc.stdin is not None:
@@ -308,7 +333,6 @@ class Fronts:
                 proc.kill()
                 await proc.wait()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._conn.close()
 
 
 class FrontMetrics(Collector):
@@ -326,19 +350,35 @@ class FrontMetrics(Collector):
                                   value=self.fronts.restarts)
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port) with SO_REUSEPORT, never listening: it holds the port
-    (the one the OS chose, for port 0) for the fronts to bind beside it."""
+def reserve_port(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to each of `host`'s addresses at `port` (for 0, one the OS chose for the
+    first) with SO_REUSEPORT, never listening: they hold the port for the fronts to bind
+    beside them. Each address is first bound without SO_REUSEPORT, so a port another process
+    holds (another collector's fronts among them) is refused (OSError) rather than shared."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    held: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(addr)
+        for family, _, _, _, addr in infos:
+            if any(s.family == family and s.getsockname()[0] == addr[0] for s in held):
+                continue
+            if held:
+                addr = (addr[0], held[0].getsockname()[1], *addr[2:])
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(addr)
+                addr = probe.getsockname()
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            held.append(sock)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(addr)
     except OSError:
-        sock.close()
+        for sock in held:
+            sock.close()
         raise
-    return sock
+    return held
 
 
 def private_socket_path() -> tuple[str, Callable[[], None]]:
@@ -420,7 +460,7 @@ class FrontIngest(Ingest):
         try:
             body = await self._read_body(request)
             received_at = time.time()
-            opened, attached = await asyncio.get_running_loop().run_in_executor(self.verifier, self._open_sent, body)
+            opened, attached = await self.verified(self._open_sent, body)
         except Exception as exc:
             if isinstance(exc, sqlite3.Error):
                 raise LedgerUnavailable(f"cannot read the ledger: {exc}") from None
@@ -434,6 +474,9 @@ class FrontIngest(Ingest):
         send_table = table is not None and (attached or not table.durable)
         status, answer, headers = await self.link.submit(pack_batch(opened, send_table), received_at,
                                                           self._received())
+        if status == SEND_TABLE:  # serve does not hold the table (it started again, or let it go)
+            send_table = True
+            status, answer, headers = await self.link.submit(pack_batch(opened, True), received_at, 0)
         if send_table and table is not None and answer.get("result") in ("accepted", "duplicate"):
             table.durable = True  # serve holds it now: later batches name it by id
         return json_answer(status, answer, headers)
@@ -488,8 +531,8 @@ class Link:
                 fut = self._waiting.get(rid)
                 if fut is not None and not fut.done():
                     fut.set_result((status, body, headers))
-        except (ConnectionError, ValueError, pickle.UnpicklingError) as exc:
-            log.error("handoff to serve failed: %s", exc)
+        except Exception as exc:
+            log.error("handoff to serve failed: %r", exc)
         finally:
             self.closed.set()
             for fut in self._waiting.values():
@@ -524,7 +567,8 @@ class Proxy:
 
     def __init__(self, path: str) -> None:
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=path),
+            # No cap: a slow reader of a big /metrics must not hold up the other routes.
+            connector=aiohttp.UnixConnector(path=path, limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,
         )
@@ -532,8 +576,11 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         headers[PEER_HEADER] = _front_peer(request)
-        url = yarl.URL("http://collector" + request.raw_path, encoded=True)
+        # The path as sent (a %2F in a node name stays one segment), without an absolute-form
+        # request's scheme and host.
+        url = yarl.URL("http://collector" + request.rel_url.raw_path_qs, encoded=True)
         data = request.content if request.body_exists else None
+        response: web.StreamResponse | None = None
         try:
             async with self.session.request(request.method, url, headers=headers, data=data,
                                             allow_redirects=False) as upstream:
@@ -547,6 +594,13 @@ class Proxy:
                 await response.write_eof()
                 return response
         except (aiohttp.ClientError, OSError) as exc:
+            if response is not None and response.prepared:
+                # The status line is out: a cut connection is the only honest end (a second
+                # answer would be read as the rest of the body).
+                log.info("%s %s: serve stopped answering mid-body: %s", request.method, request.path, exc)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
             return web.json_response({"result": "unavailable", "error": f"serve does not answer: {exc}"},
                                      status=503, headers={"Retry-After": "1"})
 

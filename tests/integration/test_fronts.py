@@ -11,14 +11,19 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import wire
 from tests.integration.harness import wait_for
 from tests.integration.test_collector_ingest import (
     CONFIG,
+    ENV,
     SITE,
     Node,
     Server,
@@ -26,6 +31,8 @@ from tests.integration.test_collector_ingest import (
     run_cli,
     start_server,
 )
+from tests.integration.test_series_tables import V2Node
+from wire.keys import parse_collector_key
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -155,3 +162,68 @@ def _listening_pids(port: int) -> set[str]:
         except OSError:
             continue
     return pids
+
+
+class SealedNode(V2Node):
+    """A wire v2 node whose payloads and series tables are sealed to the collector's key."""
+
+    def __init__(self, name: str, collector_key: Any) -> None:
+        super().__init__(name)
+        self.collector_key = collector_key
+
+    def data(self, seq: int, value: float = 1.0, extra: tuple[wire.Series, ...] = ()) -> bytes:
+        prev = wire.batch_hash(self.frames[seq - 1]) if seq > 1 else wire.ZERO_HASH
+        table, placed = self.builder.place(self.series(seq, value, extra), seal_to=self.collector_key)
+        ctx = wire.BatchContext(self.key, self.site, self.name, seq, prev, 1_700_000_000_000 + seq, seq)
+        prepared = wire.seal_prepared(wire.prepare_columns(table, placed, 3), self.collector_key)
+        self.frames[seq] = wire.sign_batch(prepared, ctx)
+        self.tables[seq] = table.blob
+        return self.frames[seq]
+
+
+def test_after_a_restart_serve_asks_the_fronts_for_tables_and_never_opens_them(tmp_path: Path) -> None:
+    # Sealed tables open only with the collector's keys: serve takes the table the front
+    # opened rather than reading and opening it again (a restarted serve holds none).
+    config = tmp_path / "collector.toml"
+    config.write_text("workers = 2\n" + CONFIG)
+    data_dir = tmp_path / "data"
+    r = run_cli(data_dir, config, "keygen")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.strip().startswith("collector_key = "))
+    node = SealedNode("a", parse_collector_key(line.split("=", 1)[1].strip().strip('"')))
+    r = run_cli(data_dir, config, "enroll", "--site", SITE, "--node", "a", "--key", node.pubkey)
+    assert r.returncode == 0, r.stderr
+    srv = start_server(data_dir, config)
+    try:
+        node.data(1)
+        assert srv.post(node.body(1))[1]["result"] == "accepted"
+        assert srv.post(node.data(2))[1]["result"] == "accepted"  # the table by id only
+    finally:
+        assert srv.stop() == 0
+    srv = start_server(data_dir, config)
+    try:
+        for seq in range(3, 9):  # fresh fronts and serve: each front reads the table from the ledger
+            status, body = srv.post(node.data(seq))
+            assert (status, body["result"], body["complete_through"]) == (200, "accepted", seq), body
+        assert stored_seqs(data_dir, "a") == list(range(1, 9))
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_second_collector_on_the_same_port_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    first = serve_with_fronts(tmp_path / "one", 1)
+    try:
+        port = first.host_port[1]
+        config = tmp_path / "two.toml"
+        config.write_text("workers = 1\n" + CONFIG)
+        second = subprocess.run(
+            [sys.executable, "-m", "collector", "serve", "--config", str(config), "--data-dir",
+             str(tmp_path / "two"), "--listen", f"127.0.0.1:{port}"],
+            env=ENV, capture_output=True, text=True, timeout=60,
+        )
+        assert second.returncode != 0
+        assert f"cannot listen on 127.0.0.1:{port}" in second.stderr, second.stderr
+        assert first.post(b"x")[1]["result"] == "malformed"  # the first one still has the port
+    finally:
+        assert first.stop() == 0

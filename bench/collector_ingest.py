@@ -246,7 +246,8 @@ def scaling(nodes: list[tuple[str, list[bytes]]], senders: int, total_samples: i
         if "per_wall" in r and base:
             r["vs_first"] = f"{r['per_wall'] / base:.2f}x"
     print(f"\n{'measure':<44}" + "".join(f"{r['label']:>22}" for r in runs))
-    text_rows = [("collector ran on CPUs", "cpus"), ("collector processes", "procs")]
+    text_rows = [("collector ran on CPUs", "cpus"), ("collector processes", "procs"),
+                 ("serve's share of the collector CPU", "serve_share")]
     for title, key in text_rows:
         print(f"{title:<44}" + "".join(f"{r.get(key, '-'):>22}" for r in runs))
     number_rows = [("samples / collector CPU second", "per_cpu", ",.0f"), ("samples / wall second", "per_wall", ",.0f"),
@@ -254,6 +255,8 @@ def scaling(nodes: list[tuple[str, list[bytes]]], senders: int, total_samples: i
     for title, key, fmt in number_rows:
         print(f"{title:<44}" + "".join(f"{r[key]:>22{fmt}}" if key in r else f"{'-':>22}" for r in runs))
     print(f"{'wall throughput vs ' + runs[0]['label']:<44}" + "".join(f"{r.get('vs_first', '-'):>22}" for r in runs))
+    print("(with fronts, serve's share is what stays on one core: with enough cores and load generators elsewhere, "
+          "ingest can grow to about 1 / that share of one serve's)")
     return all("failed" not in r and r["accepted"] == n_batches for r in runs)
 
 
@@ -366,6 +369,8 @@ def ingest_run(nodes: list[tuple[str, list[bytes]]], senders: int, total_samples
         if cpu <= 0:
             raise RunFailed(f"the collector's CPU time did not move in {wall:.2f} s", log)
         out["cpu_s"] = cpu
+        # serve's own part: what does not spread over fronts (commit, latest state, answers).
+        out["serve_share"] = f"{(cpu1[serve.pid] - cpu0.get(serve.pid, 0.0)) / cpu:.0%}"
         out["per_cpu"] = total_samples / cpu
         out["per_wall"] = total_samples / wall
         out["procs"] = "serve" + (f" + {workers} front" + ("s" if workers > 1 else "") if workers else "")

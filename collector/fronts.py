@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import yarl
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -122,10 +123,33 @@ def pack_batch(opened: wire.VerifiedBatch, send_table: bool) -> Packed:
     record, what was decoded; the series table only when `send_table`, else its id."""
     table = opened.table
     cols = opened.columns
-    arrays = None if cols is None else (cols.index, cols.starts, cols.timestamps_ms, cols.values, cols.column,
-                                        cols.column_starts, cols.column_timestamps)
+    arrays = None
+    if cols is not None:
+        # One bytes object and the lengths: a third of what pickling seven arrays costs.
+        columns = (cols.index, cols.starts, cols.timestamps_ms, cols.values, cols.column, cols.column_starts,
+                   cols.column_timestamps)
+        arrays = (b"".join(a.tobytes() for a in columns if a is not None),
+                  tuple(None if a is None else a.size for a in columns))
     return (opened.frame.raw, opened.key, opened.series, opened.drop, opened.rotation,
             None if table is None else table.id, table if send_table else None, arrays)
+
+
+# Columns' dtypes in pack_batch's order (all 8 bytes wide).
+_COLUMN_DTYPES = (np.int64, np.int64, np.int64, np.float64, np.int64, np.int64, np.int64)
+
+
+def _columns_of(table: wire.SeriesTable, arrays: tuple[bytes, tuple[int | None, ...]]) -> Columns:
+    blob, sizes = arrays
+    buf = bytearray(blob)  # writable arrays, as decoding gives them
+    parts: list[Any] = []
+    offset = 0
+    for size, dtype in zip(sizes, _COLUMN_DTYPES, strict=True):
+        if size is None:
+            parts.append(None)
+            continue
+        parts.append(np.frombuffer(buf, dtype=dtype, count=size, offset=offset))
+        offset += 8 * size
+    return Columns(table, *parts)
 
 
 class NeedTable(Exception):
@@ -153,7 +177,7 @@ def unpack_batch(packed: Packed, tables: wire.MemoryTables) -> wire.VerifiedBatc
             sent.durable = False  # serve's ledger decides whether it holds it
             tables.add(h.site, h.node, sent)
             table = sent
-    columns = None if arrays is None else Columns(table, *arrays)  # type: ignore[arg-type]
+    columns = None if arrays is None else _columns_of(table, arrays)  # type: ignore[arg-type]
     return wire.VerifiedBatch(frame, key, series, drop, rotation, table, columns)
 
 

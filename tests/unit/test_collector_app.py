@@ -66,7 +66,7 @@ def test_concurrent_posts_share_one_commit(tmp_path: Path) -> None:
             await held
             replies = await asyncio.gather(*posts)
             assert [r.status for r in replies] == [200] * len(frames)
-            # 40 batches, at most two transactions: the first batch out of the verify thread
+            # 40 batches, at most two transactions: the first batch verified
             # may start a group of its own before the others are verified.
             assert committer.groups <= groups + 2
             last = await replies[-1].json()

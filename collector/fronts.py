@@ -37,7 +37,6 @@ import os
 import pickle
 import signal
 import socket
-import sqlite3
 import ssl
 import struct
 import sys
@@ -86,10 +85,6 @@ _HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-autho
 FRONT_STOP_S = 15.0
 SERVE_TABLES = 65_536
 SERVE_TABLE_SERIES = 20_000_000
-
-
-def worker_count(config: CollectorConfig) -> int:
-    return config.workers
 
 
 # ------------------------------------------------------------------------- messages
@@ -196,7 +191,7 @@ class Fronts:
         self.proxy_path = proxy_path
         self.ingest = ingest
         self.metrics = metrics
-        self.count = worker_count(config)
+        self.count = config.workers
         self.restarts = 0
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -475,26 +470,17 @@ class FrontIngest(Ingest):
         if waiting >= self.limits.max_pending_commits:
             raise Overloaded(f"{waiting} batches are waiting to be verified or committed")
 
-    def _open_sent(self, body: bytes) -> tuple[wire.VerifiedBatch | wire.Refusal, bool]:
-        return self._open(body), body[:4] == wire.TABLE_MAGIC
-
     async def _handle(self, request: web.Request) -> web.Response:
         self.check_capacity()
         self.in_progress += 1
         try:
             body = await self._read_body(request)
             received_at = time.time()
-            opened, attached = await self.verified(self._open_sent, body)
-        except Exception as exc:
-            if isinstance(exc, sqlite3.Error):
-                raise LedgerUnavailable(f"cannot read the ledger: {exc}") from None
-            raise
+            opened = await self.verify(body)
         finally:
             self.in_progress -= 1
-        if isinstance(opened, wire.Refusal):
-            raise _Refusal(opened.result if opened.result in STATUS else "malformed", opened.detail,
-                           opened.header, opened.signed)
         table = opened.table
+        attached = body[:4] == wire.TABLE_MAGIC
         send_table = table is not None and (attached or not table.durable)
         status, answer, headers = await self.link.submit(pack_batch(opened, send_table), received_at,
                                                           self._received())

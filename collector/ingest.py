@@ -411,7 +411,7 @@ class Ingest:
             return await asyncio.get_running_loop().run_in_executor(self.verifier, fn, body)
 
     async def verify(self, body: bytes) -> wire.VerifiedBatch:
-        """open_batch off the event loop; a refusal raises _Refusal. LedgerUnavailable when
+        """open_batch, one at a time (`verified`); a refusal raises _Refusal. LedgerUnavailable when
         the ledger cannot be read for the node's key or series table (the batch is not
         judged: answered 503, sent again)."""
         try:
